@@ -1,0 +1,257 @@
+//! netrace's kernel programs: two tc classifiers that pair outbound SYNs with their answers.
+//!
+//! Egress: a SYN (without ACK) creates or refreshes a pending entry keyed by the 4-tuple.
+//! Ingress: a SYN-ACK or RST acknowledging `isn + 1`, or an ICMP/ICMPv6 destination-unreachable
+//! quoting the SYN, resolves the entry and sends an outcome to user space. Nothing here ever
+//! changes a packet's fate: both programs always return `TC_ACT_UNSPEC` (`TCX_NEXT`).
+#![no_std]
+#![no_main]
+// The BPF target has no `AtomicU64::fetch_add`; the intrinsic lowers to BPF's atomic add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod parse;
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::TcContext,
+};
+use netrace_common::{
+    Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent, PendingSyn, COUNTER_SLOTS,
+    DEFAULT_MAX_PENDING, DEFAULT_RINGBUF_BYTES, PORT_SLOTS,
+};
+use parse::{Answer, Parsed};
+
+/// Unanswered SYNs. Not preallocated: memory follows the live entries, and a full map is an
+/// insert failure that is counted, never a silent eviction.
+#[map]
+static PENDING: HashMap<FlowKey, PendingSyn> =
+    HashMap::with_max_entries(DEFAULT_MAX_PENDING, BPF_F_NO_PREALLOC);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// SYN packets (first and retransmitted) by source port, an independent tally of what left.
+#[map]
+static SYN_PORTS: Array<u64> = Array::with_max_entries(PORT_SLOTS, 0);
+
+#[map]
+static FILTER: Array<KernelFilter> = Array::with_max_entries(1, 0);
+
+const EEXIST: i32 = 17;
+
+#[classifier]
+pub fn netrace_egress(ctx: TcContext) -> i32 {
+    if let Some(Parsed::Syn { key, isn }) = parse::parse(&ctx, true) {
+        on_syn(&ctx, key, isn);
+    }
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn netrace_ingress(ctx: TcContext) -> i32 {
+    if let Some(Parsed::Answer { key, ack, answer }) = parse::parse(&ctx, false) {
+        on_answer(&ctx, key, ack, answer);
+    }
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+pub(crate) fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer comes from a successful lookup in a per-CPU array, so it is valid
+        // and only this CPU writes it; programs are not preempted mid-update on the same CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn passes_filter(key: &FlowKey) -> bool {
+    let Some(f) = FILTER.get(0) else {
+        return true;
+    };
+    if f.dst_port != 0 && f.dst_port != key.dst_port {
+        return false;
+    }
+    if f.dst_family == 0 {
+        return true;
+    }
+    if f.dst_family != key.family {
+        return false;
+    }
+    let mut bits = f.dst_prefix_len as u32;
+    let mut i = 0;
+    while i < 16 {
+        if bits == 0 {
+            break;
+        }
+        let mask: u8 = if bits >= 8 {
+            0xff
+        } else {
+            0xffu8 << (8 - bits)
+        };
+        if (key.dst_addr[i] ^ f.dst_net[i]) & mask != 0 {
+            return false;
+        }
+        bits = bits.saturating_sub(8);
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn on_syn(ctx: &TcContext, key: FlowKey, isn: u32) {
+    if !passes_filter(&key) {
+        count(Counter::Filtered);
+        return;
+    }
+    count(Counter::SynSeen);
+    if let Some(slot) = SYN_PORTS.get_ptr_mut(key.src_port as u32) {
+        // SAFETY: a valid array slot shared by all CPUs, updated only through an atomic add.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
+    }
+    // SAFETY: a helper without arguments or side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(entry) = PENDING.get_ptr_mut(key) {
+        // SAFETY: the pointer comes from a successful lookup. Retransmissions of one SYN are
+        // a second or more apart, so two CPUs never update the same entry at once in practice;
+        // a lost increment would only undercount retransmissions.
+        let old = unsafe { *entry };
+        if old.isn == isn {
+            // SAFETY: as above.
+            unsafe {
+                (*entry).syns = old.syns.saturating_add(1);
+                (*entry).last_ns = now;
+            }
+            count(Counter::SynRetransmit);
+            return;
+        }
+        // Same 4-tuple, new ISN: the old attempt was abandoned without an answer.
+        emit(ctx, EventKind::Superseded, &key, &old, now, 0, 0);
+        let fresh = PendingSyn {
+            first_ns: now,
+            last_ns: now,
+            isn,
+            syns: 1,
+            ifindex: ifindex(ctx),
+            _pad: 0,
+        };
+        // SAFETY: as above; the whole entry is replaced in place.
+        unsafe { *entry = fresh };
+        emit(ctx, EventKind::Syn, &key, &fresh, now, 0, 0);
+        return;
+    }
+    let fresh = PendingSyn {
+        first_ns: now,
+        last_ns: now,
+        isn,
+        syns: 1,
+        ifindex: ifindex(ctx),
+        _pad: 0,
+    };
+    match PENDING.insert(key, fresh, BPF_NOEXIST as u64) {
+        Ok(()) => emit(ctx, EventKind::Syn, &key, &fresh, now, 0, 0),
+        // Another CPU inserted the same SYN a moment ago; it reported it.
+        Err(e) if e == -EEXIST => {}
+        Err(_) => count(Counter::PendingMapFull),
+    }
+}
+
+#[inline(always)]
+fn on_answer(ctx: &TcContext, key: FlowKey, ack: u32, answer: Answer) {
+    let Some(entry) = PENDING.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: the pointer comes from a successful lookup and is copied out at once.
+    let pending = unsafe { *entry };
+    // A SYN-ACK or RST acknowledges isn + 1; an ICMP error quotes the SYN's own sequence number.
+    let expected = match answer {
+        Answer::Unreachable { .. } => pending.isn,
+        _ => pending.isn.wrapping_add(1),
+    };
+    if ack != expected {
+        if let Answer::SynAck = answer {
+            count(Counter::SynAckMismatch);
+        }
+        return;
+    }
+    // Whoever removes the entry reports it, so a duplicated answer is reported once.
+    if PENDING.remove(key).is_err() {
+        return;
+    }
+    // SAFETY: a helper without arguments or side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match answer {
+        Answer::SynAck => {
+            count(Counter::SynAckMatched);
+            emit(ctx, EventKind::Answered, &key, &pending, now, 0, 0);
+        }
+        Answer::Rst => {
+            count(Counter::RstMatched);
+            emit(ctx, EventKind::Refused, &key, &pending, now, 0, 0);
+        }
+        Answer::Unreachable { icmp_type, code } => {
+            count(Counter::IcmpMatched);
+            emit(
+                ctx,
+                EventKind::Unreachable,
+                &key,
+                &pending,
+                now,
+                icmp_type,
+                code,
+            );
+        }
+    }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` points at the program's context, valid for the whole run.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+fn emit(
+    ctx: &TcContext,
+    kind: EventKind,
+    key: &FlowKey,
+    pending: &PendingSyn,
+    now: u64,
+    icmp_type: u8,
+    icmp_code: u8,
+) {
+    let Some(mut slot) = EVENTS.reserve::<OutcomeEvent>(0) else {
+        count(Counter::RingbufFull);
+        return;
+    };
+    slot.write(OutcomeEvent {
+        kind: kind as u32,
+        ifindex: ifindex(ctx),
+        key: *key,
+        pending: *pending,
+        ts_ns: now,
+        icmp_type,
+        icmp_code,
+        _pad: [0; 6],
+    });
+    slot.submit(0);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,193 @@
+//! Owns every kernel attachment. Nothing else attaches or detaches; dropping [`Attachments`]
+//! detaches everything, and TCX links also go away by themselves if the process dies.
+
+use std::process::Command;
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    programs::{
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+    },
+    Ebpf,
+};
+
+use crate::{
+    cli::AttachMode,
+    loader::{EGRESS_PROGRAM, INGRESS_PROGRAM},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Tcx,
+    Clsact,
+}
+
+struct Link {
+    program: &'static str,
+    iface: String,
+    id: Option<SchedClassifierLinkId>,
+}
+
+pub struct Attachments {
+    ebpf: Ebpf,
+    links: Vec<Link>,
+    /// Interfaces where netrace added the clsact qdisc (and so may remove it).
+    created_qdiscs: Vec<String>,
+    pub via: Option<Via>,
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?
+        .try_into()?;
+    Ok(p)
+}
+
+impl Attachments {
+    /// Loads (verifies) both programs; attaches nothing yet.
+    pub fn new(mut ebpf: Ebpf) -> anyhow::Result<Self> {
+        for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
+            program(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("the kernel refused program {name}"))?;
+        }
+        Ok(Self {
+            ebpf,
+            links: Vec::new(),
+            created_qdiscs: Vec::new(),
+            via: None,
+        })
+    }
+
+    /// The program, for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
+        program(&mut self.ebpf, name)
+    }
+
+    /// Attaches egress and ingress to `iface`.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<Via> {
+        let via = match (mode, self.via) {
+            (AttachMode::Tcx, _) | (AttachMode::Auto, Some(Via::Tcx)) => {
+                self.attach_tcx(iface)?;
+                Via::Tcx
+            }
+            (AttachMode::Clsact, _) | (AttachMode::Auto, Some(Via::Clsact)) => {
+                self.attach_clsact(iface)?;
+                Via::Clsact
+            }
+            (AttachMode::Auto, None) => match self.attach_tcx(iface) {
+                Ok(()) => Via::Tcx,
+                Err(tcx) => {
+                    log::debug!("TCX attach failed ({tcx:#}); falling back to clsact");
+                    self.attach_clsact(iface)
+                        .with_context(|| format!("TCX failed too: {tcx:#}"))?;
+                    Via::Clsact
+                }
+            },
+        };
+        self.via = Some(via);
+        Ok(via)
+    }
+
+    fn attach_one(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        ty: TcAttachType,
+        opts: TcAttachOptions,
+    ) -> anyhow::Result<()> {
+        let id = program(&mut self.ebpf, name)?
+            .attach_with_options(iface, ty, opts)
+            .map_err(|e| describe(e, iface))?;
+        self.links.push(Link {
+            program: name,
+            iface: iface.to_string(),
+            id: Some(id),
+        });
+        Ok(())
+    }
+
+    fn attach_tcx(&mut self, iface: &str) -> anyhow::Result<()> {
+        // First in line, so a program that redirects or drops cannot hide packets from us.
+        self.attach_one(
+            EGRESS_PROGRAM,
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )?;
+        self.attach_one(
+            INGRESS_PROGRAM,
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )
+    }
+
+    fn attach_clsact(&mut self, iface: &str) -> anyhow::Result<()> {
+        match tc::qdisc_add_clsact(iface) {
+            Ok(()) => self.created_qdiscs.push(iface.to_string()),
+            Err(TcError::AlreadyAttached) => {}
+            Err(e) => return Err(anyhow!("adding a clsact qdisc to {iface}: {e}")),
+        }
+        // An unused priority and handle chosen by the kernel: never replace a foreign filter.
+        self.attach_one(
+            EGRESS_PROGRAM,
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )?;
+        self.attach_one(
+            INGRESS_PROGRAM,
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
+    }
+
+    /// Detaches everything netrace attached. Links on interfaces that vanished are already
+    /// gone; their errors are ignored.
+    pub fn detach_all(&mut self) {
+        let links = std::mem::take(&mut self.links);
+        for mut l in links {
+            if let (Some(id), Ok(p)) = (l.id.take(), program(&mut self.ebpf, l.program)) {
+                if let Err(e) = p.detach(id) {
+                    log::debug!("detaching {} from {}: {e}", l.program, l.iface);
+                }
+            }
+        }
+        for iface in std::mem::take(&mut self.created_qdiscs) {
+            remove_qdisc_if_empty(&iface);
+        }
+    }
+}
+
+impl Drop for Attachments {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+/// Removes the clsact qdisc netrace added, unless someone else's filters now live on it.
+fn remove_qdisc_if_empty(iface: &str) {
+    let empty = |dir: &str| {
+        Command::new("tc")
+            .args(["filter", "show", "dev", iface, dir])
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+    };
+    if empty("ingress") && empty("egress") {
+        let _ = Command::new("tc")
+            .args(["qdisc", "del", "dev", iface, "clsact"])
+            .status();
+    }
+}
+
+fn describe(e: ProgramError, iface: &str) -> anyhow::Error {
+    let text = format!("{e}");
+    let source = std::error::Error::source(&e)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default();
+    anyhow!("attaching to {iface}: {text}{source}")
+}

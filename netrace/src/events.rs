@@ -1,0 +1,124 @@
+//! Ring-buffer records decoded into typed events.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use netrace_common::{EventKind, FlowKey, OutcomeEvent, FAMILY_V4, FAMILY_V6, OUTCOME_EVENT_SIZE};
+
+/// Why a ring-buffer record could not be decoded.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes, expected {OUTCOME_EVENT_SIZE}")]
+    WrongSize(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown address family {0}")]
+    UnknownFamily(u8),
+}
+
+/// One decoded record: the raw event with its kind checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub raw: OutcomeEvent,
+}
+
+impl TryFrom<&[u8]> for Event {
+    type Error = DecodeError;
+
+    fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
+        if bytes.len() != OUTCOME_EVENT_SIZE {
+            return Err(DecodeError::WrongSize(bytes.len()));
+        }
+        // SAFETY: the length was checked above, OutcomeEvent is Pod (any bit pattern is valid),
+        // and read_unaligned copes with the ring buffer's 8-byte alignment.
+        let raw: OutcomeEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let kind = EventKind::from_u32(raw.kind).ok_or(DecodeError::UnknownKind(raw.kind))?;
+        if raw.key.family != FAMILY_V4 && raw.key.family != FAMILY_V6 {
+            return Err(DecodeError::UnknownFamily(raw.key.family));
+        }
+        Ok(Self { kind, raw })
+    }
+}
+
+/// The addresses of a key as std types.
+pub fn addrs(key: &FlowKey) -> (IpAddr, IpAddr) {
+    let conv = |b: &[u8; 16]| -> IpAddr {
+        if key.family == FAMILY_V4 {
+            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(*b))
+        }
+    };
+    (conv(&key.src_addr), conv(&key.dst_addr))
+}
+
+/// Writes `addr` into a key's 16-byte address field.
+pub fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
+    let mut out = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            out[..4].copy_from_slice(&a.octets());
+            (FAMILY_V4, out)
+        }
+        IpAddr::V6(a) => (FAMILY_V6, a.octets()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of(ev: &OutcomeEvent) -> Vec<u8> {
+        // SAFETY: OutcomeEvent is repr(C) plain data without implicit padding.
+        unsafe {
+            std::slice::from_raw_parts((ev as *const OutcomeEvent).cast::<u8>(), OUTCOME_EVENT_SIZE)
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_and_rejects() {
+        let mut ev = OutcomeEvent {
+            kind: EventKind::Answered as u32,
+            ..Default::default()
+        };
+        ev.key.family = FAMILY_V4;
+        ev.key.src_port = 40000;
+        let b = bytes_of(&ev);
+        let d = Event::try_from(b.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.kind, EventKind::Answered);
+        assert_eq!(d.raw.key.src_port, 40000);
+        assert_eq!(Event::try_from(&b[..10]), Err(DecodeError::WrongSize(10)));
+        ev.kind = 77;
+        assert_eq!(
+            Event::try_from(bytes_of(&ev).as_slice()),
+            Err(DecodeError::UnknownKind(77))
+        );
+        ev.kind = 1;
+        ev.key.family = 3;
+        assert_eq!(
+            Event::try_from(bytes_of(&ev).as_slice()),
+            Err(DecodeError::UnknownFamily(3))
+        );
+    }
+
+    #[test]
+    fn addresses_round_trip() {
+        let a: IpAddr = "198.18.2.1".parse().unwrap_or_else(|e| panic!("{e}"));
+        let b: IpAddr = "2001:db8::1".parse().unwrap_or_else(|e| panic!("{e}"));
+        let (fa, ba) = addr_bytes(a);
+        let (fb, bb) = addr_bytes(b);
+        let key = FlowKey {
+            family: fa,
+            src_addr: ba,
+            ..Default::default()
+        };
+        assert_eq!(addrs(&key).0, a);
+        let key6 = FlowKey {
+            family: fb,
+            dst_addr: bb,
+            ..Default::default()
+        };
+        assert_eq!(addrs(&key6).1, b);
+    }
+}

@@ -1,0 +1,149 @@
+//! Loads the embedded kernel object, sizes its maps, sets the filter, and hands out the maps.
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    Ebpf, EbpfLoader,
+};
+use netrace_common::{Counter, FlowKey, KernelFilter, PendingSyn};
+
+use crate::{cli::WatchConfig, events::addr_bytes, tracker::PendingMap};
+
+/// The kernel programs, compiled from `netrace-ebpf` by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netrace"));
+
+pub const EGRESS_PROGRAM: &str = "netrace_egress";
+pub const INGRESS_PROGRAM: &str = "netrace_ingress";
+
+/// The kernel side's maps, taken out of the object so the programs and maps have separate
+/// owners.
+pub struct Maps {
+    pub events: RingBuf<MapData>,
+    pub pending: Pending,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub syn_ports: Array<MapData, u64>,
+    /// Held only so the map outlives the programs that read it.
+    pub filter: Array<MapData, KernelFilter>,
+}
+
+pub struct Pending(pub HashMap<MapData, FlowKey, PendingSyn>);
+
+impl PendingMap for Pending {
+    fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
+        self.0.get(key, 0).ok()
+    }
+
+    fn remove(&mut self, key: &FlowKey) {
+        // Already gone (answered meanwhile) is fine.
+        let _ = self.0.remove(key);
+    }
+
+    fn scan(&self) -> Vec<(FlowKey, PendingSyn)> {
+        self.0.iter().filter_map(Result::ok).collect()
+    }
+}
+
+pub fn kernel_filter(cfg: &WatchConfig) -> KernelFilter {
+    let mut f = KernelFilter {
+        dst_port: cfg.filter_dport.unwrap_or(0),
+        ..Default::default()
+    };
+    if let Some(c) = cfg.filter_dst {
+        let (family, bytes) = addr_bytes(c.addr);
+        f.dst_family = family;
+        f.dst_prefix_len = c.prefix_len;
+        f.dst_net = bytes;
+    }
+    f
+}
+
+/// Loads the object with the configured map sizes.
+pub fn load(
+    max_pending: u32,
+    ringbuf_bytes: u32,
+    filter: KernelFilter,
+) -> anyhow::Result<(Ebpf, Maps)> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries("PENDING", max_pending)
+        .map_max_entries("EVENTS", ringbuf_bytes)
+        .load(EBPF_OBJECT)
+        .context("loading netrace's kernel programs")?;
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| anyhow!("the kernel object has no map {name}"))
+    };
+    let events = RingBuf::try_from(take("EVENTS")?)?;
+    let pending = HashMap::try_from(take("PENDING")?)?;
+    let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
+    let syn_ports = Array::try_from(take("SYN_PORTS")?)?;
+    let mut filter_map: Array<MapData, KernelFilter> = Array::try_from(take("FILTER")?)?;
+    filter_map
+        .set(0, filter, 0)
+        .context("setting the destination filter")?;
+    Ok((
+        ebpf,
+        Maps {
+            events,
+            pending: Pending(pending),
+            counters,
+            syn_ports,
+            filter: filter_map,
+        },
+    ))
+}
+
+/// Every counter the kernel keeps, summed over CPUs, by name.
+pub const COUNTERS: [(Counter, &str); 13] = [
+    (Counter::SynSeen, "syn_seen"),
+    (Counter::SynRetransmit, "syn_retransmit"),
+    (Counter::PendingMapFull, "pending_map_full"),
+    (Counter::RingbufFull, "ringbuf_full"),
+    (Counter::SynAckMatched, "synack_matched"),
+    (Counter::SynAckMismatch, "synack_mismatch"),
+    (Counter::RstMatched, "rst_matched"),
+    (Counter::IcmpMatched, "icmp_matched"),
+    (Counter::Truncated, "truncated"),
+    (Counter::Malformed, "malformed"),
+    (Counter::Fragment, "fragment"),
+    (Counter::Ipv6ChainTooLong, "ipv6_chain_too_long"),
+    (Counter::Filtered, "filtered"),
+];
+
+/// Read-only access to the counters and the per-port SYN tally.
+pub struct CountersView<'a> {
+    counters: &'a PerCpuArray<MapData, u64>,
+    syn_ports: &'a Array<MapData, u64>,
+}
+
+impl Maps {
+    pub fn counters_view<'a>(
+        counters: &'a PerCpuArray<MapData, u64>,
+        syn_ports: &'a Array<MapData, u64>,
+    ) -> CountersView<'a> {
+        CountersView {
+            counters,
+            syn_ports,
+        }
+    }
+}
+
+impl CountersView<'_> {
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// SYN packets per source port, only the ports that saw any.
+    pub fn syn_ports(&self) -> Vec<(u16, u64)> {
+        self.syn_ports
+            .iter()
+            .enumerate()
+            .filter_map(|(port, v)| match v {
+                Ok(n) if n > 0 => u16::try_from(port).ok().map(|p| (p, n)),
+                _ => None,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,61 @@
+//! The node's own port settings, read from procfs (the node's, e.g. /host/proc in a pod).
+
+use std::{fs, path::Path};
+
+use serde::Serialize;
+
+use crate::ports::PortRange;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NodePorts {
+    /// `net.ipv4.ip_local_port_range` (also used for IPv6), when readable.
+    pub ip_local_port_range: Option<(u16, u16)>,
+    /// `net.ipv4.ip_local_reserved_ports`, verbatim (comma-separated ports and ranges).
+    pub ip_local_reserved_ports: String,
+}
+
+impl NodePorts {
+    pub fn read(procfs: &Path) -> Self {
+        let dir = procfs.join("sys/net/ipv4");
+        let range = fs::read_to_string(dir.join("ip_local_port_range"))
+            .ok()
+            .and_then(|s| parse_range(&s));
+        let reserved = fs::read_to_string(dir.join("ip_local_reserved_ports"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Self {
+            ip_local_port_range: range,
+            ip_local_reserved_ports: reserved,
+        }
+    }
+
+    pub fn local_range(&self) -> Option<PortRange> {
+        self.ip_local_port_range.map(|(a, b)| PortRange::new(a, b))
+    }
+}
+
+fn parse_range(s: &str) -> Option<(u16, u16)> {
+    let mut it = s.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b))) if a <= b => Some((a, b)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sysctl_text() {
+        assert_eq!(parse_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_range("garbage"), None);
+        assert_eq!(parse_range("5 1"), None);
+    }
+
+    #[test]
+    fn reads_this_machine() {
+        let n = NodePorts::read(Path::new("/proc"));
+        assert!(n.ip_local_port_range.is_some());
+    }
+}

@@ -1,0 +1,100 @@
+//! The terminal report: histogram, verdict, fix, drops.
+
+use std::io::{self, Write};
+
+use crate::report::Report;
+
+const BAR_WIDTH: usize = 30;
+
+pub fn write(w: &mut impl Write, r: &Report, list_lost: bool) -> io::Result<()> {
+    let t = r.totals();
+    let allowed = r.histogram.allowed;
+    writeln!(
+        w,
+        "netrace: {} connection attempts on {} in {:.1} s; SYN-ACKs allowed back to ports {allowed}",
+        t.attempts,
+        r.interfaces.join(", "),
+        r.duration_s
+    )?;
+    writeln!(
+        w,
+        "         {} answered, {} lost, {} refused, {} unreachable, {} late, {} still waiting at exit",
+        t.answered, t.lost, t.refused, t.unreachable, t.late, r.pending_at_exit
+    )?;
+    writeln!(w)?;
+    writeln!(
+        w,
+        "{:<13} {:>8} {:>8} {:>7} {:>7}  loss",
+        "source ports", "attempts", "answered", "lost", "loss %"
+    )?;
+    for b in r.buckets() {
+        let c = b.counts;
+        let pct = c
+            .loss_pct()
+            .map_or_else(|| "-".to_string(), |p| format!("{p:.1}%"));
+        let filled = c
+            .loss_pct()
+            .map_or(0, |p| (p / 100.0 * BAR_WIDTH as f64).round() as usize);
+        let bar: String = "#".repeat(filled) + &".".repeat(BAR_WIDTH - filled.min(BAR_WIDTH));
+        let side = if b.in_allowed_range {
+            "allowed"
+        } else {
+            "outside"
+        };
+        writeln!(
+            w,
+            "{:<13} {:>8} {:>8} {:>7} {:>7}  {bar} {side}",
+            format!("{}-{}", b.start, b.end),
+            c.attempts,
+            c.answered,
+            c.lost,
+            pct
+        )?;
+    }
+    writeln!(w)?;
+    writeln!(w, "verdict: {}", r.verdict.headline)?;
+    for d in &r.verdict.details {
+        writeln!(w, "  - {d}")?;
+    }
+    if !r.fix.is_empty() {
+        writeln!(w)?;
+        writeln!(w, "fix:")?;
+        for (i, f) in r.fix.iter().enumerate() {
+            writeln!(w, "  {}. {f}", i + 1)?;
+        }
+    }
+    let d = r.drops;
+    writeln!(w)?;
+    if d.any() {
+        writeln!(
+            w,
+            "WARNING: netrace missed events: {} lost (ring buffer full, raise --ringbuf-kib), \
+             {} SYNs untracked (pending map full, raise --max-pending), {} undecodable",
+            d.events_lost, d.pending_map_full, d.decode_errors
+        )?;
+    } else {
+        writeln!(w, "nothing missed: 0 events lost, 0 SYNs untracked")?;
+    }
+    for n in &r.notes {
+        writeln!(w, "note: {n}")?;
+    }
+    if list_lost {
+        writeln!(w)?;
+        writeln!(w, "lost connections ({}):", t.lost)?;
+        for l in &r.lost {
+            writeln!(
+                w,
+                "  {} {}:{} -> {}:{}  syns={} first_seen_unix_ms={}",
+                l.iface, l.src, l.src_port, l.dst, l.dst_port, l.syns, l.first_seen_unix_ms
+            )?;
+        }
+        if r.lost_not_listed > 0 {
+            writeln!(
+                w,
+                "  ... and {} more (use --output json for all)",
+                r.lost_not_listed
+            )?;
+        }
+    }
+    Ok(())
+}

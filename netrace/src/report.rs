@@ -1,0 +1,190 @@
+//! The finished results: per-connection records and the end-of-run report. Computed here,
+//! written by `render`.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::Serialize;
+
+use crate::{
+    events::addrs,
+    node::NodePorts,
+    ports::PortRange,
+    stats::{Bucket, Counts, Histogram},
+    tracker::{Outcome, OutcomeKind},
+    verdict::Verdict,
+};
+
+/// One connection outcome, as printed (`--list-lost`, JSON lines).
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnRecord {
+    #[serde(rename = "type")]
+    pub kind_tag: &'static str,
+    pub outcome: OutcomeKind,
+    pub family: &'static str,
+    pub src: IpAddr,
+    pub src_port: u16,
+    pub dst: IpAddr,
+    pub dst_port: u16,
+    pub iface: String,
+    pub syns: u32,
+    pub isn: u32,
+    pub first_seen_unix_ms: u64,
+    pub rtt_us: Option<u64>,
+    pub icmp_type: Option<u8>,
+    pub icmp_code: Option<u8>,
+    pub in_allowed_range: bool,
+}
+
+/// Converts CLOCK_MONOTONIC nanoseconds (the kernel's timestamps) to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    unix_ms_at_start: u64,
+    mono_ns_at_start: u64,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            unix_ms_at_start: unix_ms,
+            mono_ns_at_start: monotonic_ns(),
+        }
+    }
+
+    pub fn unix_ms(&self, mono_ns: u64) -> u64 {
+        let delta_ms = (mono_ns as i128 - self.mono_ns_at_start as i128) / 1_000_000;
+        (self.unix_ms_at_start as i128 + delta_ms).max(0) as u64
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
+impl ConnRecord {
+    pub fn new(o: &Outcome, iface: String, clock: &Clock, allowed: PortRange) -> Self {
+        let (src, dst) = addrs(&o.key);
+        Self {
+            kind_tag: "connection",
+            outcome: o.kind,
+            family: if src.is_ipv4() { "ipv4" } else { "ipv6" },
+            src,
+            src_port: o.key.src_port,
+            dst,
+            dst_port: o.key.dst_port,
+            iface,
+            syns: o.pending.syns,
+            isn: o.pending.isn,
+            first_seen_unix_ms: clock.unix_ms(o.pending.first_ns),
+            rtt_us: o.rtt_ns.map(|n| n / 1000),
+            icmp_type: o.icmp.map(|i| i.0),
+            icmp_code: o.icmp.map(|i| i.1),
+            in_allowed_range: allowed.contains(o.key.src_port),
+        }
+    }
+}
+
+/// What could not be seen, always reported.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Drops {
+    /// Outcomes and SYNs the kernel could not hand over (ring buffer full).
+    pub events_lost: u64,
+    /// SYNs not tracked because the pending map was full.
+    pub pending_map_full: u64,
+    /// Ring-buffer records that did not decode.
+    pub decode_errors: u64,
+    /// Connections answered whose outcome event was lost (known not lost, kind unknown).
+    pub answered_unseen: u64,
+}
+
+impl Drops {
+    pub fn any(&self) -> bool {
+        self.events_lost + self.pending_map_full + self.decode_errors > 0
+    }
+}
+
+/// Everything printed at the end of a run.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub interfaces: Vec<String>,
+    pub duration_s: f64,
+    pub syn_timeout_ms: u64,
+    pub histogram: Histogram,
+    pub verdict: Verdict,
+    pub fix: Vec<String>,
+    pub node: NodePorts,
+    pub drops: Drops,
+    pub counters: BTreeMap<&'static str, u64>,
+    pub syn_packets_by_port: Vec<(u16, u64)>,
+    pub pending_at_exit: u64,
+    /// Lost connections, for `--list-lost` (capped; see `lost_not_listed`).
+    pub lost: Vec<ConnRecord>,
+    pub lost_not_listed: u64,
+    /// Why the run ended early, if it did (e.g. an interface went away).
+    pub notes: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Totals {
+    #[serde(flatten)]
+    counts: Counts,
+    pending_at_exit: u64,
+}
+
+impl Report {
+    pub fn totals(&self) -> Counts {
+        self.histogram.totals
+    }
+
+    pub fn buckets(&self) -> &[Bucket] {
+        &self.histogram.buckets
+    }
+
+    /// The JSON summary object (docs/json.md).
+    pub fn to_json(&self) -> serde_json::Value {
+        let allowed = self.histogram.allowed;
+        let buckets: Vec<serde_json::Value> = self
+            .buckets()
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "start": b.start, "end": b.end,
+                    "attempts": b.counts.attempts, "answered": b.counts.answered,
+                    "lost": b.counts.lost, "refused": b.counts.refused,
+                    "unreachable": b.counts.unreachable, "late": b.counts.late,
+                    "loss_pct": b.counts.loss_pct(),
+                    "in_allowed_range": b.in_allowed_range,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "type": "summary",
+            "interfaces": self.interfaces,
+            "duration_s": (self.duration_s * 1000.0).round() / 1000.0,
+            "allowed_ports": allowed,
+            "syn_timeout_ms": self.syn_timeout_ms,
+            "totals": Totals { counts: self.totals(), pending_at_exit: self.pending_at_exit },
+            "buckets": buckets,
+            "verdict": self.verdict,
+            "fix": self.fix,
+            "node": {
+                "ip_local_port_range": self.node.ip_local_port_range,
+                "ip_local_reserved_ports": self.node.ip_local_reserved_ports,
+                "local_range_inside_allowed": self.node.local_range().map(|l| allowed.covers(&l)),
+            },
+            "drops": self.drops,
+            "counters": self.counters,
+            "syn_packets_by_port": self.syn_packets_by_port,
+            "notes": self.notes,
+        })
+    }
+}

@@ -1,0 +1,422 @@
+//! The only owner of connection state in user space, and the only place that decides *lost*,
+//! *late* and *abandoned*. The kernel decides answered, refused and unreachable; user space
+//! decides what never got an answer, by time.
+
+use std::collections::HashMap;
+
+use netrace_common::{EventKind, FlowKey, PendingSyn};
+
+use crate::events::Event;
+
+/// The kernel's pending map, as the tracker needs it (a fake one in unit tests).
+pub trait PendingMap {
+    fn get(&self, key: &FlowKey) -> Option<PendingSyn>;
+    fn remove(&mut self, key: &FlowKey);
+    /// Every entry, for adopting SYNs whose events were lost.
+    fn scan(&self) -> Vec<(FlowKey, PendingSyn)>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeKind {
+    Answered,
+    Lost,
+    Refused,
+    Unreachable,
+    /// An answer after the connection was reported lost.
+    Late,
+    /// A new SYN with another ISN on the same 4-tuple before any answer: given up, unanswered.
+    Abandoned,
+}
+
+impl OutcomeKind {
+    /// Whether this outcome counts as a lost connection in the totals.
+    pub fn is_loss(self) -> bool {
+        matches!(self, Self::Lost | Self::Abandoned)
+    }
+}
+
+/// One decided connection attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub kind: OutcomeKind,
+    pub key: FlowKey,
+    pub pending: PendingSyn,
+    /// First SYN to the answer, when there was one.
+    pub rtt_ns: Option<u64>,
+    pub icmp: Option<(u8, u8)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Tracked {
+    pending: PendingSyn,
+    /// When user space reported it lost; the kernel entry stays for the late window so that a
+    /// late answer is still paired with this connection.
+    lost_at: Option<u64>,
+}
+
+/// Counts of things the tracker noticed that are not outcomes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    /// Connections answered in the kernel whose outcome event was dropped (ring buffer full):
+    /// known not lost, outcome unknown.
+    pub answered_unseen: u64,
+    /// SYNs adopted from the kernel map because their event was dropped.
+    pub adopted: u64,
+}
+
+pub struct Tracker {
+    syn_timeout_ns: u64,
+    late_window_ns: u64,
+    entries: HashMap<FlowKey, Tracked>,
+    pub stats: TrackerStats,
+}
+
+impl Tracker {
+    pub fn new(syn_timeout_ns: u64, late_window_ns: u64) -> Self {
+        Self {
+            syn_timeout_ns,
+            late_window_ns: late_window_ns.max(syn_timeout_ns),
+            entries: HashMap::new(),
+            stats: TrackerStats::default(),
+        }
+    }
+
+    /// Connections waiting for an answer (not yet reported).
+    pub fn pending(&self) -> usize {
+        self.entries
+            .values()
+            .filter(|t| t.lost_at.is_none())
+            .count()
+    }
+
+    /// Entries held, including lost ones kept for the late window.
+    pub fn held(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn on_event(&mut self, ev: &Event, out: &mut Vec<Outcome>) {
+        let key = ev.raw.key;
+        let p = ev.raw.pending;
+        match ev.kind {
+            EventKind::Syn => {
+                self.entries.insert(
+                    key,
+                    Tracked {
+                        pending: p,
+                        lost_at: None,
+                    },
+                );
+            }
+            EventKind::Superseded => {
+                let reported = match self.entries.get(&key) {
+                    Some(t) if t.pending.isn == p.isn => t.lost_at.is_some(),
+                    _ => false,
+                };
+                if let Some(t) = self.entries.get(&key) {
+                    if t.pending.isn == p.isn {
+                        self.entries.remove(&key);
+                    }
+                }
+                if !reported {
+                    out.push(Outcome {
+                        kind: OutcomeKind::Abandoned,
+                        key,
+                        pending: p,
+                        rtt_ns: None,
+                        icmp: None,
+                    });
+                }
+            }
+            EventKind::Answered | EventKind::Refused | EventKind::Unreachable => {
+                let was_lost = match self.entries.get(&key) {
+                    Some(t) if t.pending.isn == p.isn => {
+                        let lost = t.lost_at.is_some();
+                        self.entries.remove(&key);
+                        lost
+                    }
+                    _ => false,
+                };
+                let kind = match (was_lost, ev.kind) {
+                    (true, _) => OutcomeKind::Late,
+                    (false, EventKind::Refused) => OutcomeKind::Refused,
+                    (false, EventKind::Unreachable) => OutcomeKind::Unreachable,
+                    (false, _) => OutcomeKind::Answered,
+                };
+                let icmp = (ev.kind == EventKind::Unreachable)
+                    .then_some((ev.raw.icmp_type, ev.raw.icmp_code));
+                out.push(Outcome {
+                    kind,
+                    key,
+                    pending: p,
+                    rtt_ns: Some(ev.raw.ts_ns.saturating_sub(p.first_ns)),
+                    icmp,
+                });
+            }
+        }
+    }
+
+    /// Decides *lost* for entries older than the SYN timeout, and forgets lost entries once
+    /// their late window has passed.
+    pub fn sweep(&mut self, now_ns: u64, map: &mut impl PendingMap, out: &mut Vec<Outcome>) {
+        let mut expired = Vec::new();
+        let mut due = Vec::new();
+        for (key, t) in &self.entries {
+            let age = now_ns.saturating_sub(t.pending.first_ns);
+            match t.lost_at {
+                None if age >= self.syn_timeout_ns => due.push(*key),
+                Some(_) if age >= self.late_window_ns => expired.push(*key),
+                _ => {}
+            }
+        }
+        for key in due {
+            let Some(t) = self.entries.get(&key).copied() else {
+                continue;
+            };
+            match map.get(&key) {
+                Some(k) if k.isn == t.pending.isn => {
+                    let pending = PendingSyn {
+                        syns: k.syns,
+                        last_ns: k.last_ns,
+                        ..t.pending
+                    };
+                    self.entries.insert(
+                        key,
+                        Tracked {
+                            pending,
+                            lost_at: Some(now_ns),
+                        },
+                    );
+                    out.push(Outcome {
+                        kind: OutcomeKind::Lost,
+                        key,
+                        pending,
+                        rtt_ns: None,
+                        icmp: None,
+                    });
+                }
+                Some(k) => {
+                    // The kernel replaced the entry and both events were dropped.
+                    out.push(Outcome {
+                        kind: OutcomeKind::Abandoned,
+                        key,
+                        pending: t.pending,
+                        rtt_ns: None,
+                        icmp: None,
+                    });
+                    self.entries.insert(
+                        key,
+                        Tracked {
+                            pending: k,
+                            lost_at: None,
+                        },
+                    );
+                }
+                None => {
+                    // Only an answer removes a kernel entry: the outcome event was dropped.
+                    self.entries.remove(&key);
+                    self.stats.answered_unseen += 1;
+                }
+            }
+        }
+        for key in expired {
+            if let Some(t) = self.entries.remove(&key) {
+                if map.get(&key).is_some_and(|k| k.isn == t.pending.isn) {
+                    map.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Takes in kernel entries the tracker has not heard of (their SYN events were dropped).
+    pub fn adopt(&mut self, map: &impl PendingMap) {
+        for (key, p) in map.scan() {
+            if let std::collections::hash_map::Entry::Vacant(v) = self.entries.entry(key) {
+                v.insert(Tracked {
+                    pending: p,
+                    lost_at: None,
+                });
+                self.stats.adopted += 1;
+            }
+        }
+    }
+
+    /// Final sweep at exit: returns how many connections were still waiting (younger than
+    /// the SYN timeout), which are neither answered nor lost. Clears every kernel entry.
+    pub fn finish(
+        &mut self,
+        now_ns: u64,
+        map: &mut impl PendingMap,
+        out: &mut Vec<Outcome>,
+    ) -> u64 {
+        self.sweep(now_ns, map, out);
+        let waiting = self.pending() as u64;
+        for key in self.entries.keys() {
+            map.remove(key);
+        }
+        self.entries.clear();
+        waiting
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netrace_common::{OutcomeEvent, FAMILY_V4};
+
+    #[derive(Default)]
+    struct FakeMap(HashMap<FlowKey, PendingSyn>);
+
+    impl PendingMap for FakeMap {
+        fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
+            self.0.get(key).copied()
+        }
+        fn remove(&mut self, key: &FlowKey) {
+            self.0.remove(key);
+        }
+        fn scan(&self) -> Vec<(FlowKey, PendingSyn)> {
+            self.0.iter().map(|(k, v)| (*k, *v)).collect()
+        }
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            family: FAMILY_V4,
+            src_port: port,
+            dst_port: 80,
+            ..Default::default()
+        }
+    }
+
+    fn pending(first: u64, isn: u32) -> PendingSyn {
+        PendingSyn {
+            first_ns: first,
+            last_ns: first,
+            isn,
+            syns: 1,
+            ..Default::default()
+        }
+    }
+
+    fn ev(kind: EventKind, key: FlowKey, p: PendingSyn, ts: u64) -> Event {
+        Event {
+            kind,
+            raw: OutcomeEvent {
+                kind: kind as u32,
+                key,
+                pending: p,
+                ts_ns: ts,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn answered_lost_late() {
+        let mut t = Tracker::new(3 * S, 60 * S);
+        let mut m = FakeMap::default();
+        let mut out = Vec::new();
+        let (a, b) = (key(40000), key(2000));
+        let (pa, pb) = (pending(S, 7), pending(S, 9));
+        m.0.insert(a, pa);
+        m.0.insert(b, pb);
+        t.on_event(&ev(EventKind::Syn, a, pa, S), &mut out);
+        t.on_event(&ev(EventKind::Syn, b, pb, S), &mut out);
+        m.0.remove(&a);
+        t.on_event(&ev(EventKind::Answered, a, pa, S + 500), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].kind, OutcomeKind::Answered);
+        assert_eq!(out[0].rtt_ns, Some(500));
+        t.sweep(3 * S, &mut m, &mut out);
+        assert_eq!(out.len(), 1, "not yet timed out at 2 s");
+        m.0.get_mut(&b).map(|p| p.syns = 3);
+        t.sweep(4 * S, &mut m, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].kind, OutcomeKind::Lost);
+        assert_eq!(out[1].pending.syns, 3);
+        t.sweep(5 * S, &mut m, &mut out);
+        assert_eq!(out.len(), 2, "lost is reported once");
+        m.0.remove(&b);
+        t.on_event(&ev(EventKind::Answered, b, pb, 10 * S), &mut out);
+        assert_eq!(out[2].kind, OutcomeKind::Late);
+        assert_eq!(t.held(), 0);
+    }
+
+    #[test]
+    fn late_window_clears_kernel_entry() {
+        let mut t = Tracker::new(S, 10 * S);
+        let mut m = FakeMap::default();
+        let mut out = Vec::new();
+        let k = key(1500);
+        let p = pending(0, 1);
+        m.0.insert(k, p);
+        t.on_event(&ev(EventKind::Syn, k, p, 0), &mut out);
+        t.sweep(2 * S, &mut m, &mut out);
+        assert_eq!(out[0].kind, OutcomeKind::Lost);
+        assert!(m.0.contains_key(&k));
+        t.sweep(11 * S, &mut m, &mut out);
+        assert!(!m.0.contains_key(&k));
+        assert_eq!(t.held(), 0);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn dropped_answer_event_is_not_a_loss() {
+        let mut t = Tracker::new(S, 10 * S);
+        let mut m = FakeMap::default();
+        let mut out = Vec::new();
+        let k = key(1500);
+        t.on_event(&ev(EventKind::Syn, k, pending(0, 1), 0), &mut out);
+        t.sweep(2 * S, &mut m, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(t.stats.answered_unseen, 1);
+    }
+
+    #[test]
+    fn dropped_syn_event_is_adopted_then_lost() {
+        let mut t = Tracker::new(S, 10 * S);
+        let mut m = FakeMap::default();
+        let mut out = Vec::new();
+        let k = key(1500);
+        m.0.insert(k, pending(0, 1));
+        t.adopt(&m);
+        assert_eq!(t.stats.adopted, 1);
+        t.sweep(2 * S, &mut m, &mut out);
+        assert_eq!(out[0].kind, OutcomeKind::Lost);
+    }
+
+    #[test]
+    fn superseded_is_abandoned_once() {
+        let mut t = Tracker::new(S, 10 * S);
+        let mut m = FakeMap::default();
+        let mut out = Vec::new();
+        let k = key(1500);
+        let old = pending(0, 1);
+        t.on_event(&ev(EventKind::Syn, k, old, 0), &mut out);
+        t.on_event(&ev(EventKind::Superseded, k, old, S / 2), &mut out);
+        let new = pending(S / 2, 99);
+        m.0.insert(k, new);
+        t.on_event(&ev(EventKind::Syn, k, new, S / 2), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].kind, OutcomeKind::Abandoned);
+        assert!(out[0].kind.is_loss());
+        m.0.remove(&k);
+        t.on_event(&ev(EventKind::Answered, k, new, S), &mut out);
+        assert_eq!(out[1].kind, OutcomeKind::Answered);
+    }
+
+    #[test]
+    fn finish_counts_waiting_and_clears_kernel() {
+        let mut t = Tracker::new(3 * S, 10 * S);
+        let mut m = FakeMap::default();
+        let mut out = Vec::new();
+        let k = key(1500);
+        m.0.insert(k, pending(0, 1));
+        t.on_event(&ev(EventKind::Syn, k, pending(0, 1), 0), &mut out);
+        assert_eq!(t.finish(S, &mut m, &mut out), 1);
+        assert!(out.is_empty());
+        assert!(m.0.is_empty());
+    }
+}

@@ -1,0 +1,330 @@
+//! `netrace watch`: attach, pair, sweep, report. The one loop that ties the modules together.
+
+use std::{
+    collections::HashMap,
+    io::{self, Write},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use netrace_common::Counter;
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+    time::{interval, sleep_until, MissedTickBehavior},
+};
+
+use crate::{
+    attach::Attachments,
+    cli::{OutputFormat, WatchConfig},
+    error::{exit, UsageError},
+    events::Event,
+    iface, loader,
+    node::NodePorts,
+    privileges, render,
+    report::{monotonic_ns, Clock, ConnRecord, Drops, Report},
+    stats::Histogram,
+    tracker::{Outcome, Tracker},
+    verdict,
+};
+
+/// How long a connection reported lost is still paired with a late answer. Linux gives up on a
+/// connect after about 127 s (tcp_syn_retries = 6); answers later than a minute are rare.
+const LATE_WINDOW: Duration = Duration::from_secs(60);
+/// At most this many lost connections are kept for `--list-lost`.
+const MAX_LISTED: usize = 100_000;
+const TICK: Duration = Duration::from_millis(250);
+
+/// Why the loop ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Signal,
+    Duration,
+    /// Standard output was closed (e.g. `| head`): end quietly.
+    BrokenPipe,
+    /// Every watched interface went away.
+    InterfacesGone,
+}
+
+struct Session {
+    cfg: WatchConfig,
+    clock: Clock,
+    tracker: Tracker,
+    histogram: Histogram,
+    lost: Vec<ConnRecord>,
+    lost_not_listed: u64,
+    decode_errors: u64,
+    names: HashMap<u32, String>,
+    out: io::Stdout,
+}
+
+impl Session {
+    fn iface_name(&self, ifindex: u32) -> String {
+        self.names
+            .get(&ifindex)
+            .cloned()
+            .or_else(|| iface::name(ifindex))
+            .unwrap_or_else(|| format!("if{ifindex}"))
+    }
+
+    /// Records outcomes; JSON lines go out at once. Errors only on a closed stdout.
+    fn record(&mut self, outcomes: &mut Vec<Outcome>) -> io::Result<()> {
+        let mut lines = Vec::new();
+        for o in outcomes.drain(..) {
+            self.histogram.add(o.key.src_port, o.kind);
+            let wants_record = self.cfg.output == OutputFormat::Json || o.kind.is_loss();
+            if !wants_record {
+                continue;
+            }
+            let rec = ConnRecord::new(
+                &o,
+                self.iface_name(o.pending.ifindex),
+                &self.clock,
+                self.cfg.allowed,
+            );
+            if self.cfg.output == OutputFormat::Json {
+                let mut line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
+                line.push(b'\n');
+                lines.extend_from_slice(&line);
+            }
+            if o.kind.is_loss() {
+                if self.lost.len() < MAX_LISTED {
+                    self.lost.push(rec);
+                } else {
+                    self.lost_not_listed += 1;
+                }
+            }
+        }
+        if !lines.is_empty() {
+            let mut out = self.out.lock();
+            out.write_all(&lines)?;
+            out.flush()?;
+        }
+        Ok(())
+    }
+}
+
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    tracker: &mut Tracker,
+    decode_errors: &mut u64,
+    outcomes: &mut Vec<Outcome>,
+) {
+    while let Some(item) = ring.next() {
+        match Event::try_from(&*item) {
+            Ok(ev) => tracker.on_event(&ev, outcomes),
+            Err(e) => {
+                *decode_errors += 1;
+                log::debug!("undecodable event: {e}");
+            }
+        }
+    }
+}
+
+/// Runs `netrace watch`; returns the exit status.
+pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
+    privileges::check()?;
+    // Signals first, so Ctrl-C during attach ends the run cleanly instead of killing it.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
+    let node = NodePorts::read(&cfg.procfs);
+    let (ebpf, maps) = loader::load(
+        cfg.max_pending,
+        cfg.ringbuf_bytes,
+        loader::kernel_filter(&cfg),
+    )?;
+    let loader::Maps {
+        events,
+        mut pending,
+        counters,
+        syn_ports,
+        filter: _filter,
+    } = maps;
+    let mut attachments = Attachments::new(ebpf)?;
+    let mut names = HashMap::new();
+    for name in &cfg.ifaces {
+        let idx = iface::index(name)
+            .ok_or_else(|| UsageError(format!("--iface: interface '{name}' went away")))?;
+        attachments.attach(name, cfg.attach)?;
+        names.insert(idx, name.clone());
+    }
+    if let Some(path) = &cfg.ready_file {
+        std::fs::write(path, "ready\n")
+            .with_context(|| format!("writing --ready-file {}", path.display()))?;
+    }
+    if cfg.output == OutputFormat::Text {
+        eprintln!(
+            "netrace: watching {} ({}), SYN-ACKs allowed back to {}; Ctrl-C to stop and report",
+            cfg.ifaces.join(", "),
+            match attachments.via {
+                Some(crate::attach::Via::Tcx) => "TCX",
+                _ => "clsact",
+            },
+            cfg.allowed
+        );
+    }
+
+    let started = Instant::now();
+    let deadline = cfg
+        .duration
+        .map(|d| tokio::time::Instant::now() + d)
+        .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86400));
+    let mut session = Session {
+        tracker: Tracker::new(
+            cfg.syn_timeout.as_nanos() as u64,
+            LATE_WINDOW.as_nanos() as u64,
+        ),
+        histogram: Histogram::new(cfg.allowed, &cfg.bucket_edges),
+        clock: Clock::now(),
+        lost: Vec::new(),
+        lost_not_listed: 0,
+        decode_errors: 0,
+        names,
+        out: io::stdout(),
+        cfg,
+    };
+    let maps_for_counters = loader::Maps::counters_view(&counters, &syn_ports);
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
+    // the AsyncFd owns the ring buffer.
+    let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
+    let mut tick = interval(TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut live = render::live::Live::new();
+    let mut last_drawn = Instant::now();
+    let mut seen_ring_drops = 0;
+    let mut outcomes = Vec::new();
+    let mut notes = Vec::new();
+
+    let end = loop {
+        tokio::select! {
+            r = ring.readable_mut() => {
+                let mut guard = r.context("waiting on the ring buffer")?;
+                drain(guard.get_inner_mut(), &mut session.tracker, &mut session.decode_errors, &mut outcomes);
+                guard.clear_ready();
+                if session.record(&mut outcomes).is_err() {
+                    break End::BrokenPipe;
+                }
+            }
+            _ = tick.tick() => {
+                let ring_drops = maps_for_counters.counter(Counter::RingbufFull);
+                if ring_drops > seen_ring_drops {
+                    // Some SYN events never arrived: take their entries from the kernel map.
+                    seen_ring_drops = ring_drops;
+                    session.tracker.adopt(&pending);
+                }
+                session.tracker.sweep(monotonic_ns(), &mut pending, &mut outcomes);
+                if session.record(&mut outcomes).is_err() {
+                    break End::BrokenPipe;
+                }
+                let gone: Vec<(u32, String)> = session
+                    .names
+                    .iter()
+                    .filter(|(idx, name)| iface::index(name) != Some(**idx))
+                    .map(|(i, n)| (*i, n.clone()))
+                    .collect();
+                for (idx, name) in gone {
+                    let msg = format!("interface {name} went away after {:.1} s; stopped watching it", started.elapsed().as_secs_f64());
+                    live.clear();
+                    eprintln!("netrace: {msg}");
+                    notes.push(msg);
+                    session.names.remove(&idx);
+                    // Keep the name for records of connections it already carried.
+                    session.names.insert(u32::MAX - idx, name);
+                }
+                if session.names.keys().all(|k| *k > u32::MAX / 2) {
+                    break End::InterfacesGone;
+                }
+                if last_drawn.elapsed() >= Duration::from_secs(1) && session.cfg.output == OutputFormat::Text {
+                    live.draw(&session.histogram.totals, session.tracker.pending(), ring_drops, started.elapsed().as_secs_f64());
+                    last_drawn = Instant::now();
+                }
+            }
+            _ = sigint.recv() => break End::Signal,
+            _ = sigterm.recv() => break End::Signal,
+            _ = sleep_until(deadline) => break End::Duration,
+        }
+    };
+    live.clear();
+
+    // Detach first, then collect what is still in flight.
+    attachments.detach_all();
+    drain(
+        ring.get_mut(),
+        &mut session.tracker,
+        &mut session.decode_errors,
+        &mut outcomes,
+    );
+    let pending_at_exit = session
+        .tracker
+        .finish(monotonic_ns(), &mut pending, &mut outcomes);
+    let flushed = session.record(&mut outcomes);
+    if end == End::BrokenPipe || flushed.is_err() {
+        return Ok(exit::CLEAN);
+    }
+
+    let counters_by_name = loader::COUNTERS
+        .iter()
+        .map(|(c, name)| (*name, maps_for_counters.counter(*c)))
+        .collect();
+    let drops = Drops {
+        events_lost: maps_for_counters.counter(Counter::RingbufFull),
+        pending_map_full: maps_for_counters.counter(Counter::PendingMapFull),
+        decode_errors: session.decode_errors,
+        answered_unseen: session.tracker.stats.answered_unseen,
+    };
+    if pending_at_exit > 0 {
+        notes.push(format!(
+            "{pending_at_exit} connections were still waiting for an answer (younger than \
+             --syn-timeout {} ms) when netrace stopped; they are not counted",
+            session.cfg.syn_timeout.as_millis()
+        ));
+    }
+    let verdict = verdict::decide(&session.histogram, &node);
+    let fix = verdict::fix(&verdict, session.cfg.allowed, &node);
+    let report = Report {
+        interfaces: session.cfg.ifaces.clone(),
+        duration_s: started.elapsed().as_secs_f64(),
+        syn_timeout_ms: session.cfg.syn_timeout.as_millis() as u64,
+        histogram: session.histogram.clone(),
+        verdict,
+        fix,
+        node,
+        drops,
+        counters: counters_by_name,
+        syn_packets_by_port: maps_for_counters.syn_ports(),
+        pending_at_exit,
+        lost: std::mem::take(&mut session.lost),
+        lost_not_listed: session.lost_not_listed,
+        notes,
+    };
+    if let Some(path) = &session.cfg.svg {
+        std::fs::write(path, render::svg::render(&report))
+            .with_context(|| format!("writing --svg {}", path.display()))?;
+    }
+    let written = {
+        let mut out = session.out.lock();
+        let r = match session.cfg.output {
+            OutputFormat::Json => serde_json::to_writer(&mut out, &report.to_json())
+                .map_err(io::Error::other)
+                .and_then(|()| writeln!(out)),
+            OutputFormat::Text => render::text::write(&mut out, &report, session.cfg.list_lost),
+        };
+        r.and_then(|()| out.flush())
+    };
+    if written.is_err() {
+        return Ok(exit::CLEAN);
+    }
+    if end == End::InterfacesGone {
+        eprintln!(
+            "netrace: every watched interface went away; the report above covers the time before"
+        );
+        return Ok(exit::ERROR);
+    }
+    Ok(if report.totals().lost > 0 {
+        exit::LOSS
+    } else {
+        exit::CLEAN
+    })
+}
