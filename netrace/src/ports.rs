@@ -23,7 +23,8 @@ impl PortRange {
         self.start <= other.start && other.end <= self.end
     }
 
-    pub fn len(&self) -> u32 {
+    /// Number of ports in the range (never zero).
+    pub fn count(&self) -> u32 {
         u32::from(self.end) - u32::from(self.start) + 1
     }
 }
@@ -98,7 +99,7 @@ mod tests {
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("20-10".parse::<PortRange>().is_err());
         assert!("".parse::<PortRange>().is_err());
-        assert_eq!(PortRange::new(1024, 65535).len(), 64512);
+        assert_eq!(PortRange::new(1024, 65535).count(), 64512);
         assert!(PortRange::new(1024, 65535).covers(&PortRange::new(32768, 60999)));
     }
 

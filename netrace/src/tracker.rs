@@ -331,7 +331,9 @@ mod tests {
         assert_eq!(out[0].rtt_ns, Some(500));
         t.sweep(3 * S, &mut m, &mut out);
         assert_eq!(out.len(), 1, "not yet timed out at 2 s");
-        m.0.get_mut(&b).map(|p| p.syns = 3);
+        if let Some(p) = m.0.get_mut(&b) {
+            p.syns = 3;
+        }
         t.sweep(4 * S, &mut m, &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].kind, OutcomeKind::Lost);
