@@ -14,6 +14,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 pub const EGRESS_PROGRAM: &str = "netrace_egress";
 pub const INGRESS_PROGRAM: &str = "netrace_ingress";
+/// An empty classifier in the same object, the baseline for benchmarks.
+pub const NOOP_PROGRAM: &str = "netrace_noop";
 
 /// The kernel side's maps, taken out of the object so the programs and maps have separate
 /// owners.
