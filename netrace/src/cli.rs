@@ -40,6 +40,13 @@ pub struct Cli {
 pub enum Command {
     /// Pair outbound SYNs with their answers and report loss by source-port range.
     Watch(WatchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on standard output.
+    Man,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -139,6 +146,10 @@ pub struct WatchArgs {
     )]
     pub ringbuf_kib: u32,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9477).
+    #[arg(long, value_name = "ADDR", help_heading = "Output")]
+    pub metrics_addr: Option<String>,
+
     /// Where the node's procfs is mounted (e.g. /host/proc in a pod).
     #[arg(
         long,
@@ -195,6 +206,7 @@ pub struct WatchConfig {
     pub max_pending: u32,
     pub ringbuf_bytes: u32,
     pub procfs: PathBuf,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn usage(option: &str, msg: impl std::fmt::Display) -> UsageError {
@@ -265,6 +277,15 @@ impl WatchArgs {
                 ),
             ));
         }
+        let metrics_addr = self
+            .metrics_addr
+            .as_deref()
+            .map(|a| {
+                a.parse::<std::net::SocketAddr>()
+                    .map_err(|_| format!("'{a}' is not an address:port like 0.0.0.0:9477"))
+            })
+            .transpose()
+            .map_err(|e| usage("--metrics-addr", e))?;
         let ifaces = iface::resolve(&self.ifaces, &self.procfs).map_err(|e| usage("--iface", e))?;
         Ok(WatchConfig {
             ifaces,
@@ -282,6 +303,7 @@ impl WatchArgs {
             max_pending: self.max_pending,
             ringbuf_bytes: kib * 1024,
             procfs: self.procfs.clone(),
+            metrics_addr,
         })
     }
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod iface;
 pub mod loader;
+pub mod metrics;
 pub mod node;
 pub mod ports;
 pub mod privileges;

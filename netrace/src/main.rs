@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use netrace::{
     cli::{Cli, Command},
     error::{exit, UsageError},
@@ -9,6 +9,19 @@ use netrace::{
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "netrace",
+                &mut std::io::stdout(),
+            );
+            Ok(exit::CLEAN)
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map(|()| exit::CLEAN)
+            .map_err(anyhow::Error::from),
         Command::Watch(args) => match args.validate() {
             Err(e) => Err(anyhow::Error::new(e)),
             Ok(cfg) => tokio::runtime::Builder::new_current_thread()

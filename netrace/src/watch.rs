@@ -19,7 +19,7 @@ use crate::{
     cli::{OutputFormat, WatchConfig},
     error::{exit, UsageError},
     events::Event,
-    iface, loader,
+    iface, loader, metrics,
     node::NodePorts,
     privileges, render,
     report::{monotonic_ns, Clock, ConnRecord, Drops, Report},
@@ -56,6 +56,16 @@ struct Session {
     decode_errors: u64,
     names: HashMap<u32, String>,
     out: io::Stdout,
+    metrics: metrics::Metrics,
+}
+
+/// Stops the metrics server when the run ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Session {
@@ -72,6 +82,9 @@ impl Session {
         let mut lines = Vec::new();
         for o in outcomes.drain(..) {
             self.histogram.add(o.key.src_port, o.kind);
+            let name = self.iface_name(o.pending.ifindex);
+            self.metrics
+                .outcome(&name, o.kind, o.key.src_port, o.rtt_ns);
             let wants_record = self.cfg.output == OutputFormat::Json || o.kind.is_loss();
             if !wants_record {
                 continue;
@@ -128,6 +141,26 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
+    let metrics = metrics::Metrics::new(
+        Histogram::new(cfg.allowed, &cfg.bucket_edges)
+            .buckets
+            .iter()
+            .map(|b| b.range())
+            .collect(),
+        cfg.allowed,
+    );
+    let _metrics_server = match cfg.metrics_addr {
+        Some(addr) => {
+            let listener = metrics::bind(addr)
+                .await
+                .map_err(|e| UsageError(format!("--metrics-addr: cannot listen on {addr}: {e}")))?;
+            Some(AbortOnDrop(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+            ))))
+        }
+        None => None,
+    };
     let node = NodePorts::read(&cfg.procfs);
     let (ebpf, maps) = loader::load(
         cfg.max_pending,
@@ -182,6 +215,7 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
         decode_errors: 0,
         names,
         out: io::stdout(),
+        metrics,
         cfg,
     };
     let maps_for_counters = loader::Maps::counters_view(&counters, &syn_ports);
@@ -215,6 +249,10 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
                     session.tracker.adopt(&pending);
                 }
                 session.tracker.sweep(monotonic_ns(), &mut pending, &mut outcomes);
+                session.metrics.kernel_counters(
+                    loader::COUNTERS.iter().map(|(c, name)| (*name, maps_for_counters.counter(*c))),
+                    session.tracker.pending() as u64,
+                );
                 if session.record(&mut outcomes).is_err() {
                     break End::BrokenPipe;
                 }
