@@ -39,7 +39,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Pair outbound SYNs with their answers and report loss by source-port range.
-    Watch(WatchArgs),
+    Watch(Box<WatchArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]

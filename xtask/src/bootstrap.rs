@@ -129,10 +129,7 @@ pub fn ensure() -> anyhow::Result<()> {
             "PATH={LLVM_BIN}:$PATH cargo install bpf-linker --no-default-features --features llvm-22"
         );
         say("installing bpf-linker built against LLVM 22 (about a minute)");
-        let path = format!(
-            "{LLVM_BIN}:{}",
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
         run(
             Command::new("cargo")
                 .args([
