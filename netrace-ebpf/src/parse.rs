@@ -214,10 +214,14 @@ fn key(family: u8, src: [u8; 16], dst: [u8; 16], src_port: u16, dst_port: u16) -
 #[inline(always)]
 fn tcp(ctx: &TcContext, l3: &L3, egress: bool) -> Option<Parsed> {
     let t = load::<20>(ctx, l3.l4_off)?;
-    if t[12] >> 4 < 5 {
+    let doff = (t[12] >> 4) as usize * 4;
+    if doff < 20 {
         count(Counter::Malformed);
         return None;
     }
+    // The whole header, options included, must be there: a segment cut inside its options
+    // would be dropped by the receiving stack, so it must not count as a SYN or an answer.
+    load::<1>(ctx, l3.l4_off + doff - 1)?;
     let sport = be16(t[0], t[1]);
     let dport = be16(t[2], t[3]);
     let flags = t[13];

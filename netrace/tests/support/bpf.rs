@@ -1,0 +1,222 @@
+//! Runs crafted packets through netrace's kernel programs with `BPF_PROG_TEST_RUN` and reads
+//! back what they did through the maps.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use aya::{programs::ProgramError, sys::SyscallError, TestRun as _, TestRunOptions};
+use netrace::{
+    attach::Attachments,
+    events::Event,
+    loader::{self, Maps, EGRESS_PROGRAM, INGRESS_PROGRAM},
+    tracker::PendingMap as _,
+};
+use netrace_common::{Counter, FlowKey, KernelFilter, PendingSyn, FAMILY_V4, FAMILY_V6};
+
+/// `TC_ACT_UNSPEC`, the only verdict netrace's programs may return.
+pub const TC_ACT_UNSPEC: i32 = -1;
+
+const MAX_PENDING: u32 = 1024;
+const RINGBUF_BYTES: u32 = 1 << 16;
+
+/// A freshly loaded kernel object: both programs loaded (not attached), maps empty.
+pub struct Bpf {
+    attachments: Attachments,
+    pub maps: Maps,
+}
+
+impl Bpf {
+    /// Loads a fresh object without a destination filter. Panics, with the reason, when the
+    /// kernel refuses (typically: not running as root).
+    pub fn load() -> Self {
+        Self::load_with_filter(KernelFilter::default())
+    }
+
+    pub fn load_with_filter(filter: KernelFilter) -> Self {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        let hint = if euid == 0 {
+            String::new()
+        } else {
+            format!(
+                " (running as uid {euid}: these tests need root, or CAP_BPF + CAP_NET_ADMIN + \
+                 CAP_PERFMON, to load programs and use BPF_PROG_TEST_RUN)"
+            )
+        };
+        let (ebpf, maps) = loader::load(MAX_PENDING, RINGBUF_BYTES, filter)
+            .unwrap_or_else(|e| panic!("cannot load netrace's kernel object{hint}: {e:#}"));
+        let attachments = Attachments::new(ebpf)
+            .unwrap_or_else(|e| panic!("cannot load netrace's kernel programs{hint}: {e:#}"));
+        Self { attachments, maps }
+    }
+
+    /// Runs `packet` through the egress classifier.
+    pub fn egress(&mut self, packet: &[u8]) {
+        self.run(EGRESS_PROGRAM, packet);
+    }
+
+    /// Runs `packet` through the ingress classifier.
+    pub fn ingress(&mut self, packet: &[u8]) {
+        self.run(INGRESS_PROGRAM, packet);
+    }
+
+    /// Runs `packet` through egress (`true`) or ingress (`false`); `Err(errno)` when the
+    /// kernel refuses to run the program on it at all (see [`Bpf::try_run`]).
+    pub fn try_direction(&mut self, egress: bool, packet: &[u8]) -> Result<(), i32> {
+        let program = if egress {
+            EGRESS_PROGRAM
+        } else {
+            INGRESS_PROGRAM
+        };
+        self.try_run(program, packet)
+    }
+
+    /// Runs one packet and checks the program left its fate alone: the verdict is
+    /// `TC_ACT_UNSPEC` and the packet comes out byte for byte as it went in.
+    fn run(&mut self, program: &str, packet: &[u8]) {
+        if let Err(errno) = self.try_run(program, packet) {
+            panic!(
+                "BPF_PROG_TEST_RUN of {program} on a {}-byte packet failed: {} ({})",
+                packet.len(),
+                std::io::Error::from_raw_os_error(errno),
+                hex(packet)
+            );
+        }
+    }
+
+    /// Like [`Bpf::run`], but returns the errno when `BPF_PROG_TEST_RUN` itself fails (the
+    /// program never ran). Since Linux 6.x the kernel refuses, with `EINVAL`, a frame whose
+    /// ethertype is IPv4 or IPv6 but which is too short for the IP header.
+    pub fn try_run(&mut self, program: &str, packet: &[u8]) -> Result<(), i32> {
+        assert!(
+            packet.len() >= 14,
+            "BPF_PROG_TEST_RUN needs at least an Ethernet header"
+        );
+        let prog = self
+            .attachments
+            .program(program)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = match prog.test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        }) {
+            Ok(r) => r,
+            Err(ProgramError::SyscallError(SyscallError { io_error, .. })) => {
+                return Err(io_error.raw_os_error().unwrap_or(0));
+            }
+            Err(e) => panic!(
+                "BPF_PROG_TEST_RUN of {program} on a {}-byte packet failed: {e}",
+                packet.len()
+            ),
+        };
+        assert_eq!(
+            result.return_value as i32,
+            TC_ACT_UNSPEC,
+            "{program} returned {:#x} for a {}-byte packet {}, not TC_ACT_UNSPEC",
+            result.return_value,
+            packet.len(),
+            hex(packet)
+        );
+        let n = result.data_size_out as usize;
+        assert_eq!(
+            &out[..n],
+            packet,
+            "{program} changed the packet it was given"
+        );
+        Ok(())
+    }
+
+    pub fn counter(&self, c: Counter) -> u64 {
+        Maps::counters_view(&self.maps.counters, &self.maps.syn_ports).counter(c)
+    }
+
+    /// Every counter, by name, in [`loader::COUNTERS`] order.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        loader::COUNTERS
+            .iter()
+            .map(|(c, name)| (*name, self.counter(*c)))
+            .collect()
+    }
+
+    /// Asserts every counter equals its value in `expected`, and every counter not listed
+    /// is zero.
+    #[track_caller]
+    pub fn assert_counters(&self, expected: &[(Counter, u64)]) {
+        let want: Vec<(&'static str, u64)> = loader::COUNTERS
+            .iter()
+            .map(|(c, name)| {
+                let v = expected.iter().find(|(e, _)| e == c).map_or(0, |(_, v)| *v);
+                (*name, v)
+            })
+            .collect();
+        assert_eq!(self.counters(), want, "kernel counters");
+    }
+
+    /// SYN packets counted for source port `port`.
+    pub fn syn_port(&self, port: u16) -> u64 {
+        self.maps
+            .syn_ports
+            .get(&u32::from(port), 0)
+            .unwrap_or_else(|e| panic!("reading SYN_PORTS[{port}]: {e}"))
+    }
+
+    /// Every port with a non-zero SYN tally.
+    pub fn syn_ports(&self) -> Vec<(u16, u64)> {
+        Maps::counters_view(&self.maps.counters, &self.maps.syn_ports).syn_ports()
+    }
+
+    pub fn pending(&self, key: &FlowKey) -> Option<PendingSyn> {
+        self.maps.pending.get(key)
+    }
+
+    pub fn pending_all(&self) -> Vec<(FlowKey, PendingSyn)> {
+        self.maps.pending.scan()
+    }
+
+    /// Drains the ring buffer.
+    pub fn events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(item) = self.maps.events.next() {
+            out.push(
+                Event::try_from(&*item)
+                    .unwrap_or_else(|e| panic!("undecodable ring-buffer record: {e}")),
+            );
+        }
+        out
+    }
+
+    /// Asserts nothing is pending and no event is waiting.
+    #[track_caller]
+    pub fn assert_untouched(&mut self) {
+        assert_eq!(self.pending_all(), Vec::new(), "pending entries");
+        assert_eq!(self.events(), Vec::new(), "ring-buffer events");
+    }
+}
+
+pub fn key4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> FlowKey {
+    let mut k = FlowKey {
+        family: FAMILY_V4,
+        src_port: sport,
+        dst_port: dport,
+        ..Default::default()
+    };
+    k.src_addr[..4].copy_from_slice(&src.octets());
+    k.dst_addr[..4].copy_from_slice(&dst.octets());
+    k
+}
+
+pub fn key6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> FlowKey {
+    FlowKey {
+        family: FAMILY_V6,
+        src_port: sport,
+        dst_port: dport,
+        src_addr: src.octets(),
+        dst_addr: dst.octets(),
+        ..Default::default()
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,5 @@
+//! Shared helpers for netrace's integration tests.
+#![allow(dead_code)]
+
+pub mod bpf;
+pub mod packets;
