@@ -1162,7 +1162,11 @@ fn tcp_header_cut_inside_its_options_is_truncated() {
     synack.options = vec![2, 4, 0x05, 0xb4, 1, 1, 1, 1];
     let answer = tcp4(&[], &Ipv4::new(REMOTE4, LOCAL4, IPPROTO_TCP), &synack);
     bpf.ingress(&answer[..answer.len() - 4]);
-    assert_eq!(bpf.pending_all().len(), 1, "a cut SYN-ACK must not resolve the SYN");
+    assert_eq!(
+        bpf.pending_all().len(),
+        1,
+        "a cut SYN-ACK must not resolve the SYN"
+    );
     bpf.ingress(&answer);
     let ev = bpf.events();
     assert_eq!(
