@@ -1,0 +1,228 @@
+//! `cargo xtask demo`: the seed failure in a box. A pod whose node SNATs it with
+//! `MASQUERADE --random-fully` into 1024-65535, behind a firewall that lets SYN-ACKs back only
+//! to 32768-65535. netrace watches the node's uplink while the pod makes TCP connections and
+//! UDP exchanges (the article's `nc -vv` and `nc -vvu`), then reports; then the fix it
+//! suggests is applied to the same node and the run repeated.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use netrace_lab::{
+    Family, Lab, LabOptions, NetraceOptions, NetraceRun, Output, SnatMode, TcpAttempt, TcpCounts,
+    TcpOutcome, UdpExchange, UdpOutcome,
+};
+
+const TCP: usize = 300;
+const UDP: usize = 100;
+const SYN_TIMEOUT: Duration = Duration::from_millis(1500);
+const PROGRESS_EVERY: usize = 50;
+
+/// Runs the demo with the netrace binary at `netrace_bin`.
+pub fn run(netrace_bin: &Path) -> Result<()> {
+    let started = Instant::now();
+    if !netrace_bin.is_file() {
+        bail!("no netrace binary at {}", netrace_bin.display());
+    }
+    // Labs of demos or tests that were killed before they could clean up.
+    let removed = netrace_lab::remove_stale().context("removing stale lab namespaces")?;
+    if !removed.is_empty() {
+        println!("removed leftovers of an earlier run: {}", removed.join(" "));
+    }
+
+    phase("building the lab: four network namespaces joined by veth pairs");
+    let mut lab = Lab::new(LabOptions::seed()).context("building the lab")?;
+    describe(&lab);
+
+    phase("1/2  the failure: SNAT into 1024-65535, firewall lets 32768-65535 back");
+    let before = scenario(&lab, netrace_bin)?;
+
+    phase("2/2  the fix netrace suggests, applied on the node: SNAT --to-ports 32768-65535");
+    lab.set_snat(SnatMode::RandomFully, 32768, 65535)
+        .context("applying the fix")?;
+    for line in lab.snat_description() {
+        println!("  node: {line}");
+    }
+    let after = scenario(&lab, netrace_bin)?;
+
+    phase("tearing down the lab");
+    lab.teardown().context("tearing down the lab")?;
+    println!("  nothing left: no nrt* namespace of this run remains");
+
+    phase("summary");
+    println!("  before the fix: {}", before.line());
+    println!("  after the fix:  {}", after.line());
+    println!("  (demo took {:.1} s)", started.elapsed().as_secs_f64());
+    if before.netrace_exit != Some(1) || after.netrace_exit != Some(0) {
+        bail!(
+            "netrace exited {:?} before the fix (expected 1: loss) and {:?} after (expected 0)",
+            before.netrace_exit,
+            after.netrace_exit
+        );
+    }
+    real_node();
+    Ok(())
+}
+
+fn phase(title: &str) {
+    println!("\n== {title}");
+}
+
+fn describe(lab: &Lab) {
+    let server = lab.server_addr(Family::V4);
+    println!(
+        "  pod {pod} ─▶ node {node} ─▶ firewall {fw} ─▶ server {server} (TCP accept + UDP echo)",
+        pod = lab.pod_ns(),
+        node = lab.node_ns(),
+        fw = lab.firewall_ns(),
+    );
+    println!(
+        "  node uplink {} ({}): netrace watches here, after SNAT",
+        lab.node_uplink(),
+        lab.node_uplink_ip(Family::V4)
+    );
+    for line in lab.snat_description() {
+        println!("  node: {line}");
+    }
+    println!(
+        "  firewall: stateless, drops TCP towards the node with destination port < {}",
+        lab.options().firewall_min_port
+    );
+}
+
+struct RunOutcome {
+    tcp: TcpCounts,
+    udp_lost: usize,
+    netrace_exit: Option<i32>,
+}
+
+impl RunOutcome {
+    fn line(&self) -> String {
+        format!(
+            "client: {} TCP attempts, {} timed out; {} UDP, {} lost; netrace exit {}",
+            self.tcp.attempts,
+            self.tcp.timed_out,
+            UDP,
+            self.udp_lost,
+            self.netrace_exit
+                .map_or_else(|| "by signal".to_owned(), |c| c.to_string())
+        )
+    }
+}
+
+fn scenario(lab: &Lab, netrace_bin: &Path) -> Result<RunOutcome> {
+    let opts = NetraceOptions::new(netrace_bin)
+        .output(Output::Text)
+        .syn_timeout(SYN_TIMEOUT);
+    println!(
+        "  starting: ip netns exec {} netrace watch --iface {} --syn-timeout {}ms",
+        lab.node_ns(),
+        lab.node_uplink(),
+        SYN_TIMEOUT.as_millis()
+    );
+    let netrace = NetraceRun::start(lab, &opts).context("starting netrace")?;
+    println!("  netrace is attached");
+
+    let server = lab.server_addr(Family::V4);
+    let client = lab.client();
+    println!(
+        "  pod: {TCP} × `nc -vv {} {}` ({} at a time, {} s connect timeout)",
+        server.ip(),
+        server.port(),
+        client.options().workers,
+        client.options().connect_timeout.as_secs_f64()
+    );
+    let timed_out = AtomicUsize::new(0);
+    let tcp = client.tcp(server, TCP, &|done, a: &TcpAttempt| {
+        if a.outcome == TcpOutcome::TimedOut {
+            timed_out.fetch_add(1, Ordering::Relaxed);
+        }
+        if done % PROGRESS_EVERY == 0 || done == TCP {
+            println!(
+                "    TCP {done:>3}/{TCP}: {} timed out so far",
+                timed_out.load(Ordering::Relaxed)
+            );
+        }
+    })?;
+    println!(
+        "  pod: {UDP} × `nc -vvu {} {}` (send, wait up to {} s for the echo)",
+        server.ip(),
+        server.port(),
+        client.options().udp_timeout.as_secs_f64()
+    );
+    let udp_lost = AtomicUsize::new(0);
+    let udp = client.udp(server, UDP, &|done, u: &UdpExchange| {
+        if u.outcome != UdpOutcome::Echoed {
+            udp_lost.fetch_add(1, Ordering::Relaxed);
+        }
+        if done % PROGRESS_EVERY == 0 || done == UDP {
+            println!(
+                "    UDP {done:>3}/{UDP}: {} lost so far",
+                udp_lost.load(Ordering::Relaxed)
+            );
+        }
+    })?;
+    let counts = TcpCounts::of(&tcp);
+    let udp_lost = udp
+        .iter()
+        .filter(|u| u.outcome != UdpOutcome::Echoed)
+        .count();
+    println!(
+        "  client: {} TCP attempts, {} timed out; {} UDP, {} lost",
+        counts.attempts,
+        counts.timed_out,
+        udp.len(),
+        udp_lost
+    );
+
+    let settle = netrace.syn_timeout() + Duration::from_secs(1);
+    println!(
+        "  waiting {:.1} s (--syn-timeout + 1 s) so netrace decides the last SYNs, then Ctrl-C",
+        settle.as_secs_f64()
+    );
+    netrace.settle();
+    let out = netrace.stop().context("stopping netrace")?;
+    println!("\n---------------------------------- netrace ----------------------------------");
+    print!("{}", out.stdout);
+    if !out.stdout.ends_with('\n') {
+        println!();
+    }
+    if !out.stderr.trim().is_empty() {
+        println!("---------------------------------- stderr -----------------------------------");
+        print!("{}", out.stderr);
+    }
+    println!("-----------------------------------------------------------------------------");
+    let code = out.code();
+    let meaning = match code {
+        Some(0) => "no connection lost",
+        Some(1) => "connections lost",
+        Some(2) => "error",
+        _ => "unexpected",
+    };
+    println!(
+        "  netrace exit status: {} ({meaning})",
+        code.map_or_else(|| "killed by a signal".to_owned(), |c| c.to_string())
+    );
+    if code == Some(2) || code.is_none() {
+        bail!("netrace failed: {}", out.stderr.trim());
+    }
+    Ok(RunOutcome {
+        tcp: counts,
+        udp_lost,
+        netrace_exit: code,
+    })
+}
+
+fn real_node() {
+    phase("on a real node");
+    println!(
+        "  sudo netrace watch --iface eth0          # Ctrl-C prints the report; or --duration 5m"
+    );
+    println!("  sudo netrace watch --iface eth0 --allowed-ports 32768-65535 --list-lost");
+    println!("  On Kubernetes, from your workstation (the image has no shell: give the command):");
+    println!("  kubectl debug node/NODE-NAME -it --profile=sysadmin \\");
+    println!("      --image=ghcr.io/netrace/netrace:0.1.0 \\");
+    println!("      -- /usr/bin/netrace watch --iface eth0 --procfs /host/proc");
+    println!("  (or deploy/debug-pod.yaml where `kubectl debug` is not available)");
+}
