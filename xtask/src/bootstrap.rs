@@ -24,7 +24,12 @@ pub const PACKAGES: &[&str] = &[
     "nftables",
     "conntrack",
     "tcpdump",
+    // promtool, to check the metrics and the example alert rules.
+    "prometheus",
 ];
+
+/// Python packages (PyPI): offline validation of the Kubernetes manifests.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("kubernetes_validate", "kubernetes-validate")];
 
 /// Where the Debian compiler (the kernel crate's toolchain) lives.
 pub const EBPF_TOOLCHAIN: &str = "/usr";
@@ -117,6 +122,20 @@ pub fn ensure() -> anyhow::Result<()> {
             "apt-get install",
             &fix,
         )?;
+    }
+    for (module, package) in PYTHON_PACKAGES {
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !present {
+            say(&format!("installing Python package {package} (pip)"));
+            run(
+                Command::new("python3").args(["-m", "pip", "install", "-q", package]),
+                "pip install",
+                &format!("python3 -m pip install {package}"),
+            )?;
+        }
     }
     if !Path::new(LIBRARY_SOURCE).is_dir() {
         bail!(

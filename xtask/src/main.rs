@@ -1,0 +1,219 @@
+//! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench`, `cargo xtask setup`.
+//! Each one starts with the bootstrap, so the two commands in the README are all a fresh
+//! Debian machine needs.
+
+mod bootstrap;
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "netrace's build, test, demo and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (Debian packages, bpf-linker) and nothing else.
+    Setup,
+    /// Set up, build, and run netrace on the built-in lab: the seed failure, then its fix.
+    Demo,
+    /// Build a statically linked netrace into target/static/netrace (for the container image).
+    Static,
+    /// Set up, build, and run every check: fmt, clippy (both sides), unit and end-to-end tests.
+    Test {
+        /// Also run the slow tests (a 10-minute run, a million-SYN flood).
+        #[arg(long)]
+        long: bool,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn step(title: &str) {
+    eprintln!("\n==> {title}");
+}
+
+/// Runs a command in the workspace root; fails with its name.
+fn run(title: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    step(title);
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("starting: {title}"))?;
+    if !status.success() {
+        bail!("{title}: failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// The userspace crates (the kernel crate only builds for the BPF target).
+const USER_PACKAGES: [&str; 4] = ["netrace", "netrace-common", "netrace-lab", "xtask"];
+
+fn with_packages(cmd: &mut Command) -> &mut Command {
+    for p in USER_PACKAGES {
+        cmd.args(["-p", p]);
+    }
+    cmd
+}
+
+/// The kernel crate on its real target, with the Debian compiler.
+fn kernel_cargo(subcommand: &str) -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", bootstrap::EBPF_TOOLCHAIN, "cargo", subcommand])
+        .args([
+            "-p",
+            "netrace-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO");
+    c
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn build_netrace() -> anyhow::Result<PathBuf> {
+    run(
+        "build netrace (the kernel programs are compiled and embedded by netrace/build.rs)",
+        cargo().args(["build", "-p", "netrace"]),
+    )?;
+    Ok(workspace_root().join("target/debug/netrace"))
+}
+
+/// A statically linked release binary: glibc's static libc, no NSS or dlopen in netrace.
+fn build_static() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    run(
+        "build a static netrace (release, +crt-static)",
+        cargo()
+            .args(["build", "--release", "-p", "netrace"])
+            .args(["--target", "x86_64-unknown-linux-gnu"])
+            .args(["--target-dir", "target/static-build"])
+            // With an explicit --target, RUSTFLAGS reach only the target, not build scripts.
+            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+    )?;
+    let built = root.join("target/static-build/x86_64-unknown-linux-gnu/release/netrace");
+    let dest_dir = root.join("target/static");
+    std::fs::create_dir_all(&dest_dir).context("creating target/static")?;
+    let dest = dest_dir.join("netrace");
+    std::fs::copy(&built, &dest).with_context(|| format!("copying {}", built.display()))?;
+    let ldd = Command::new("ldd").arg(&dest).output().context("running ldd")?;
+    let text = String::from_utf8_lossy(&ldd.stdout) + String::from_utf8_lossy(&ldd.stderr);
+    if !text.contains("not a dynamic executable") && !text.contains("statically linked") {
+        bail!("{} is not static: {}", dest.display(), text.trim());
+    }
+    let version = Command::new(&dest).arg("--version").output().context("running it")?;
+    if !version.status.success() {
+        bail!("the static binary does not run");
+    }
+    eprintln!(
+        "static binary: {} ({})",
+        dest.display(),
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
+    Ok(dest)
+}
+
+fn test(long: bool) -> anyhow::Result<()> {
+    run("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(
+        "clippy -D warnings: userspace crates",
+        with_packages(cargo().arg("clippy")).args(["--all-targets", "--", "-D", "warnings"]),
+    )?;
+    run(
+        "clippy -D warnings: kernel crate (bpfel-unknown-none)",
+        kernel_cargo("clippy").args(["--", "-D", "warnings"]),
+    )?;
+    run(
+        "deploy manifests validate offline (kubernetes-validate --strict)",
+        Command::new("python3").args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "deploy/daemonset.yaml",
+            "deploy/debug-pod.yaml",
+        ]),
+    )?;
+    run(
+        "example alert rules (promtool check rules)",
+        Command::new("promtool").args(["check", "rules", "deploy/prometheus-rules.yaml"]),
+    )?;
+    build_static()?;
+    let nextest = has_nextest();
+    let mut unit = cargo();
+    if nextest {
+        unit.args(["nextest", "run", "--no-fail-fast", "--lib", "--bins"]);
+    } else {
+        unit.args(["test", "--no-fail-fast", "--lib", "--bins"]);
+    }
+    run("unit tests", with_packages(&mut unit))?;
+    let mut e2e = cargo();
+    if nextest {
+        e2e.args(["nextest", "run", "--no-fail-fast", "--test", "*"]);
+        if long {
+            e2e.args(["--run-ignored", "all"]);
+        }
+    } else {
+        e2e.args(["test", "--no-fail-fast", "--test", "*"]);
+        if long {
+            e2e.args(["--", "--include-ignored"]);
+        }
+    }
+    run(
+        "end-to-end tests (root: network namespaces, real packets, the real binary)",
+        with_packages(&mut e2e),
+    )
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let name = match cli.task {
+        Task::Setup => "setup",
+        Task::Demo => "demo",
+        Task::Test { .. } => "test",
+        Task::Static => "static",
+    };
+    let result = bootstrap::require_root(name)
+        .and_then(|()| bootstrap::ensure())
+        .and_then(|()| match cli.task {
+            Task::Setup => Ok(()),
+            Task::Demo => build_netrace().and_then(|bin| demo::run(&bin)),
+            Task::Test { long } => test(long),
+            Task::Static => build_static().map(|_| ()),
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
