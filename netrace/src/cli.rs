@@ -40,6 +40,8 @@ pub struct Cli {
 pub enum Command {
     /// Pair outbound SYNs with their answers and report loss by source-port range.
     Watch(Box<WatchArgs>),
+    /// Find which source ports get their SYN-ACK back from HOST:PORT (no root needed).
+    Probe(Box<crate::probe::ProbeArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]

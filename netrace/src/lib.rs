@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod node;
 pub mod ports;
 pub mod privileges;
+pub mod probe;
 pub mod render;
 pub mod report;
 pub mod stats;

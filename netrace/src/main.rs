@@ -22,6 +22,7 @@ fn main() -> ExitCode {
             .render(&mut std::io::stdout())
             .map(|()| exit::CLEAN)
             .map_err(anyhow::Error::from),
+        Command::Probe(args) => netrace::probe::run(&args),
         Command::Watch(args) => match args.validate() {
             Err(e) => Err(anyhow::Error::new(e)),
             Ok(cfg) => tokio::runtime::Builder::new_current_thread()
