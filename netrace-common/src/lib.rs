@@ -69,6 +69,15 @@ pub enum EventKind {
     Superseded = 4,
     /// A new pending entry: the first SYN of a connection attempt.
     Syn = 5,
+    /// A SYN seen on a pod-side interface, in the pod's own address space (before SNAT). It
+    /// creates no pending entry; user space links it to its uplink twin by ISN. Carried in an
+    /// [`OutcomeEvent`] whose `pending.first_ns` is the time seen.
+    PodSyn = 6,
+    /// A TCP socket entered SYN_SENT (a `connect()`, in the connecting process): a
+    /// [`SockEvent`] naming the socket's owner. The source port may still be 0.
+    SockConnect = 7,
+    /// A TCP socket left SYN_SENT: a [`SockEvent`] with the socket's final 4-tuple.
+    SockLeftSynSent = 8,
 }
 
 impl EventKind {
@@ -80,6 +89,9 @@ impl EventKind {
             3 => Some(Self::Unreachable),
             4 => Some(Self::Superseded),
             5 => Some(Self::Syn),
+            6 => Some(Self::PodSyn),
+            7 => Some(Self::SockConnect),
+            8 => Some(Self::SockLeftSynSent),
             _ => None,
         }
     }
@@ -106,6 +118,51 @@ pub struct OutcomeEvent {
 
 /// Size in bytes of one ring-buffer record.
 pub const OUTCOME_EVENT_SIZE: usize = core::mem::size_of::<OutcomeEvent>();
+
+/// A socket state change from the `sock:inet_sock_set_state` tracepoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockEvent {
+    /// [`EventKind::SockConnect`] or [`EventKind::SockLeftSynSent`].
+    pub kind: u32,
+    /// Process id (thread group) of the task that ran when the state changed.
+    pub tgid: u32,
+    /// The socket's 4-tuple in its own network namespace (source = the socket).
+    pub key: FlowKey,
+    /// Kernel address of the socket, the join key between the two kinds.
+    pub skaddr: u64,
+    /// cgroup v2 id of the task (the inode number of its cgroup directory).
+    pub cgroup_id: u64,
+    pub ts_ns: u64,
+    /// The task's command name, NUL-padded.
+    pub comm: [u8; 16],
+    /// The TCP state entered (1 ESTABLISHED, 2 SYN_SENT, 7 CLOSE, ...).
+    pub new_state: u32,
+    /// Thread id of the task.
+    pub pid: u32,
+}
+
+/// Size in bytes of a [`SockEvent`] record.
+pub const SOCK_EVENT_SIZE: usize = core::mem::size_of::<SockEvent>();
+
+/// Byte offsets of the `sock:inet_sock_set_state` fields, read by user space from the running
+/// kernel's tracefs `format` file. All zero: the tracepoint program does nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TpOffsets {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub _pad: u16,
+}
 
 /// Filters applied in the kernel before a SYN takes a slot in the pending map.
 #[repr(C)]
@@ -152,6 +209,10 @@ pub enum Counter {
     Ipv6ChainTooLong = 11,
     /// SYNs left out by the destination filters.
     Filtered = 12,
+    /// SYNs seen on pod-side interfaces.
+    PodSynSeen = 13,
+    /// Socket state changes reported by the tracepoint.
+    SockEvents = 14,
 }
 
 /// Number of counters (size of the per-CPU counter array).
@@ -168,6 +229,10 @@ mod pod {
     unsafe impl aya::Pod for super::OutcomeEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelFilter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TpOffsets {}
 }
 
 #[cfg(test)]
@@ -183,6 +248,11 @@ mod tests {
             4 + 4 + 40 + 32 + 8 + 8
         );
         assert_eq!(core::mem::size_of::<KernelFilter>(), 24);
+        assert_eq!(
+            core::mem::size_of::<SockEvent>(),
+            4 + 4 + 40 + 8 + 8 + 8 + 16 + 4 + 4
+        );
+        assert_eq!(core::mem::size_of::<TpOffsets>(), 24);
     }
 
     #[test]
@@ -193,6 +263,9 @@ mod tests {
             EventKind::Unreachable,
             EventKind::Superseded,
             EventKind::Syn,
+            EventKind::PodSyn,
+            EventKind::SockConnect,
+            EventKind::SockLeftSynSent,
         ] {
             assert_eq!(EventKind::from_u32(k as u32), Some(k));
         }

@@ -14,6 +14,8 @@ mod parse;
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
+mod sock;
+
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
@@ -22,7 +24,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netrace_common::{
-    Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent, PendingSyn, COUNTER_SLOTS,
+    Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent, PendingSyn, TpOffsets, COUNTER_SLOTS,
     DEFAULT_MAX_PENDING, DEFAULT_RINGBUF_BYTES, PORT_SLOTS,
 };
 use parse::{Answer, Parsed};
@@ -46,6 +48,10 @@ static SYN_PORTS: Array<u64> = Array::with_max_entries(PORT_SLOTS, 0);
 #[map]
 static FILTER: Array<KernelFilter> = Array::with_max_entries(1, 0);
 
+/// Field offsets of `sock:inet_sock_set_state`, from the running kernel's format file.
+#[map]
+static TP_OFFSETS: Array<TpOffsets> = Array::with_max_entries(1, 0);
+
 const EEXIST: i32 = 17;
 
 #[classifier]
@@ -60,6 +66,29 @@ pub fn netrace_egress(ctx: TcContext) -> i32 {
 pub fn netrace_ingress(ctx: TcContext) -> i32 {
     if let Some(Parsed::Answer { key, ack, answer }) = parse::parse(&ctx, false) {
         on_answer(&ctx, key, ack, answer);
+    }
+    TC_ACT_UNSPEC
+}
+
+/// Pod side (ingress of the host end of a pod's veth): a SYN in the pod's own address space,
+/// reported so user space can link it to its post-SNAT twin on the uplink. No pending entry.
+#[classifier]
+pub fn netrace_pod_ingress(ctx: TcContext) -> i32 {
+    if let Some(Parsed::Syn { key, isn }) = parse::parse(&ctx, true) {
+        if passes_filter(&key) {
+            count(Counter::PodSynSeen);
+            // SAFETY: a helper without arguments or side effects.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let seen = PendingSyn {
+                first_ns: now,
+                last_ns: now,
+                isn,
+                syns: 1,
+                ifindex: ifindex(&ctx),
+                _pad: 0,
+            };
+            emit(&ctx, EventKind::PodSyn, &key, &seen, now, 0, 0);
+        }
     }
     TC_ACT_UNSPEC
 }

@@ -7,14 +7,16 @@ use anyhow::{anyhow, Context as _};
 use aya::{
     programs::{
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        trace_point::TracePointLinkId,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TracePoint,
     },
     Ebpf,
 };
 
 use crate::{
     cli::AttachMode,
-    loader::{EGRESS_PROGRAM, INGRESS_PROGRAM},
+    loader::{EGRESS_PROGRAM, INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SOCK_STATE_PROGRAM},
+    tracefs,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +37,7 @@ pub struct Attachments {
     /// Interfaces where netrace added the clsact qdisc (and so may remove it).
     created_qdiscs: Vec<String>,
     pub via: Option<Via>,
+    tracepoint: Option<TracePointLinkId>,
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
@@ -58,6 +61,7 @@ impl Attachments {
             links: Vec::new(),
             created_qdiscs: Vec::new(),
             via: None,
+            tracepoint: None,
         })
     }
 
@@ -89,6 +93,53 @@ impl Attachments {
         };
         self.via = Some(via);
         Ok(via)
+    }
+
+    /// Attaches the pod-side program to the ingress of `iface` (the pods' SYNs enter there).
+    pub fn attach_pod_side(&mut self, iface: &str) -> anyhow::Result<()> {
+        let p = program(&mut self.ebpf, POD_INGRESS_PROGRAM)?;
+        if p.fd().is_err() {
+            p.load()
+                .with_context(|| format!("the kernel refused program {POD_INGRESS_PROGRAM}"))?;
+        }
+        match self.via {
+            Some(Via::Clsact) => {
+                match tc::qdisc_add_clsact(iface) {
+                    Ok(()) => self.created_qdiscs.push(iface.to_string()),
+                    Err(TcError::AlreadyAttached) => {}
+                    Err(e) => return Err(anyhow!("adding a clsact qdisc to {iface}: {e}")),
+                }
+                self.attach_one(
+                    POD_INGRESS_PROGRAM,
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+            }
+            _ => self.attach_one(
+                POD_INGRESS_PROGRAM,
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            ),
+        }
+    }
+
+    /// Attaches the socket-state tracepoint (tracefs is found or privately mounted first).
+    pub fn attach_tracepoint(&mut self) -> anyhow::Result<()> {
+        tracefs::ensure()?;
+        let tp: &mut TracePoint = self
+            .ebpf
+            .program_mut(SOCK_STATE_PROGRAM)
+            .ok_or_else(|| anyhow!("the kernel object has no program {SOCK_STATE_PROGRAM}"))?
+            .try_into()?;
+        tp.load()
+            .with_context(|| format!("the kernel refused program {SOCK_STATE_PROGRAM}"))?;
+        let id = tp
+            .attach(tracefs::CATEGORY, tracefs::EVENT)
+            .with_context(|| format!("attaching to {}:{}", tracefs::CATEGORY, tracefs::EVENT))?;
+        self.tracepoint = Some(id);
+        Ok(())
     }
 
     fn attach_one(
@@ -154,6 +205,17 @@ impl Attachments {
             if let (Some(id), Ok(p)) = (l.id.take(), program(&mut self.ebpf, l.program)) {
                 if let Err(e) = p.detach(id) {
                     log::debug!("detaching {} from {}: {e}", l.program, l.iface);
+                }
+            }
+        }
+        if let Some(id) = self.tracepoint.take() {
+            let tp: Option<&mut TracePoint> = self
+                .ebpf
+                .program_mut(SOCK_STATE_PROGRAM)
+                .and_then(|p| p.try_into().ok());
+            if let Some(tp) = tp {
+                if let Err(e) = tp.detach(id) {
+                    log::debug!("detaching the tracepoint: {e}");
                 }
             }
         }

@@ -152,6 +152,24 @@ pub struct WatchArgs {
     #[arg(long, value_name = "ADDR", help_heading = "Output")]
     pub metrics_addr: Option<String>,
 
+    /// Pod-side interface (the host end of a pod's veth; repeatable, globs allowed): link each
+    /// uplink connection to the pod's own address and port, by the SYN's sequence number.
+    #[arg(long = "pod-iface", value_name = "IFACE", help_heading = "Attribution")]
+    pub pod_ifaces: Vec<String>,
+
+    /// Treat every other interface (not --iface, not lo) as pod-side.
+    #[arg(long, help_heading = "Attribution")]
+    pub all_interfaces: bool,
+
+    /// Name the process (pid, command, cgroup, pod UID) behind each connection, from the
+    /// sock:inet_sock_set_state tracepoint. On by default with --pod-iface/--all-interfaces.
+    #[arg(long, help_heading = "Attribution")]
+    pub processes: bool,
+
+    /// Do not attach the tracepoint, even with --pod-iface.
+    #[arg(long, conflicts_with = "processes", help_heading = "Attribution")]
+    pub no_processes: bool,
+
     /// Where the node's procfs is mounted (e.g. /host/proc in a pod).
     #[arg(
         long,
@@ -209,6 +227,10 @@ pub struct WatchConfig {
     pub ringbuf_bytes: u32,
     pub procfs: PathBuf,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Pod-side interfaces (their ingress carries the pods' own SYNs).
+    pub pod_ifaces: Vec<String>,
+    /// Attach the socket-state tracepoint for process attribution.
+    pub processes: bool,
 }
 
 fn usage(option: &str, msg: impl std::fmt::Display) -> UsageError {
@@ -289,6 +311,24 @@ impl WatchArgs {
             .transpose()
             .map_err(|e| usage("--metrics-addr", e))?;
         let ifaces = iface::resolve(&self.ifaces, &self.procfs).map_err(|e| usage("--iface", e))?;
+        let mut pod_ifaces = if self.pod_ifaces.is_empty() {
+            Vec::new()
+        } else {
+            iface::resolve(&self.pod_ifaces, &self.procfs).map_err(|e| usage("--pod-iface", e))?
+        };
+        if self.all_interfaces {
+            pod_ifaces.extend(iface::all_interfaces());
+        }
+        pod_ifaces.retain(|p| p != "lo" && !ifaces.contains(p));
+        pod_ifaces.sort();
+        pod_ifaces.dedup();
+        if let Some(p) = self.pod_ifaces.iter().find(|p| ifaces.contains(p)) {
+            return Err(usage(
+                "--pod-iface",
+                format!("'{p}' is also an --iface: an interface is either the uplink or pod-side"),
+            ));
+        }
+        let processes = !self.no_processes && (self.processes || !pod_ifaces.is_empty());
         Ok(WatchConfig {
             ifaces,
             attach: self.attach,
@@ -306,6 +346,8 @@ impl WatchArgs {
             ringbuf_bytes: kib * 1024,
             procfs: self.procfs.clone(),
             metrics_addr,
+            pod_ifaces,
+            processes,
         })
     }
 }

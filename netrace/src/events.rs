@@ -2,7 +2,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use netrace_common::{EventKind, FlowKey, OutcomeEvent, FAMILY_V4, FAMILY_V6, OUTCOME_EVENT_SIZE};
+use netrace_common::{
+    EventKind, FlowKey, OutcomeEvent, SockEvent, FAMILY_V4, FAMILY_V6, OUTCOME_EVENT_SIZE,
+    SOCK_EVENT_SIZE,
+};
 
 /// Why a ring-buffer record could not be decoded.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -13,6 +16,8 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("unknown address family {0}")]
     UnknownFamily(u8),
+    #[error("event kind {0} is not a connection event")]
+    NotAConnectionEvent(u32),
 }
 
 /// One decoded record: the raw event with its kind checked.
@@ -33,10 +38,67 @@ impl TryFrom<&[u8]> for Event {
         // and read_unaligned copes with the ring buffer's 8-byte alignment.
         let raw: OutcomeEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         let kind = EventKind::from_u32(raw.kind).ok_or(DecodeError::UnknownKind(raw.kind))?;
-        if raw.key.family != FAMILY_V4 && raw.key.family != FAMILY_V6 {
-            return Err(DecodeError::UnknownFamily(raw.key.family));
+        if matches!(kind, EventKind::SockConnect | EventKind::SockLeftSynSent) {
+            return Err(DecodeError::NotAConnectionEvent(raw.kind));
         }
+        check_family(raw.key.family)?;
         Ok(Self { kind, raw })
+    }
+}
+
+fn check_family(family: u8) -> Result<(), DecodeError> {
+    if family != FAMILY_V4 && family != FAMILY_V6 {
+        return Err(DecodeError::UnknownFamily(family));
+    }
+    Ok(())
+}
+
+/// A socket state change from the tracepoint, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRecord {
+    pub kind: EventKind,
+    pub raw: SockEvent,
+}
+
+impl SockRecord {
+    /// The command name, up to its first NUL.
+    pub fn comm(&self) -> String {
+        let end = self.raw.comm.iter().position(|b| *b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.raw.comm[..end]).into_owned()
+    }
+}
+
+/// Any ring-buffer record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    Conn(Event),
+    Sock(SockRecord),
+}
+
+impl TryFrom<&[u8]> for Record {
+    type Error = DecodeError;
+
+    /// Dispatches on the leading kind, then checks the size that kind must have.
+    fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
+        let head: [u8; 4] = bytes
+            .get(..4)
+            .and_then(|h| h.try_into().ok())
+            .ok_or(DecodeError::WrongSize(bytes.len()))?;
+        let raw_kind = u32::from_ne_bytes(head);
+        match EventKind::from_u32(raw_kind) {
+            Some(kind @ (EventKind::SockConnect | EventKind::SockLeftSynSent)) => {
+                if bytes.len() != SOCK_EVENT_SIZE {
+                    return Err(DecodeError::WrongSize(bytes.len()));
+                }
+                // SAFETY: the length was checked; SockEvent is Pod; read_unaligned copes with
+                // the ring buffer's alignment.
+                let raw: SockEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                check_family(raw.key.family)?;
+                Ok(Self::Sock(SockRecord { kind, raw }))
+            }
+            Some(_) => Event::try_from(bytes).map(Self::Conn),
+            None => Err(DecodeError::UnknownKind(raw_kind)),
+        }
     }
 }
 
@@ -100,6 +162,47 @@ mod tests {
             Event::try_from(bytes_of(&ev).as_slice()),
             Err(DecodeError::UnknownFamily(3))
         );
+    }
+
+    #[test]
+    fn records_dispatch_on_kind() {
+        let mut ev = OutcomeEvent {
+            kind: EventKind::PodSyn as u32,
+            ..Default::default()
+        };
+        ev.key.family = FAMILY_V6;
+        assert!(matches!(
+            Record::try_from(bytes_of(&ev).as_slice()),
+            Ok(Record::Conn(Event {
+                kind: EventKind::PodSyn,
+                ..
+            }))
+        ));
+        let mut sock = SockEvent {
+            kind: EventKind::SockConnect as u32,
+            tgid: 42,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            ..Default::default()
+        };
+        sock.key.family = FAMILY_V4;
+        // SAFETY: SockEvent is repr(C) plain data without implicit padding.
+        let b = unsafe {
+            std::slice::from_raw_parts((&sock as *const SockEvent).cast::<u8>(), SOCK_EVENT_SIZE)
+        }
+        .to_vec();
+        match Record::try_from(b.as_slice()) {
+            Ok(Record::Sock(r)) => {
+                assert_eq!(r.raw.tgid, 42);
+                assert_eq!(r.comm(), "curl");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            Event::try_from(b.as_slice()),
+            Err(DecodeError::NotAConnectionEvent(7))
+        );
+        assert_eq!(Record::try_from(&b[..3]), Err(DecodeError::WrongSize(3)));
+        assert_eq!(Record::try_from(&b[..50]), Err(DecodeError::WrongSize(50)));
     }
 
     #[test]

@@ -23,7 +23,8 @@ pub fn name(index: u32) -> Option<String> {
     Some(s.to_string_lossy().into_owned())
 }
 
-fn all_interfaces() -> Vec<String> {
+/// Every interface in this network namespace, sorted.
+pub fn all_interfaces() -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir("/sys/class/net")
         .map(|rd| {
             rd.filter_map(Result::ok)

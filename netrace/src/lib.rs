@@ -6,12 +6,16 @@
 //! outcomes into a histogram and a conclusion; `render` writes them. `watch` runs the loop.
 
 pub mod attach;
+pub mod cgroups;
 pub mod cli;
+pub mod correlate;
 pub mod error;
 pub mod events;
 pub mod iface;
 pub mod loader;
 pub mod metrics;
+pub mod mounts;
+pub mod natmode;
 pub mod node;
 pub mod ports;
 pub mod privileges;
@@ -19,6 +23,7 @@ pub mod probe;
 pub mod render;
 pub mod report;
 pub mod stats;
+pub mod tracefs;
 pub mod tracker;
 pub mod verdict;
 pub mod watch;

@@ -5,7 +5,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
-use netrace_common::{Counter, FlowKey, KernelFilter, PendingSyn};
+use netrace_common::{Counter, FlowKey, KernelFilter, PendingSyn, TpOffsets};
 
 use crate::{cli::WatchConfig, events::addr_bytes, tracker::PendingMap};
 
@@ -14,6 +14,10 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 pub const EGRESS_PROGRAM: &str = "netrace_egress";
 pub const INGRESS_PROGRAM: &str = "netrace_ingress";
+/// Pod-side ingress: SYNs in the pods' own address space, for NAT correlation.
+pub const POD_INGRESS_PROGRAM: &str = "netrace_pod_ingress";
+/// The sock:inet_sock_set_state tracepoint program, for process attribution.
+pub const SOCK_STATE_PROGRAM: &str = "netrace_sock_state";
 /// An empty classifier in the same object, the baseline for benchmarks.
 pub const NOOP_PROGRAM: &str = "netrace_noop";
 
@@ -26,6 +30,8 @@ pub struct Maps {
     pub syn_ports: Array<MapData, u64>,
     /// Held only so the map outlives the programs that read it.
     pub filter: Array<MapData, KernelFilter>,
+    /// Tracepoint field offsets, set before the tracepoint is attached.
+    pub tp_offsets: Array<MapData, TpOffsets>,
 }
 
 pub struct Pending(pub HashMap<MapData, FlowKey, PendingSyn>);
@@ -82,6 +88,7 @@ pub fn load(
     filter_map
         .set(0, filter, 0)
         .context("setting the destination filter")?;
+    let tp_offsets = Array::try_from(take("TP_OFFSETS")?)?;
     Ok((
         ebpf,
         Maps {
@@ -90,12 +97,13 @@ pub fn load(
             counters,
             syn_ports,
             filter: filter_map,
+            tp_offsets,
         },
     ))
 }
 
 /// Every counter the kernel keeps, summed over CPUs, by name.
-pub const COUNTERS: [(Counter, &str); 13] = [
+pub const COUNTERS: [(Counter, &str); 15] = [
     (Counter::SynSeen, "syn_seen"),
     (Counter::SynRetransmit, "syn_retransmit"),
     (Counter::PendingMapFull, "pending_map_full"),
@@ -109,6 +117,8 @@ pub const COUNTERS: [(Counter, &str); 13] = [
     (Counter::Fragment, "fragment"),
     (Counter::Ipv6ChainTooLong, "ipv6_chain_too_long"),
     (Counter::Filtered, "filtered"),
+    (Counter::PodSynSeen, "pod_syn_seen"),
+    (Counter::SockEvents, "sock_events"),
 ];
 
 /// Read-only access to the counters and the per-port SYN tally.

@@ -6,7 +6,9 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde::Serialize;
 
 use crate::{
+    correlate::Attribution,
     events::addrs,
+    natmode::NatReport,
     node::NodePorts,
     ports::PortRange,
     stats::{Bucket, Counts, Histogram},
@@ -33,6 +35,51 @@ pub struct ConnRecord {
     pub icmp_type: Option<u8>,
     pub icmp_code: Option<u8>,
     pub in_allowed_range: bool,
+    /// Pod-side tuple and process, when attribution is on (null otherwise).
+    #[serde(flatten)]
+    pub who: Attribution,
+}
+
+/// Lost connections grouped by the pod (UID, else address) they came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PodLoss {
+    pub pod_src: Option<IpAddr>,
+    pub pod_uid: Option<String>,
+    pub lost: u64,
+    /// Commands seen among the lost connections (pid in parentheses), at most a few.
+    pub processes: Vec<String>,
+}
+
+impl PodLoss {
+    /// Groups lost records; records without attribution form one group (`pod_src` null).
+    pub fn group(lost: &[ConnRecord]) -> Vec<PodLoss> {
+        let mut groups: BTreeMap<(Option<String>, Option<IpAddr>), PodLoss> = BTreeMap::new();
+        for r in lost {
+            let addr = if r.who.pod_uid.is_some() {
+                None
+            } else {
+                r.who.pod_src
+            };
+            let g = groups
+                .entry((r.who.pod_uid.clone(), addr))
+                .or_insert_with(|| PodLoss {
+                    pod_src: r.who.pod_src,
+                    pod_uid: r.who.pod_uid.clone(),
+                    lost: 0,
+                    processes: Vec::new(),
+                });
+            g.lost += 1;
+            if let (Some(comm), Some(pid)) = (&r.who.comm, r.who.pid) {
+                let p = format!("{comm} ({pid})");
+                if g.processes.len() < 5 && !g.processes.contains(&p) {
+                    g.processes.push(p);
+                }
+            }
+        }
+        let mut out: Vec<PodLoss> = groups.into_values().collect();
+        out.sort_by_key(|g| std::cmp::Reverse(g.lost));
+        out
+    }
 }
 
 /// Converts CLOCK_MONOTONIC nanoseconds (the kernel's timestamps) to wall-clock time.
@@ -89,6 +136,7 @@ impl ConnRecord {
             icmp_type: o.icmp.map(|i| i.0),
             icmp_code: o.icmp.map(|i| i.1),
             in_allowed_range: allowed.contains(o.key.src_port),
+            who: Attribution::default(),
         }
     }
 }
@@ -131,6 +179,10 @@ pub struct Report {
     pub lost_not_listed: u64,
     /// Why the run ended early, if it did (e.g. an interface went away).
     pub notes: Vec<String>,
+    /// What SNAT does to ports, when pod-side interfaces were watched.
+    pub nat: Option<NatReport>,
+    /// Lost connections by pod, when attribution was on.
+    pub lost_by_pod: Option<Vec<PodLoss>>,
 }
 
 #[derive(Serialize)]
@@ -185,6 +237,8 @@ impl Report {
             "counters": self.counters,
             "syn_packets_by_port": self.syn_packets_by_port,
             "notes": self.notes,
+            "nat": self.nat,
+            "lost_by_pod": self.lost_by_pod,
         })
     }
 }

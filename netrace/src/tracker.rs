@@ -153,6 +153,8 @@ impl Tracker {
                     icmp,
                 });
             }
+            // Not connection state: the correlator's business.
+            EventKind::PodSyn | EventKind::SockConnect | EventKind::SockLeftSynSent => {}
         }
     }
 

@@ -3,7 +3,12 @@
 
 use serde::Serialize;
 
-use crate::{node::NodePorts, ports::PortRange, stats::Histogram};
+use crate::{
+    natmode::{NatMode, NatReport},
+    node::NodePorts,
+    ports::PortRange,
+    stats::Histogram,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -56,14 +61,14 @@ fn pct(part: u64, whole: u64) -> f64 {
     }
 }
 
-pub fn decide(h: &Histogram, node: &NodePorts) -> Verdict {
+pub fn decide(h: &Histogram, node: &NodePorts, nat: Option<&NatReport>) -> Verdict {
     let (inn, out) = (h.inside, h.outside);
     let allowed = h.allowed;
     let local = node.local_range();
     let snat_suspected = match (h.port_span, local) {
         (Some((lo, hi)), Some(l)) => !l.contains(lo) || !l.contains(hi),
         _ => false,
-    };
+    } || nat.is_some_and(|n| n.mode == NatMode::RandomFully);
     let mut details = Vec::new();
     details.push(format!(
         "inside the allowed range {allowed}: {} attempts, {} lost ({:.1}%)",
@@ -98,6 +103,13 @@ pub fn decide(h: &Histogram, node: &NodePorts) -> Verdict {
             details.push(format!(
                 "source ports {lo}-{hi} spread beyond the node's own range {l}: the node is \
                  translating ports (SNAT/MASQUERADE, e.g. --random-fully)"
+            ));
+        }
+    }
+    if let Some(n) = nat.filter(|n| n.mode == NatMode::RandomFully) {
+        if let Some(r) = n.range.filter(|r| !allowed.covers(r)) {
+            details.push(format!(
+                "SNAT draws ports from {r}, which reaches outside the allowed range {allowed}"
             ));
         }
     }
@@ -192,12 +204,24 @@ pub fn decide(h: &Histogram, node: &NodePorts) -> Verdict {
 }
 
 /// What to change, when there is something to change.
-pub fn fix(v: &Verdict, allowed: PortRange, node: &NodePorts) -> Vec<String> {
+pub fn fix(
+    v: &Verdict,
+    allowed: PortRange,
+    node: &NodePorts,
+    nat: Option<&NatReport>,
+) -> Vec<String> {
     let mut out = Vec::new();
     if v.kind != VerdictKind::RangeProblem {
         return out;
     }
     let (a, b) = (allowed.start, allowed.end);
+    if nat.is_some_and(|n| n.mode == NatMode::KeepsPorts) {
+        out.push(format!(
+            "SNAT keeps the pods' own ports, so the pods pick them: set \
+             net.ipv4.ip_local_port_range=\"{a} {}\" in the pods (securityContext.sysctls)",
+            b.min(60999)
+        ));
+    }
     out.push(format!(
         "restrict SNAT to the allowed range: iptables -t nat ... -j MASQUERADE --random-fully \
          --to-ports {a}-{b} (nftables: masquerade to :{a}-{b} fully-random)"
@@ -253,12 +277,12 @@ mod tests {
             pairs.push((32768 + i * 300, OutcomeKind::Answered));
         }
         let h = hist(&pairs);
-        let v = decide(&h, &node());
+        let v = decide(&h, &node(), None);
         assert_eq!(v.kind, VerdictKind::RangeProblem);
         assert!(v.snat_suspected);
         assert!(v.headline.contains("32768-65535"));
         assert!(v.details.iter().any(|d| d.contains("SNAT")));
-        let f = fix(&v, h.allowed, &node());
+        let f = fix(&v, h.allowed, &node(), None);
         assert!(f[0].contains("--to-ports 32768-65535"));
     }
 
@@ -267,9 +291,9 @@ mod tests {
         let pairs: Vec<_> = (0..50u16)
             .map(|i| (1024 + i * 1000, OutcomeKind::Answered))
             .collect();
-        let v = decide(&hist(&pairs), &node());
+        let v = decide(&hist(&pairs), &node(), None);
         assert_eq!(v.kind, VerdictKind::NoRangeProblem);
-        assert!(fix(&v, PortRange::new(32768, 65535), &node()).is_empty());
+        assert!(fix(&v, PortRange::new(32768, 65535), &node(), None).is_empty());
     }
 
     #[test]
@@ -283,7 +307,7 @@ mod tests {
             };
             pairs.push((1024 + i * 320, k));
         }
-        let v = decide(&hist(&pairs), &node());
+        let v = decide(&hist(&pairs), &node(), None);
         assert_eq!(v.kind, VerdictKind::NoRangeProblem, "{}", v.headline);
     }
 
@@ -292,9 +316,10 @@ mod tests {
         let v = decide(
             &hist(&[(2000, OutcomeKind::Lost), (40000, OutcomeKind::Answered)]),
             &node(),
+            None,
         );
         assert_eq!(v.kind, VerdictKind::TooFew);
-        let v = decide(&hist(&[]), &node());
+        let v = decide(&hist(&[]), &node(), None);
         assert_eq!(v.kind, VerdictKind::NoTraffic);
     }
 }

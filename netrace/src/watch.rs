@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use netrace_common::Counter;
+use netrace_common::{Counter, EventKind};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
@@ -17,12 +17,13 @@ use tokio::{
 use crate::{
     attach::Attachments,
     cli::{OutputFormat, WatchConfig},
+    correlate::Correlator,
     error::{exit, UsageError},
-    events::Event,
-    iface, loader, metrics,
+    events::Record,
+    iface, loader, metrics, natmode,
     node::NodePorts,
     privileges, render,
-    report::{monotonic_ns, Clock, ConnRecord, Drops, Report},
+    report::{monotonic_ns, Clock, ConnRecord, Drops, PodLoss, Report},
     stats::Histogram,
     tracker::{Outcome, Tracker},
     verdict,
@@ -57,6 +58,8 @@ struct Session {
     names: HashMap<u32, String>,
     out: io::Stdout,
     metrics: metrics::Metrics,
+    /// Pod and process attribution, when asked for.
+    correlator: Option<Correlator>,
 }
 
 /// Stops the metrics server when the run ends.
@@ -87,14 +90,15 @@ impl Session {
                 .outcome(&name, o.kind, o.key.src_port, o.rtt_ns);
             let wants_record = self.cfg.output == OutputFormat::Json || o.kind.is_loss();
             if !wants_record {
+                if let Some(c) = self.correlator.as_mut() {
+                    c.forget(&o.key);
+                }
                 continue;
             }
-            let rec = ConnRecord::new(
-                &o,
-                self.iface_name(o.pending.ifindex),
-                &self.clock,
-                self.cfg.allowed,
-            );
+            let mut rec = ConnRecord::new(&o, name, &self.clock, self.cfg.allowed);
+            if let Some(c) = self.correlator.as_mut() {
+                rec.who = c.attribute(&o.key, o.kind.is_loss());
+            }
             if self.cfg.output == OutputFormat::Json {
                 let mut line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
                 line.push(b'\n');
@@ -120,12 +124,32 @@ impl Session {
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     tracker: &mut Tracker,
+    correlator: &mut Option<Correlator>,
     decode_errors: &mut u64,
     outcomes: &mut Vec<Outcome>,
 ) {
     while let Some(item) = ring.next() {
-        match Event::try_from(&*item) {
-            Ok(ev) => tracker.on_event(&ev, outcomes),
+        match Record::try_from(&*item) {
+            Ok(Record::Conn(ev)) => {
+                if let Some(c) = correlator.as_mut() {
+                    match ev.kind {
+                        EventKind::PodSyn => {
+                            c.pod_syn(ev.raw.key, ev.raw.pending.isn, ev.raw.pending.first_ns);
+                            continue;
+                        }
+                        EventKind::Syn => {
+                            c.uplink_syn(ev.raw.key, ev.raw.pending.isn, ev.raw.pending.first_ns)
+                        }
+                        _ => {}
+                    }
+                }
+                tracker.on_event(&ev, outcomes);
+            }
+            Ok(Record::Sock(r)) => {
+                if let Some(c) = correlator.as_mut() {
+                    c.sock(&r);
+                }
+            }
             Err(e) => {
                 *decode_errors += 1;
                 log::debug!("undecodable event: {e}");
@@ -173,6 +197,7 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
         counters,
         syn_ports,
         filter: _filter,
+        mut tp_offsets,
     } = maps;
     let mut attachments = Attachments::new(ebpf)?;
     let mut names = HashMap::new();
@@ -181,6 +206,41 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
             .ok_or_else(|| UsageError(format!("--iface: interface '{name}' went away")))?;
         attachments.attach(name, cfg.attach)?;
         names.insert(idx, name.clone());
+    }
+    for name in &cfg.pod_ifaces {
+        let idx = iface::index(name)
+            .ok_or_else(|| UsageError(format!("--pod-iface: interface '{name}' went away")))?;
+        attachments.attach_pod_side(name)?;
+        names.insert(idx, name.clone());
+    }
+    let mut notes = Vec::new();
+    if cfg.processes {
+        // Attribution is an extra: without it, the histogram and verdict still stand.
+        let attached = crate::tracefs::ensure()
+            .and_then(|root| crate::tracefs::offsets(&root))
+            .and_then(|o| {
+                tp_offsets
+                    .set(0, o, 0)
+                    .context("setting tracepoint offsets")?;
+                attachments.attach_tracepoint()
+            });
+        if let Err(e) = attached {
+            let msg = format!("process attribution is off: {e:#}");
+            eprintln!("netrace: {msg}");
+            notes.push(msg);
+        }
+    }
+    let correlating = !cfg.pod_ifaces.is_empty() || cfg.processes;
+    let mut cgroup_root = crate::cgroups::cgroup2_root();
+    if cfg.processes && cgroup_root.is_none() {
+        match crate::mounts::ensure("cgroup2", "/sys/fs/cgroup", "cgroup.controllers") {
+            Ok(()) => cgroup_root = Some("/sys/fs/cgroup".into()),
+            Err(e) => {
+                let msg = format!("cgroups cannot be named: {e:#}");
+                eprintln!("netrace: {msg}");
+                notes.push(msg);
+            }
+        }
     }
     if let Some(path) = &cfg.ready_file {
         std::fs::write(path, "ready\n")
@@ -216,6 +276,8 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
         names,
         out: io::stdout(),
         metrics,
+        correlator: correlating
+            .then(|| Correlator::new(cgroup_root.unwrap_or_else(|| "/sys/fs/cgroup".into()))),
         cfg,
     };
     let maps_for_counters = loader::Maps::counters_view(&counters, &syn_ports);
@@ -229,13 +291,12 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
     let mut last_drawn = Instant::now();
     let mut seen_ring_drops = 0;
     let mut outcomes = Vec::new();
-    let mut notes = Vec::new();
 
     let end = loop {
         tokio::select! {
             r = ring.readable_mut() => {
                 let mut guard = r.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut session.tracker, &mut session.decode_errors, &mut outcomes);
+                drain(guard.get_inner_mut(), &mut session.tracker, &mut session.correlator, &mut session.decode_errors, &mut outcomes);
                 guard.clear_ready();
                 if session.record(&mut outcomes).is_err() {
                     break End::BrokenPipe;
@@ -248,7 +309,11 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
                     seen_ring_drops = ring_drops;
                     session.tracker.adopt(&pending);
                 }
-                session.tracker.sweep(monotonic_ns(), &mut pending, &mut outcomes);
+                let now = monotonic_ns();
+                session.tracker.sweep(now, &mut pending, &mut outcomes);
+                if let Some(c) = session.correlator.as_mut() {
+                    c.prune(now);
+                }
                 session.metrics.kernel_counters(
                     loader::COUNTERS.iter().map(|(c, name)| (*name, maps_for_counters.counter(*c))),
                     session.tracker.pending() as u64,
@@ -291,6 +356,7 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
     drain(
         ring.get_mut(),
         &mut session.tracker,
+        &mut session.correlator,
         &mut session.decode_errors,
         &mut outcomes,
     );
@@ -319,8 +385,23 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
             session.cfg.syn_timeout.as_millis()
         ));
     }
-    let verdict = verdict::decide(&session.histogram, &node);
-    let fix = verdict::fix(&verdict, session.cfg.allowed, &node);
+    if let Some(c) = session.correlator.as_ref() {
+        log::debug!("correlator sizes {:?}", c.sizes());
+        if std::env::var_os("NETRACE_DEBUG").is_some() {
+            eprintln!("correlator sizes {:?}", c.sizes());
+        }
+    }
+    let nat = session
+        .correlator
+        .as_ref()
+        .filter(|_| !session.cfg.pod_ifaces.is_empty())
+        .map(|c| natmode::detect(c.pairs()));
+    let verdict = verdict::decide(&session.histogram, &node, nat.as_ref());
+    let fix = verdict::fix(&verdict, session.cfg.allowed, &node, nat.as_ref());
+    let lost_by_pod = session
+        .correlator
+        .as_ref()
+        .map(|_| PodLoss::group(&session.lost));
     let report = Report {
         interfaces: session.cfg.ifaces.clone(),
         duration_s: started.elapsed().as_secs_f64(),
@@ -336,6 +417,8 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
         lost: std::mem::take(&mut session.lost),
         lost_not_listed: session.lost_not_listed,
         notes,
+        nat,
+        lost_by_pod,
     };
     if let Some(path) = &session.cfg.svg {
         std::fs::write(path, render::svg::render(&report))

@@ -56,6 +56,27 @@ pub fn write(w: &mut impl Write, r: &Report, list_lost: bool) -> io::Result<()> 
     for d in &r.verdict.details {
         writeln!(w, "  - {d}")?;
     }
+    if let Some(nat) = &r.nat {
+        writeln!(w, "  - NAT: {}", nat.summary)?;
+    }
+    if let Some(groups) = r.lost_by_pod.as_ref().filter(|g| !g.is_empty()) {
+        writeln!(w)?;
+        writeln!(w, "lost connections by pod:")?;
+        for g in groups {
+            let who = match (&g.pod_uid, g.pod_src) {
+                (Some(uid), Some(a)) => format!("pod {uid} ({a})"),
+                (Some(uid), None) => format!("pod {uid}"),
+                (None, Some(a)) => format!("{a}"),
+                (None, None) => "not linked to a pod".to_string(),
+            };
+            let procs = if g.processes.is_empty() {
+                String::new()
+            } else {
+                format!("  {}", g.processes.join(", "))
+            };
+            writeln!(w, "  {:>6} lost  {who}{procs}", g.lost)?;
+        }
+    }
     if !r.fix.is_empty() {
         writeln!(w)?;
         writeln!(w, "fix:")?;

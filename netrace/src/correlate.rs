@@ -1,0 +1,370 @@
+//! Who lost the connection: links each uplink connection (post-SNAT) to its pod-side twin
+//! and to the process that opened it.
+//!
+//! - NAT rewrites addresses and ports but not the TCP initial sequence number, so a pod-side
+//!   SYN and its uplink twin share (ISN, destination address, destination port) within a
+//!   moment of each other. Where that join fails (a SYN proxy rewrites the ISN), conntrack's
+//!   reply tuple gives the original tuple instead.
+//! - The `sock:inet_sock_set_state` tracepoint names the owner (pid, command, cgroup) of each
+//!   socket entering SYN_SENT and its final 4-tuple when it leaves SYN_SENT; the pod-side tuple
+//!   (or, for the node's own sockets, the uplink tuple) finds it.
+
+use std::{collections::HashMap, net::IpAddr, process::Command};
+
+use netrace_common::{EventKind, FlowKey};
+use serde::Serialize;
+
+use crate::{
+    cgroups::{Resolver, Workload},
+    events::{addr_bytes, addrs, SockRecord},
+    natmode::Pair,
+};
+
+/// How far apart in time a pod-side SYN and its uplink twin may be.
+const JOIN_WINDOW_NS: u64 = 2_000_000_000;
+/// How long unmatched pod-side SYNs and socket owners are kept.
+const KEEP_NS: u64 = 180_000_000_000;
+/// Linked pairs kept for NAT mode detection.
+const MAX_PAIRS: usize = 100_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkMethod {
+    /// Same ISN, destination and port on both sides.
+    Isn,
+    /// conntrack's original tuple for the uplink (reply) tuple.
+    Conntrack,
+    /// The node's own socket: no translation to undo.
+    Local,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub tgid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    seen_ns: u64,
+}
+
+/// Everything known about who made an uplink connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Attribution {
+    pub pod_src: Option<IpAddr>,
+    pub pod_src_port: Option<u16>,
+    pub link_method: Option<LinkMethod>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cgroup: Option<String>,
+    pub pod_uid: Option<String>,
+    pub container_id: Option<String>,
+}
+
+type JoinKey = (u32, u8, [u8; 16], u16);
+
+fn join_key(key: &FlowKey, isn: u32) -> JoinKey {
+    (isn, key.family, key.dst_addr, key.dst_port)
+}
+
+pub struct Correlator {
+    /// Pod-side SYNs waiting for their uplink twin.
+    pod_syns: HashMap<JoinKey, (FlowKey, u64)>,
+    /// Uplink SYNs that arrived before their pod-side twin.
+    early_uplink: HashMap<JoinKey, (FlowKey, u64)>,
+    /// Uplink 4-tuple → pod-side 4-tuple.
+    links: HashMap<FlowKey, (FlowKey, LinkMethod)>,
+    owners_by_sk: HashMap<u64, Owner>,
+    owners_by_tuple: HashMap<FlowKey, Owner>,
+    pairs: Vec<Pair>,
+    cgroups: Resolver,
+    conntrack_lookups_left: u32,
+}
+
+impl Correlator {
+    pub fn new(cgroup_root: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            pod_syns: HashMap::new(),
+            early_uplink: HashMap::new(),
+            links: HashMap::new(),
+            owners_by_sk: HashMap::new(),
+            owners_by_tuple: HashMap::new(),
+            pairs: Vec::new(),
+            cgroups: Resolver::new(cgroup_root),
+            conntrack_lookups_left: 1000,
+        }
+    }
+
+    fn link(&mut self, uplink: FlowKey, pod: FlowKey, method: LinkMethod) {
+        self.links.insert(uplink, (pod, method));
+        if self.pairs.len() < MAX_PAIRS && method != LinkMethod::Local {
+            self.pairs.push(Pair {
+                pod_addr: pod.src_addr,
+                pod_port: pod.src_port,
+                uplink_addr: uplink.src_addr,
+                uplink_port: uplink.src_port,
+            });
+        }
+    }
+
+    /// A SYN on a pod-side interface (the pod's own tuple).
+    pub fn pod_syn(&mut self, key: FlowKey, isn: u32, ts_ns: u64) {
+        let j = join_key(&key, isn);
+        match self.early_uplink.remove(&j) {
+            Some((uplink, t)) if t.abs_diff(ts_ns) <= JOIN_WINDOW_NS => {
+                self.link(uplink, key, LinkMethod::Isn);
+            }
+            _ => {
+                // Retransmissions repeat the first SYN; keep the first sighting.
+                self.pod_syns.entry(j).or_insert((key, ts_ns));
+            }
+        }
+    }
+
+    /// A new pending SYN on the uplink.
+    pub fn uplink_syn(&mut self, key: FlowKey, isn: u32, ts_ns: u64) {
+        let j = join_key(&key, isn);
+        match self.pod_syns.remove(&j) {
+            Some((pod, t)) if t.abs_diff(ts_ns) <= JOIN_WINDOW_NS => {
+                self.link(key, pod, LinkMethod::Isn);
+            }
+            _ => {
+                self.early_uplink.insert(j, (key, ts_ns));
+            }
+        }
+    }
+
+    pub fn sock(&mut self, r: &SockRecord) {
+        let owner = Owner {
+            tgid: r.raw.tgid,
+            comm: r.comm(),
+            cgroup_id: r.raw.cgroup_id,
+            seen_ns: r.raw.ts_ns,
+        };
+        match r.kind {
+            EventKind::SockConnect => {
+                if r.raw.key.src_port != 0 {
+                    self.owners_by_tuple.insert(r.raw.key, owner.clone());
+                }
+                self.owners_by_sk.insert(r.raw.skaddr, owner);
+            }
+            EventKind::SockLeftSynSent => {
+                if let Some(o) = self.owners_by_sk.remove(&r.raw.skaddr) {
+                    self.owners_by_tuple.insert(r.raw.key, o);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Forgets what can no longer be joined.
+    pub fn prune(&mut self, now_ns: u64) {
+        let fresh = |t: u64| now_ns.saturating_sub(t) <= KEEP_NS;
+        let recent = |t: u64| now_ns.saturating_sub(t) <= JOIN_WINDOW_NS * 2;
+        self.pod_syns.retain(|_, (_, t)| recent(*t));
+        self.early_uplink.retain(|_, (_, t)| recent(*t));
+        self.owners_by_sk.retain(|_, o| fresh(o.seen_ns));
+        self.owners_by_tuple.retain(|_, o| fresh(o.seen_ns));
+    }
+
+    /// Looks up who made uplink connection `key`; `lookup_conntrack` allows the slower
+    /// fallback (used for lost connections only). The link is consumed.
+    pub fn attribute(&mut self, key: &FlowKey, lookup_conntrack: bool) -> Attribution {
+        let mut a = Attribution::default();
+        let linked = self.links.remove(key).or_else(|| {
+            if self.owners_by_tuple.contains_key(key) {
+                return Some((*key, LinkMethod::Local));
+            }
+            if lookup_conntrack && self.conntrack_lookups_left > 0 {
+                self.conntrack_lookups_left -= 1;
+                let pod = conntrack_original(key)?;
+                self.link(*key, pod, LinkMethod::Conntrack);
+                self.links.remove(key)
+            } else {
+                None
+            }
+        });
+        let socket_tuple = if let Some((pod, method)) = linked {
+            let (src, _) = addrs(&pod);
+            a.pod_src = Some(src);
+            a.pod_src_port = Some(pod.src_port);
+            a.link_method = Some(method);
+            pod
+        } else {
+            *key
+        };
+        if let Some(o) = self.owners_by_tuple.get(&socket_tuple).cloned() {
+            a.pid = Some(o.tgid);
+            a.comm = Some(o.comm);
+            if let Some(Workload {
+                cgroup,
+                pod_uid,
+                container_id,
+            }) = self.cgroups.resolve(o.cgroup_id)
+            {
+                a.cgroup = Some(cgroup);
+                a.pod_uid = pod_uid;
+                a.container_id = container_id;
+            }
+        }
+        a
+    }
+
+    /// Forgets the link of a connection that will not be reported (e.g. answered ones when
+    /// only losses are attributed).
+    pub fn forget(&mut self, key: &FlowKey) {
+        self.links.remove(key);
+    }
+
+    /// (pod-side SYNs waiting, uplink SYNs waiting, links held), for diagnostics.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (
+            self.pod_syns.len(),
+            self.early_uplink.len(),
+            self.links.len(),
+        )
+    }
+
+    pub fn pairs(&self) -> &[Pair] {
+        &self.pairs
+    }
+}
+
+/// Asks conntrack for the original tuple of a translated connection, by its reply tuple
+/// (server → uplink address:port). `conntrack(8)` speaks netlink to the kernel's table.
+fn conntrack_original(key: &FlowKey) -> Option<FlowKey> {
+    let (src, dst) = addrs(key);
+    let family = if key.family == netrace_common::FAMILY_V4 {
+        "ipv4"
+    } else {
+        "ipv6"
+    };
+    let out = Command::new("conntrack")
+        .args(["-L", "-f", family, "-p", "tcp"])
+        .args([
+            "--reply-src",
+            &dst.to_string(),
+            "--reply-dst",
+            &src.to_string(),
+        ])
+        .args(["--reply-port-src", &key.dst_port.to_string()])
+        .args(["--reply-port-dst", &key.src_port.to_string()])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_conntrack_original(text.lines().next()?, key)
+}
+
+/// The first (original-direction) `src= dst= sport= dport=` of a `conntrack -L` line.
+fn parse_conntrack_original(line: &str, uplink: &FlowKey) -> Option<FlowKey> {
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name).map(str::to_string))
+    };
+    let src: IpAddr = field("src=")?.parse().ok()?;
+    let sport: u16 = field("sport=")?.parse().ok()?;
+    let (family, src_addr) = addr_bytes(src);
+    Some(FlowKey {
+        family,
+        src_addr,
+        src_port: sport,
+        ..*uplink
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netrace_common::{SockEvent, FAMILY_V4};
+
+    fn key(src: [u8; 4], sport: u16) -> FlowKey {
+        let mut k = FlowKey {
+            family: FAMILY_V4,
+            src_port: sport,
+            dst_port: 8080,
+            ..Default::default()
+        };
+        k.src_addr[..4].copy_from_slice(&src);
+        k.dst_addr[..4].copy_from_slice(&[198, 18, 3, 2]);
+        k
+    }
+
+    const POD: [u8; 4] = [198, 18, 1, 2];
+    const NODE: [u8; 4] = [198, 18, 2, 1];
+
+    fn sock(kind: EventKind, k: FlowKey, skaddr: u64, tgid: u32) -> SockRecord {
+        SockRecord {
+            kind,
+            raw: SockEvent {
+                kind: kind as u32,
+                tgid,
+                key: k,
+                skaddr,
+                comm: *b"client\0\0\0\0\0\0\0\0\0\0",
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn isn_join_in_either_order() {
+        let mut c = Correlator::new("/nonexistent");
+        c.pod_syn(key(POD, 40000), 7, 100);
+        c.uplink_syn(key(NODE, 2000), 7, 200);
+        c.uplink_syn(key(NODE, 3000), 9, 300);
+        c.pod_syn(key(POD, 40001), 9, 350);
+        let a = c.attribute(&key(NODE, 2000), false);
+        assert_eq!(a.pod_src_port, Some(40000));
+        assert_eq!(a.link_method, Some(LinkMethod::Isn));
+        assert_eq!(
+            c.attribute(&key(NODE, 3000), false).pod_src_port,
+            Some(40001)
+        );
+        assert_eq!(c.pairs().len(), 2);
+    }
+
+    #[test]
+    fn isn_join_needs_the_same_destination_and_time() {
+        let mut c = Correlator::new("/nonexistent");
+        c.pod_syn(key(POD, 40000), 7, 0);
+        let mut other = key(NODE, 2000);
+        other.dst_port = 443;
+        c.uplink_syn(other, 7, 10);
+        assert_eq!(c.attribute(&other, false).pod_src_port, None);
+        c.uplink_syn(key(NODE, 2001), 7, JOIN_WINDOW_NS * 3);
+        assert_eq!(c.attribute(&key(NODE, 2001), false).pod_src_port, None);
+    }
+
+    #[test]
+    fn owners_by_bound_port_and_by_final_tuple() {
+        let mut c = Correlator::new("/nonexistent");
+        // Bound before connect: the port is known at SYN_SENT.
+        c.sock(&sock(EventKind::SockConnect, key(POD, 40000), 1, 111));
+        // Unbound: port 0 at SYN_SENT, the final tuple when it leaves SYN_SENT.
+        c.sock(&sock(EventKind::SockConnect, key(POD, 0), 2, 222));
+        c.sock(&sock(EventKind::SockLeftSynSent, key(POD, 40001), 2, 0));
+        c.pod_syn(key(POD, 40000), 7, 0);
+        c.uplink_syn(key(NODE, 2000), 7, 1);
+        c.pod_syn(key(POD, 40001), 8, 0);
+        c.uplink_syn(key(NODE, 2001), 8, 1);
+        let a = c.attribute(&key(NODE, 2000), false);
+        assert_eq!((a.pid, a.comm.as_deref()), (Some(111), Some("client")));
+        assert_eq!(c.attribute(&key(NODE, 2001), false).pid, Some(222));
+    }
+
+    #[test]
+    fn local_sockets_need_no_link() {
+        let mut c = Correlator::new("/nonexistent");
+        c.sock(&sock(EventKind::SockConnect, key(NODE, 45000), 1, 333));
+        let a = c.attribute(&key(NODE, 45000), false);
+        assert_eq!(a.link_method, Some(LinkMethod::Local));
+        assert_eq!(a.pid, Some(333));
+    }
+
+    #[test]
+    fn conntrack_lines() {
+        let line = "tcp      6 118 SYN_SENT src=198.18.1.2 dst=198.18.3.2 sport=40000 dport=8080 [UNREPLIED] src=198.18.3.2 dst=198.18.2.1 sport=8080 dport=2000 mark=0 use=1";
+        let k = parse_conntrack_original(line, &key(NODE, 2000)).unwrap_or_default();
+        assert_eq!(k.src_port, 40000);
+        assert_eq!(&k.src_addr[..4], &POD);
+        assert_eq!(k.dst_port, 8080);
+    }
+}
