@@ -112,13 +112,16 @@ impl RunOutcome {
 }
 
 fn scenario(lab: &Lab, netrace_bin: &Path) -> Result<RunOutcome> {
+    let pod_side = lab.names().node_pod_if.clone();
     let opts = NetraceOptions::new(netrace_bin)
         .output(Output::Text)
-        .syn_timeout(SYN_TIMEOUT);
+        .syn_timeout(SYN_TIMEOUT)
+        .args(["--pod-iface", pod_side.as_str()]);
     println!(
-        "  starting: ip netns exec {} netrace watch --iface {} --syn-timeout {}ms",
+        "  starting: ip netns exec {} netrace watch --iface {} --pod-iface {} --syn-timeout {}ms",
         lab.node_ns(),
         lab.node_uplink(),
+        pod_side,
         SYN_TIMEOUT.as_millis()
     );
     let netrace = NetraceRun::start(lab, &opts).context("starting netrace")?;
