@@ -12,14 +12,23 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod attachments;
 pub mod client;
 pub mod cmd;
+pub mod extra_pod;
+pub mod inspect;
 pub mod lab;
 pub mod names;
 pub mod netns;
 pub mod netrace_run;
+pub mod probe_lab;
 pub mod server;
+pub mod star;
+pub mod synflood;
 pub mod truth;
+pub mod watcher;
+pub mod wire;
+pub mod xml;
 
 pub use client::{
     Client, ClientOptions, PortAllocator, TcpAttempt, TcpCounts, TcpOutcome, UdpExchange,
