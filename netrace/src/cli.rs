@@ -1,7 +1,11 @@
 //! Command-line arguments, and their validation into a [`WatchConfig`] before anything touches
 //! the kernel. Every problem found here is a usage error (exit 2) naming the option.
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use netrace_common::{DEFAULT_MAX_PENDING, MAX_MAX_PENDING};
@@ -94,6 +98,7 @@ pub struct WatchArgs {
         long,
         value_name = "P,P,..",
         default_value = "1024,8192,16384,32768,49152",
+        allow_negative_numbers = true,
         help_heading = "Analysis"
     )]
     pub buckets: String,
@@ -103,12 +108,18 @@ pub struct WatchArgs {
         long,
         value_name = "D",
         default_value = "3s",
+        allow_negative_numbers = true,
         help_heading = "Analysis"
     )]
     pub syn_timeout: String,
 
     /// Stop after this long (e.g. 30s, 5m). Default: until Ctrl-C or SIGTERM.
-    #[arg(long, value_name = "D", help_heading = "Analysis")]
+    #[arg(
+        long,
+        value_name = "D",
+        allow_negative_numbers = true,
+        help_heading = "Analysis"
+    )]
     pub duration: Option<String>,
 
     /// Track only connections to this network (e.g. 203.0.113.0/24, 2001:db8::/32).
@@ -116,7 +127,12 @@ pub struct WatchArgs {
     pub filter_dst: Option<String>,
 
     /// Track only connections to this destination port.
-    #[arg(long, value_name = "PORT", help_heading = "Filter")]
+    #[arg(
+        long,
+        value_name = "PORT",
+        allow_negative_numbers = true,
+        help_heading = "Filter"
+    )]
     pub filter_dport: Option<String>,
 
     /// Output format on standard output.
@@ -136,7 +152,13 @@ pub struct WatchArgs {
     pub ready_file: Option<PathBuf>,
 
     /// Capacity of the kernel's pending-SYN map (SYNs beyond it are counted, not tracked).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PENDING, help_heading = "Limits")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = DEFAULT_MAX_PENDING,
+        allow_negative_numbers = true,
+        help_heading = "Limits"
+    )]
     pub max_pending: u32,
 
     /// Ring-buffer size in KiB (a power of two, at least 4).
@@ -144,6 +166,7 @@ pub struct WatchArgs {
         long,
         value_name = "KIB",
         default_value_t = 4096,
+        allow_negative_numbers = true,
         help_heading = "Limits"
     )]
     pub ringbuf_kib: u32,
@@ -170,14 +193,22 @@ pub struct WatchArgs {
     #[arg(long, conflicts_with = "processes", help_heading = "Attribution")]
     pub no_processes: bool,
 
-    /// Where the node's procfs is mounted (e.g. /host/proc in a pod).
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "/proc",
-        help_heading = "Limits"
-    )]
-    pub procfs: PathBuf,
+    /// Where the node's procfs is mounted. Default: /host/proc when it is mounted (a debug
+    /// pod or DaemonSet), else /proc.
+    #[arg(long, value_name = "DIR", help_heading = "Limits")]
+    pub procfs: Option<PathBuf>,
+}
+
+/// The node's procfs as seen from a pod that mounts it (kubectl debug, the DaemonSet).
+const HOST_PROCFS: &str = "/host/proc";
+
+fn default_procfs() -> PathBuf {
+    let host = Path::new(HOST_PROCFS);
+    if host.join("sys/net").is_dir() {
+        host.to_path_buf()
+    } else {
+        PathBuf::from("/proc")
+    }
 }
 
 /// A destination network to keep.
@@ -281,24 +312,27 @@ impl WatchArgs {
                 format!("must be a power of two from 4 to 1048576, got {kib}"),
             ));
         }
-        if let Some(svg) = &self.svg {
-            let dir = svg.parent().filter(|d| !d.as_os_str().is_empty());
+        // Files written later (the ready file once attached) are checked now, before the
+        // kernel is touched.
+        for (option, file) in [("--svg", &self.svg), ("--ready-file", &self.ready_file)] {
+            let dir = file
+                .as_deref()
+                .and_then(std::path::Path::parent)
+                .filter(|d| !d.as_os_str().is_empty());
             if let Some(dir) = dir {
                 if !dir.is_dir() {
                     return Err(usage(
-                        "--svg",
+                        option,
                         format!("directory {} does not exist", dir.display()),
                     ));
                 }
             }
         }
-        if !self.procfs.join("sys/net").is_dir() {
+        let procfs = self.procfs.clone().unwrap_or_else(default_procfs);
+        if !procfs.join("sys/net").is_dir() {
             return Err(usage(
                 "--procfs",
-                format!(
-                    "{} does not look like a procfs mount",
-                    self.procfs.display()
-                ),
+                format!("{} does not look like a procfs mount", procfs.display()),
             ));
         }
         let metrics_addr = self
@@ -310,11 +344,11 @@ impl WatchArgs {
             })
             .transpose()
             .map_err(|e| usage("--metrics-addr", e))?;
-        let ifaces = iface::resolve(&self.ifaces, &self.procfs).map_err(|e| usage("--iface", e))?;
+        let ifaces = iface::resolve(&self.ifaces, &procfs).map_err(|e| usage("--iface", e))?;
         let mut pod_ifaces = if self.pod_ifaces.is_empty() {
             Vec::new()
         } else {
-            iface::resolve(&self.pod_ifaces, &self.procfs).map_err(|e| usage("--pod-iface", e))?
+            iface::resolve(&self.pod_ifaces, &procfs).map_err(|e| usage("--pod-iface", e))?
         };
         if self.all_interfaces {
             pod_ifaces.extend(iface::all_interfaces());
@@ -344,7 +378,7 @@ impl WatchArgs {
             ready_file: self.ready_file.clone(),
             max_pending: self.max_pending,
             ringbuf_bytes: kib * 1024,
-            procfs: self.procfs.clone(),
+            procfs,
             metrics_addr,
             pod_ifaces,
             processes,
