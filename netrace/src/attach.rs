@@ -180,20 +180,25 @@ impl Attachments {
         match tc::qdisc_add_clsact(iface) {
             Ok(()) => self.created_qdiscs.push(iface.to_string()),
             Err(TcError::AlreadyAttached) => {}
+            // aya reports a clsact qdisc that is already there (another tool's, or another
+            // netrace's) as the kernel's EEXIST ("Exclusivity flag on, cannot modify").
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(anyhow!("adding a clsact qdisc to {iface}: {e}")),
         }
-        // An unused priority and handle chosen by the kernel: never replace a foreign filter.
+        // First in line, as with TCX: a classic filter that matches ends the classification,
+        // so one running before netrace's would hide packets from it (and every connection
+        // would look lost). An unused priority below the others; never replace a filter.
         self.attach_one(
             EGRESS_PROGRAM,
             iface,
             TcAttachType::Egress,
-            TcAttachOptions::Netlink(NlOptions::default()),
+            TcAttachOptions::Netlink(first_in_line(iface, "egress")),
         )?;
         self.attach_one(
             INGRESS_PROGRAM,
             iface,
             TcAttachType::Ingress,
-            TcAttachOptions::Netlink(NlOptions::default()),
+            TcAttachOptions::Netlink(first_in_line(iface, "ingress")),
         )
     }
 
@@ -228,6 +233,37 @@ impl Attachments {
 impl Drop for Attachments {
     fn drop(&mut self) {
         self.detach_all();
+    }
+}
+
+/// A filter priority before every clsact filter already on `iface` in `dir` (`ingress` or
+/// `egress`), or the kernel's choice (after them) when there is none or no lower one is free.
+fn first_in_line(iface: &str, dir: &str) -> NlOptions {
+    let lowest = Command::new("tc")
+        .args(["-j", "filter", "show", "dev", iface, dir])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|v| {
+            v.as_array()?
+                .iter()
+                .filter_map(|f| f.get("pref")?.as_u64())
+                .min()
+        });
+    match lowest {
+        Some(p) if p > 1 => NlOptions {
+            priority: u16::try_from(p - 1).unwrap_or(u16::MAX),
+            ..NlOptions::default()
+        },
+        Some(p) => {
+            eprintln!(
+                "netrace: warning: a tc filter with priority {p} on {iface} {dir} runs before \
+                 netrace's; packets it takes are not seen"
+            );
+            NlOptions::default()
+        }
+        None => NlOptions::default(),
     }
 }
 

@@ -2,7 +2,7 @@
 //! *late* and *abandoned*. The kernel decides answered, refused and unreachable; user space
 //! decides what never got an answer, by time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use netrace_common::{EventKind, FlowKey, PendingSyn};
 
@@ -53,6 +53,11 @@ struct Tracked {
     /// When user space reported it lost; the kernel entry stays for the late window so that a
     /// late answer is still paired with this connection.
     lost_at: Option<u64>,
+    /// A retransmission of the SYN of an attempt already decided by an answer (same 4-tuple,
+    /// same ISN): the same connection, not a new one. Its answer or silence is not reported.
+    /// (A client stack takes an ICMP error that arrives while `connect()` still holds the
+    /// socket for a soft error and sends the SYN again.)
+    repeat: bool,
 }
 
 /// Counts of things the tracker noticed that are not outcomes.
@@ -63,12 +68,24 @@ pub struct TrackerStats {
     pub answered_unseen: u64,
     /// SYNs adopted from the kernel map because their event was dropped.
     pub adopted: u64,
+    /// SYNs retransmitted after their attempt had been answered (not counted again).
+    pub repeated_syns: u64,
 }
+
+/// How long an answered attempt is remembered, to recognise a retransmission of its SYN:
+/// Linux resends an unacknowledged SYN after 1, 3 and 7 s. Bounded, as every answered
+/// connection costs memory for this long.
+const REPEAT_WINDOW_NS: u64 = 10_000_000_000;
 
 pub struct Tracker {
     syn_timeout_ns: u64,
     late_window_ns: u64,
+    repeat_window_ns: u64,
     entries: HashMap<FlowKey, Tracked>,
+    /// Attempts decided by an answer in the last repeat window: ISN and when, so that a
+    /// retransmitted SYN of one is recognised as the same attempt.
+    decided: HashMap<FlowKey, (u32, u64)>,
+    decided_order: VecDeque<(u64, FlowKey)>,
     pub stats: TrackerStats,
 }
 
@@ -77,16 +94,28 @@ impl Tracker {
         Self {
             syn_timeout_ns,
             late_window_ns: late_window_ns.max(syn_timeout_ns),
+            repeat_window_ns: late_window_ns.min(REPEAT_WINDOW_NS).max(syn_timeout_ns),
             entries: HashMap::new(),
+            decided: HashMap::new(),
+            decided_order: VecDeque::new(),
             stats: TrackerStats::default(),
         }
+    }
+
+    fn is_decided(&self, key: &FlowKey, isn: u32) -> bool {
+        self.decided.get(key).is_some_and(|(i, _)| *i == isn)
+    }
+
+    fn remember_decided(&mut self, key: FlowKey, isn: u32, at_ns: u64) {
+        self.decided.insert(key, (isn, at_ns));
+        self.decided_order.push_back((at_ns, key));
     }
 
     /// Connections waiting for an answer (not yet reported).
     pub fn pending(&self) -> usize {
         self.entries
             .values()
-            .filter(|t| t.lost_at.is_none())
+            .filter(|t| t.lost_at.is_none() && !t.repeat)
             .count()
     }
 
@@ -100,18 +129,38 @@ impl Tracker {
         let p = ev.raw.pending;
         match ev.kind {
             EventKind::Syn => {
+                // A waiting entry replaced by a SYN with another ISN, its Superseded event
+                // dropped (ring buffer full): the kernel gave the old attempt up, as `sweep`
+                // reports when the map holds another ISN. Overwritten silently, it was never
+                // counted.
+                if let Some(old) = self.entries.get(&key) {
+                    if old.lost_at.is_none() && !old.repeat && old.pending.isn != p.isn {
+                        out.push(Outcome {
+                            kind: OutcomeKind::Abandoned,
+                            key,
+                            pending: old.pending,
+                            rtt_ns: None,
+                            icmp: None,
+                        });
+                    }
+                }
+                let repeat = self.is_decided(&key, p.isn);
+                if repeat {
+                    self.stats.repeated_syns += 1;
+                }
                 self.entries.insert(
                     key,
                     Tracked {
                         pending: p,
                         lost_at: None,
+                        repeat,
                     },
                 );
             }
             EventKind::Superseded => {
                 let reported = match self.entries.get(&key) {
-                    Some(t) if t.pending.isn == p.isn => t.lost_at.is_some(),
-                    _ => false,
+                    Some(t) if t.pending.isn == p.isn => t.lost_at.is_some() || t.repeat,
+                    _ => self.is_decided(&key, p.isn),
                 };
                 if let Some(t) = self.entries.get(&key) {
                     if t.pending.isn == p.isn {
@@ -129,14 +178,19 @@ impl Tracker {
                 }
             }
             EventKind::Answered | EventKind::Refused | EventKind::Unreachable => {
-                let was_lost = match self.entries.get(&key) {
+                let (was_lost, repeat) = match self.entries.get(&key) {
                     Some(t) if t.pending.isn == p.isn => {
-                        let lost = t.lost_at.is_some();
+                        let seen = (t.lost_at.is_some(), t.repeat);
                         self.entries.remove(&key);
-                        lost
+                        seen
                     }
-                    _ => false,
+                    _ => (false, self.is_decided(&key, p.isn)),
                 };
+                if repeat {
+                    // This attempt's outcome was reported at its first answer.
+                    return;
+                }
+                self.remember_decided(key, p.isn, ev.raw.ts_ns);
                 let kind = match (was_lost, ev.kind) {
                     (true, _) => OutcomeKind::Late,
                     (false, EventKind::Refused) => OutcomeKind::Refused,
@@ -175,6 +229,14 @@ impl Tracker {
             let Some(t) = self.entries.get(&key).copied() else {
                 continue;
             };
+            if t.repeat {
+                // Unanswered again: still the attempt decided before, nothing to report.
+                self.entries.remove(&key);
+                if map.get(&key).is_some_and(|k| k.isn == t.pending.isn) {
+                    map.remove(&key);
+                }
+                continue;
+            }
             match map.get(&key) {
                 Some(k) if k.isn == t.pending.isn => {
                     let pending = PendingSyn {
@@ -187,6 +249,7 @@ impl Tracker {
                         Tracked {
                             pending,
                             lost_at: Some(now_ns),
+                            repeat: false,
                         },
                     );
                     out.push(Outcome {
@@ -211,6 +274,7 @@ impl Tracker {
                         Tracked {
                             pending: k,
                             lost_at: None,
+                            repeat: self.is_decided(&key, k.isn),
                         },
                     );
                 }
@@ -228,15 +292,26 @@ impl Tracker {
                 }
             }
         }
+        while let Some(&(at, key)) = self.decided_order.front() {
+            if now_ns.saturating_sub(at) < self.repeat_window_ns {
+                break;
+            }
+            self.decided_order.pop_front();
+            if self.decided.get(&key).is_some_and(|(_, t)| *t == at) {
+                self.decided.remove(&key);
+            }
+        }
     }
 
     /// Takes in kernel entries the tracker has not heard of (their SYN events were dropped).
     pub fn adopt(&mut self, map: &impl PendingMap) {
         for (key, p) in map.scan() {
+            let repeat = self.is_decided(&key, p.isn);
             if let std::collections::hash_map::Entry::Vacant(v) = self.entries.entry(key) {
                 v.insert(Tracked {
                     pending: p,
                     lost_at: None,
+                    repeat,
                 });
                 self.stats.adopted += 1;
             }
@@ -346,6 +421,48 @@ mod tests {
         t.on_event(&ev(EventKind::Answered, b, pb, 10 * S), &mut out);
         assert_eq!(out[2].kind, OutcomeKind::Late);
         assert_eq!(t.held(), 0);
+    }
+
+    #[test]
+    fn syn_retransmitted_after_an_answer_is_the_same_attempt() {
+        // An ICMP error that reaches the client while connect() holds its socket is a soft
+        // error there: the stack sends the same SYN again and gets the same error.
+        let mut t = Tracker::new(S, 10 * S);
+        let mut m = FakeMap::default();
+        let mut out = Vec::new();
+        let k = key(40000);
+        let p1 = pending(0, 7);
+        t.on_event(&ev(EventKind::Syn, k, p1, 0), &mut out);
+        t.on_event(&ev(EventKind::Unreachable, k, p1, S / 1000), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].kind, OutcomeKind::Unreachable);
+        let p2 = pending(S, 7);
+        t.on_event(&ev(EventKind::Syn, k, p2, S), &mut out);
+        assert_eq!(t.pending(), 0, "a repeat is not a new attempt waiting");
+        t.on_event(&ev(EventKind::Unreachable, k, p2, S + 1), &mut out);
+        assert_eq!(out.len(), 1, "the repeat's answer is not reported again");
+        assert_eq!(t.stats.repeated_syns, 1);
+        // Unanswered repeat: cleared silently, kernel entry too.
+        let p3 = pending(3 * S, 7);
+        m.0.insert(k, p3);
+        t.on_event(&ev(EventKind::Syn, k, p3, 3 * S), &mut out);
+        t.sweep(5 * S, &mut m, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(m.0.is_empty());
+        assert_eq!(t.held(), 0);
+        // A new ISN on the same tuple is a new attempt; after the window the old one is gone.
+        let p4 = pending(6 * S, 8);
+        t.on_event(&ev(EventKind::Syn, k, p4, 6 * S), &mut out);
+        t.on_event(&ev(EventKind::Answered, k, p4, 6 * S + 5), &mut out);
+        assert_eq!(out.len(), 2);
+        t.sweep(30 * S, &mut m, &mut out);
+        let p5 = pending(31 * S, 8);
+        t.on_event(&ev(EventKind::Syn, k, p5, 31 * S), &mut out);
+        assert_eq!(
+            t.pending(),
+            1,
+            "outside the window it counts as a new attempt"
+        );
     }
 
     #[test]

@@ -167,7 +167,7 @@ pub mod addr {
 
 /// Serialises `ip netns add/del` within the process: the first `ip netns add` on a machine
 /// sets up the `/run/netns` mount, and two doing so at once can fail.
-static NETNS_LOCK: Mutex<()> = Mutex::new(());
+pub(crate) static NETNS_LOCK: Mutex<()> = Mutex::new(());
 
 fn netns_cmd(args: &[&str]) -> Result<String> {
     let _guard = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());

@@ -14,7 +14,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -30,10 +30,12 @@ const FIRST_SUBNET: usize = 100;
 /// At most this many spokes.
 pub const MAX_SPOKES: usize = 50;
 
-static NETNS_LOCK: Mutex<()> = Mutex::new(());
-
+/// `ip netns add/del`, serialised with the lab's (the first one on a machine sets up the
+/// `/run/netns` mount).
 fn netns(args: &[&str]) -> Result<String> {
-    let _guard = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let _guard = crate::lab::NETNS_LOCK
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     cmd::run("ip", args)
 }
 

@@ -319,10 +319,3 @@ pub fn catches_signals(pid: u32, sigs: &[i32]) -> bool {
     sigs.iter()
         .all(|s| (1..=64).contains(s) && mask & (1u64 << (s - 1)) != 0)
 }
-
-/// The executable name of process `pid` (`/proc/PID/comm`).
-pub fn comm(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
