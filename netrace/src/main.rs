@@ -6,8 +6,37 @@ use netrace::{
     error::{exit, UsageError},
 };
 
+/// A command-line error as one line on standard error (clap's own rendering spans several
+/// lines: the error, possible values or a tip, usage, "For more information").
+fn usage_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect();
+    format!("{}; see --help", parts.join("; "))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version go to standard output with status 0.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(exit::CLEAN);
+        }
+        // Bare `netrace`: the help, on standard error.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(exit::ERROR);
+        }
+        Err(e) => {
+            eprintln!("netrace: {}", usage_line(&e));
+            return ExitCode::from(exit::ERROR);
+        }
+    };
     let result = match cli.command {
         Command::Completions { shell } => {
             clap_complete::generate(

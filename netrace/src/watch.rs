@@ -303,6 +303,10 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
                 }
             }
             _ = tick.tick() => {
+                // Read what the kernel already reported before judging by the map: an entry
+                // answered a moment ago is gone from the map while its event still waits in
+                // the ring, and the sweep would count it twice (or as abandoned).
+                drain(ring.get_mut(), &mut session.tracker, &mut session.correlator, &mut session.decode_errors, &mut outcomes);
                 let ring_drops = maps_for_counters.counter(Counter::RingbufFull);
                 if ring_drops > seen_ring_drops {
                     // Some SYN events never arrived: take their entries from the kernel map.

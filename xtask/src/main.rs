@@ -2,6 +2,7 @@
 //! Each one starts with the bootstrap, so the two commands in the README are all a fresh
 //! Debian machine needs.
 
+mod bench;
 mod bootstrap;
 mod demo;
 
@@ -14,7 +15,10 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "netrace's build, test, demo and benchmark tasks")]
+#[command(
+    name = "cargo xtask",
+    about = "netrace's build, test, demo and benchmark tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -33,6 +37,12 @@ enum Task {
         /// Also run the slow tests (a 10-minute run, a million-SYN flood).
         #[arg(long)]
         long: bool,
+    },
+    /// Set up, build (release), and measure netrace's cost against its baselines.
+    Bench {
+        /// Fewer repetitions, under a minute; writes under target/netrace-bench/.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -125,12 +135,18 @@ fn build_static() -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&dest_dir).context("creating target/static")?;
     let dest = dest_dir.join("netrace");
     std::fs::copy(&built, &dest).with_context(|| format!("copying {}", built.display()))?;
-    let ldd = Command::new("ldd").arg(&dest).output().context("running ldd")?;
+    let ldd = Command::new("ldd")
+        .arg(&dest)
+        .output()
+        .context("running ldd")?;
     let text = String::from_utf8_lossy(&ldd.stdout) + String::from_utf8_lossy(&ldd.stderr);
     if !text.contains("not a dynamic executable") && !text.contains("statically linked") {
         bail!("{} is not static: {}", dest.display(), text.trim());
     }
-    let version = Command::new(&dest).arg("--version").output().context("running it")?;
+    let version = Command::new(&dest)
+        .arg("--version")
+        .output()
+        .context("running it")?;
     if !version.status.success() {
         bail!("the static binary does not run");
     }
@@ -143,7 +159,10 @@ fn build_static() -> anyhow::Result<PathBuf> {
 }
 
 fn test(long: bool) -> anyhow::Result<()> {
-    run("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
     run(
         "clippy -D warnings: userspace crates",
         with_packages(cargo().arg("clippy")).args(["--all-targets", "--", "-D", "warnings"]),
@@ -199,6 +218,7 @@ fn main() -> ExitCode {
         Task::Setup => "setup",
         Task::Demo => "demo",
         Task::Test { .. } => "test",
+        Task::Bench { .. } => "bench",
         Task::Static => "static",
     };
     let result = bootstrap::require_root(name)
@@ -207,6 +227,7 @@ fn main() -> ExitCode {
             Task::Setup => Ok(()),
             Task::Demo => build_netrace().and_then(|bin| demo::run(&bin)),
             Task::Test { long } => test(long),
+            Task::Bench { quick } => build_netrace().and_then(|bin| bench::run(&bin, quick)),
             Task::Static => build_static().map(|_| ()),
         });
     match result {

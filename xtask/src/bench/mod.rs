@@ -1,0 +1,285 @@
+//! `cargo xtask bench [--quick]`: netrace's cost, each figure measured in the same run as its
+//! baseline and reported as a ratio as well as in absolute units.
+//!
+//! 1. Per-packet cost of the egress and ingress programs against the empty classifier in the
+//!    same object (`BPF_PROG_TEST_RUN`).
+//! 2. Throughput of a bulk TCP stream between two namespaces: no tracer, netrace watching,
+//!    tcpdump capturing the same SYN selection.
+//! 3. Connection rate, the same three ways.
+//! 4. Memory at 10 k, 100 k and 1 M pending SYNs, and the time to sweep them.
+//! 5. No silent loss: where a small ring buffer starts dropping, and that every drop is
+//!    counted.
+//!
+//! 1, 4 and 5 run in the bench probe (`probe/main.rs`, an example of this package that links
+//! the netrace library; xtask itself must build before the BPF toolchain is installed); 2 and 3
+//! run here against the real `netrace` binary. The full run writes `docs/benchmarks.md` and
+//! `docs/benchmarks.json`; `--quick` (under a minute) writes them under
+//! `target/netrace-bench/` instead. Needs root.
+
+mod doc;
+mod net;
+mod report;
+mod tracer;
+mod traffic;
+
+use std::{path::Path, process::Command, time::Instant};
+
+use anyhow::{bail, Context as _};
+use serde_json::{json, Value};
+
+use tracer::{Mode, Tracer};
+
+/// How long and how often; `--quick` keeps the whole run under a minute.
+struct Plan {
+    quick: bool,
+    /// Seconds per traffic run.
+    secs: f64,
+    /// Rounds of (none, netrace, tcpdump) per traffic figure.
+    rounds: usize,
+    scale_levels: &'static [u32],
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                secs: 2.0,
+                rounds: 1,
+                scale_levels: &[10_000, 100_000, 1_000_000],
+            }
+        } else {
+            Self {
+                quick,
+                secs: 5.0,
+                rounds: 7,
+                scale_levels: &[10_000, 100_000, 1_000_000],
+            }
+        }
+    }
+}
+
+/// Builds release binaries, measures, prints the table, writes the results. `debug_bin` is the
+/// debug build the other tasks use; the benchmark measures the release build, as users run it.
+pub fn run(debug_bin: &Path, quick: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let root = super::workspace_root();
+    super::run(
+        "build netrace, release (the build that is measured)",
+        super::cargo().args(["build", "--release", "-p", "netrace"]),
+    )?;
+    super::run(
+        "build the bench probe, release",
+        super::cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "xtask",
+            "--example",
+            "bench_probe",
+        ]),
+    )?;
+    let netrace = root.join("target/release/netrace");
+    let probe = root.join("target/release/examples/bench_probe");
+    eprintln!(
+        "bench: measuring {} (not the debug build {})",
+        netrace.display(),
+        debug_bin.display()
+    );
+    let plan = Plan::new(quick);
+    let measuring = Instant::now();
+    let machine = doc::machine();
+    let q: &[&str] = if quick { &["--quick"] } else { &[] };
+
+    super::step("1. per-packet cost (BPF_PROG_TEST_RUN)");
+    let per_packet = probe_json(&probe, &[&["per-packet"], q].concat())?;
+    super::step("4. scale: pending SYNs, memory, sweep");
+    let mut scale = Vec::new();
+    for n in plan.scale_levels {
+        eprintln!("bench: {n} pending SYNs");
+        scale.push(probe_json(&probe, &["scale", &n.to_string()])?);
+    }
+    super::step("5. no silent loss");
+    let loss = probe_json(&probe, &[&["loss"], q].concat())?;
+    super::step("2 and 3. throughput and connection rate (network namespaces)");
+    let scratch = root.join("target/netrace-bench/tmp");
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let traffic = traffic(&netrace, &plan, &scratch)?;
+
+    let load_after = doc::loadavg();
+    let results = json!({
+        "command": if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" },
+        "quick": quick,
+        "machine": machine,
+        "load_average_after": load_after,
+        "measuring_s": (measuring.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        "netrace_build": "release",
+        "per_packet": per_packet,
+        "traffic": traffic,
+        "scale": scale,
+        "loss": loss,
+    });
+    let rows = report::rows(&results)?;
+    println!("\n{}", report::terminal_table(&rows));
+    let (md, js) = if quick {
+        let dir = root.join("target/netrace-bench");
+        (
+            dir.join("benchmarks-quick.md"),
+            dir.join("benchmarks-quick.json"),
+        )
+    } else {
+        (
+            root.join("docs/benchmarks.md"),
+            root.join("docs/benchmarks.json"),
+        )
+    };
+    let mut text = serde_json::to_string_pretty(&results)?;
+    text.push('\n');
+    std::fs::write(&js, text).with_context(|| format!("writing {}", js.display()))?;
+    std::fs::write(&md, doc::render(&results, &rows)?)
+        .with_context(|| format!("writing {}", md.display()))?;
+    let missed = rows.iter().filter(|r| r.met == Some(false)).count();
+    let met = rows.iter().filter(|r| r.met == Some(true)).count();
+    eprintln!(
+        "bench: {met} targets met, {missed} missed (reported, not asserted); wrote {} and {} \
+         in {:.0} s ({:.0} s measuring)",
+        md.display(),
+        js.display(),
+        started.elapsed().as_secs_f64(),
+        measuring.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs the probe with `args`; its standard output is one JSON document.
+fn probe_json(probe: &Path, args: &[&str]) -> anyhow::Result<Value> {
+    let out = Command::new(probe)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {}", probe.display()))?;
+    if !out.status.success() {
+        bail!("bench_probe {} failed ({})", args.join(" "), out.status);
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("bench_probe {} printed no JSON", args.join(" ")))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Measurements of one mode over the rounds.
+#[derive(Default)]
+struct Series {
+    values: Vec<f64>,
+    extra: Vec<Value>,
+}
+
+/// A mode's runs, with its ratio to no tracer: the median of the per-round ratios, each run
+/// against the no-tracer run of the same round, seconds apart, so that whatever else loads
+/// the machine at the time weighs on both.
+fn series_json(s: &Series, none: &Series) -> Value {
+    let best = s.values.iter().copied().fold(f64::NAN, f64::max);
+    let ratios: Vec<f64> = s
+        .values
+        .iter()
+        .zip(&none.values)
+        .map(|(v, n)| v / n)
+        .collect();
+    json!({
+        "median": median(&s.values),
+        "best": best,
+        "ratio": median(&ratios),
+        "ratios": ratios,
+        "runs": s.values,
+        "details": s.extra,
+    })
+}
+
+/// Throughput and connection rate, rounds alternating none, netrace, tcpdump.
+fn traffic(netrace: &Path, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
+    let net = net::BenchNet::new()?;
+    eprintln!(
+        "bench: namespaces {} and {}, veth {} <-> {}",
+        net.client_ns, net.server_ns, net.client_if, net.server_if
+    );
+    // Warm-up: neighbours resolved, code paths and caches warm; not recorded.
+    traffic::stream(&net, 0.5)?;
+    traffic::connections(&net, 0.5)?;
+
+    let mut stream: [Series; 3] = Default::default();
+    for round in 0..plan.rounds {
+        for (i, mode) in Mode::ALL.into_iter().enumerate() {
+            let t = Tracer::start(mode, &net, netrace, scratch)?;
+            let bps = traffic::stream(&net, plan.secs);
+            let seen = t.stop()?;
+            let bps = bps?;
+            eprintln!(
+                "bench: stream round {}/{} {:<8} {:.2} Gbit/s",
+                round + 1,
+                plan.rounds,
+                mode.name(),
+                bps / 1e9
+            );
+            stream[i].values.push(bps);
+            stream[i].extra.push(json!({
+                "seen": seen.count, "matched": seen.matched, "dropped": seen.dropped,
+                "tracer_rss_bytes": seen.rss_bytes, "tracer_cpu_s": seen.cpu_s,
+                "load1_after": doc::load1(),
+            }));
+        }
+    }
+    let mut conns: [Series; 3] = Default::default();
+    for round in 0..plan.rounds {
+        for (i, mode) in Mode::ALL.into_iter().enumerate() {
+            let t = Tracer::start(mode, &net, netrace, scratch)?;
+            let c = traffic::connections(&net, plan.secs);
+            let seen = t.stop()?;
+            let c = c?;
+            eprintln!(
+                "bench: connections round {}/{} {:<8} {} ({} connections, {} errors, {} slower \
+                 than 100 ms; tracer saw {})",
+                round + 1,
+                plan.rounds,
+                mode.name(),
+                report::rate(c.per_second),
+                c.connections,
+                c.errors,
+                c.slow,
+                seen.count
+            );
+            conns[i].values.push(c.per_second);
+            conns[i].extra.push(json!({
+                "connections": c.connections, "errors": c.errors, "accepted": c.accepted,
+                "slow_connects": c.slow,
+                "seen": seen.count, "matched": seen.matched, "dropped": seen.dropped,
+                "tracer_rss_bytes": seen.rss_bytes, "tracer_cpu_s": seen.cpu_s,
+                "load1_after": doc::load1(),
+            }));
+        }
+    }
+    drop(net);
+    let by_mode = |s: &[Series; 3]| -> Value {
+        Mode::ALL
+            .iter()
+            .zip(s.iter())
+            .map(|(m, x)| (m.name().to_string(), series_json(x, &s[0])))
+            .collect::<serde_json::Map<String, Value>>()
+            .into()
+    };
+    Ok(json!({
+        "seconds": plan.secs,
+        "rounds": plan.rounds,
+        "quick": plan.quick,
+        "tcpdump_filter": tracer::TCPDUMP_FILTER,
+        "stream": by_mode(&stream),
+        "connections": by_mode(&conns),
+    }))
+}

@@ -1,0 +1,284 @@
+//! What watches the client's interface during a traffic run: nothing, the real `netrace watch`
+//! binary, or `tcpdump` writing the same SYN / SYN-ACK selection to a file. Each runs inside
+//! the client namespace (`ip netns exec`, which execs the tool in place, so the child's pid is
+//! the tool's), is started before the traffic and stopped with SIGINT after it.
+
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use serde_json::Value;
+
+use super::net::BenchNet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    None,
+    Netrace,
+    Tcpdump,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::None, Mode::Netrace, Mode::Tcpdump];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::Netrace => "netrace",
+            Mode::Tcpdump => "tcpdump",
+        }
+    }
+}
+
+/// The same selection netrace makes, as a capture filter.
+pub const TCPDUMP_FILTER: &str = "tcp[tcpflags] & (tcp-syn) != 0";
+
+/// What a tracer reported when it stopped.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// netrace: connections it reported answered; tcpdump: packets it captured.
+    pub count: u64,
+    /// netrace: events it could not receive (ring buffer full); tcpdump: packets the kernel
+    /// dropped.
+    pub dropped: u64,
+    /// tcpdump: packets its filter accepted in the kernel (captured ones plus those still
+    /// unread when it stopped); netrace: SYNs its kernel program saw.
+    pub matched: u64,
+    /// Resident memory of the tracer just before it was stopped, in bytes.
+    pub rss_bytes: u64,
+    /// CPU time (user + system) the tracer process used between ready and stop, in seconds.
+    pub cpu_s: f64,
+}
+
+pub struct Tracer {
+    mode: Mode,
+    child: Option<Child>,
+    /// CPU seconds the tracer had used when it became ready.
+    cpu_at_ready: f64,
+    stdout: PathBuf,
+    stderr: Option<JoinHandle<String>>,
+    files: Vec<PathBuf>,
+}
+
+/// User + system CPU time of a process, in seconds (fields 14 and 15 of /proc/PID/stat,
+/// counted after the command name, which may contain spaces).
+fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+impl Tracer {
+    /// Starts `mode` on the client's interface and waits until it is ready.
+    pub fn start(mode: Mode, net: &BenchNet, netrace: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let tag = format!("{}-{}", mode.name(), net.client_if);
+        let stdout = dir.join(format!("{tag}.out"));
+        let mut t = Tracer {
+            mode,
+            child: None,
+            cpu_at_ready: 0.0,
+            stdout: stdout.clone(),
+            stderr: None,
+            files: vec![stdout.clone()],
+        };
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &net.client_ns]);
+        let ready = dir.join(format!("{tag}.ready"));
+        match mode {
+            Mode::None => return Ok(t),
+            Mode::Netrace => {
+                let _ = std::fs::remove_file(&ready);
+                t.files.push(ready.clone());
+                cmd.arg(netrace)
+                    .args(["watch", "--iface", &net.client_if, "--output", "json"]);
+                cmd.arg("--ready-file").arg(&ready);
+            }
+            Mode::Tcpdump => {
+                let pcap = dir.join(format!("{tag}.pcap"));
+                t.files.push(pcap.clone());
+                cmd.args(["tcpdump", "-i", &net.client_if, "-Z", "root", "-w"])
+                    .arg(&pcap)
+                    .arg(TCPDUMP_FILTER);
+            }
+        }
+        let out =
+            File::create(&stdout).with_context(|| format!("creating {}", stdout.display()))?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", mode.name()))?;
+        let (tx, rx) = mpsc::channel();
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow!("no stderr pipe"))?;
+        t.child = Some(child);
+        t.stderr = Some(std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        }));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let is_ready = match mode {
+                Mode::Netrace => ready.exists(),
+                _ => rx.try_recv().is_ok(),
+            };
+            if is_ready {
+                t.cpu_at_ready = t.child.as_ref().map_or(0.0, |c| cpu_of(c.id()));
+                return Ok(t);
+            }
+            if let Some(c) = t.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    let err = t
+                        .stderr
+                        .take()
+                        .and_then(|h| h.join().ok())
+                        .unwrap_or_default();
+                    bail!(
+                        "{} exited ({status}) before it was ready: {}",
+                        mode.name(),
+                        err.trim()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{} was not ready within 30 s", mode.name());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the tracer with SIGINT and reads what it reported.
+    pub fn stop(mut self) -> anyhow::Result<Seen> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(Seen::default());
+        };
+        let rss = rss_of(child.id());
+        let cpu = cpu_of(child.id()) - self.cpu_at_ready;
+        let pid = i32::try_from(child.id()).map_err(|_| anyhow!("pid out of range"))?;
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child, not yet
+        // reaped, so it cannot have been reused.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not stop within 20 s of SIGINT", self.mode.name());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        let stdout = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+        let mut seen = match self.mode {
+            Mode::None => Seen::default(),
+            Mode::Netrace => netrace_seen(&stdout, &stderr, status)?,
+            Mode::Tcpdump => tcpdump_seen(&stderr)?,
+        };
+        seen.rss_bytes = rss;
+        seen.cpu_s = cpu;
+        Ok(seen)
+    }
+}
+
+fn netrace_seen(
+    stdout: &str,
+    stderr: &str,
+    status: std::process::ExitStatus,
+) -> anyhow::Result<Seen> {
+    // 0: nothing lost, 1: something lost; both are a finished run.
+    if !matches!(status.code(), Some(0 | 1)) {
+        bail!("netrace exited {status}: {}", stderr.trim());
+    }
+    let summary = stdout
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("type").and_then(Value::as_str) == Some("summary"))
+        .ok_or_else(|| anyhow!("netrace printed no summary; stderr: {}", stderr.trim()))?;
+    let at = |p: &str| summary.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    Ok(Seen {
+        count: at("/totals/answered"),
+        dropped: at("/drops/events_lost") + at("/drops/pending_map_full"),
+        matched: at("/counters/syn_seen"),
+        ..Seen::default()
+    })
+}
+
+/// `N packets captured` and `N packets dropped by kernel` from tcpdump's exit report.
+fn tcpdump_seen(stderr: &str) -> anyhow::Result<Seen> {
+    let number = |suffix: &str| {
+        stderr
+            .lines()
+            .find(|l| l.trim_end().ends_with(suffix))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    let count = number("packets captured")
+        .ok_or_else(|| anyhow!("tcpdump printed no capture count: {}", stderr.trim()))?;
+    Ok(Seen {
+        count,
+        dropped: number("packets dropped by kernel").unwrap_or(0),
+        matched: number("packets received by filter").unwrap_or(0),
+        ..Seen::default()
+    })
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
