@@ -53,6 +53,20 @@ pub struct PendingSyn {
     pub _pad: u32,
 }
 
+impl PendingSyn {
+    /// The entry for the first SYN of an attempt, seen at `now` on `ifindex`.
+    pub const fn first(now: u64, isn: u32, ifindex: u32) -> Self {
+        Self {
+            first_ns: now,
+            last_ns: now,
+            isn,
+            syns: 1,
+            ifindex,
+            _pad: 0,
+        }
+    }
+}
+
 /// What happened to a pending SYN, as decided in the kernel.
 ///
 /// Numbers are part of the ring-buffer format: never renumber or reuse one.

@@ -79,14 +79,7 @@ pub fn netrace_pod_ingress(ctx: TcContext) -> i32 {
             count(Counter::PodSynSeen);
             // SAFETY: a helper without arguments or side effects.
             let now = unsafe { bpf_ktime_get_ns() };
-            let seen = PendingSyn {
-                first_ns: now,
-                last_ns: now,
-                isn,
-                syns: 1,
-                ifindex: ifindex(&ctx),
-                _pad: 0,
-            };
+            let seen = PendingSyn::first(now, isn, ifindex(&ctx));
             emit(&ctx, EventKind::PodSyn, &key, &seen, now, 0, 0);
         }
     }
@@ -171,27 +164,13 @@ fn on_syn(ctx: &TcContext, key: FlowKey, isn: u32) {
         }
         // Same 4-tuple, new ISN: the old attempt was abandoned without an answer.
         emit(ctx, EventKind::Superseded, &key, &old, now, 0, 0);
-        let fresh = PendingSyn {
-            first_ns: now,
-            last_ns: now,
-            isn,
-            syns: 1,
-            ifindex: ifindex(ctx),
-            _pad: 0,
-        };
+        let fresh = PendingSyn::first(now, isn, ifindex(ctx));
         // SAFETY: as above; the whole entry is replaced in place.
         unsafe { *entry = fresh };
         emit(ctx, EventKind::Syn, &key, &fresh, now, 0, 0);
         return;
     }
-    let fresh = PendingSyn {
-        first_ns: now,
-        last_ns: now,
-        isn,
-        syns: 1,
-        ifindex: ifindex(ctx),
-        _pad: 0,
-    };
+    let fresh = PendingSyn::first(now, isn, ifindex(ctx));
     match PENDING.insert(key, fresh, BPF_NOEXIST as u64) {
         Ok(()) => emit(ctx, EventKind::Syn, &key, &fresh, now, 0, 0),
         // Another CPU inserted the same SYN a moment ago; it reported it.

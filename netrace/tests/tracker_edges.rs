@@ -1,0 +1,157 @@
+//! The tracker at its edges (docs/reliability.md, case 15 and the fuzzing): kernel timestamps
+//! near the end of u64, sequence numbers at the wrap, and a SYN event that replaces a waiting
+//! entry whose Superseded event was dropped. Pure user space, no privileges.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+
+use netrace::{
+    events::Event,
+    tracker::{OutcomeKind, PendingMap, Tracker},
+};
+use netrace_common::{EventKind, FlowKey, OutcomeEvent, PendingSyn, FAMILY_V4};
+
+#[derive(Default)]
+struct FakeMap(HashMap<FlowKey, PendingSyn>);
+
+impl PendingMap for FakeMap {
+    fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
+        self.0.get(key).copied()
+    }
+    fn remove(&mut self, key: &FlowKey) {
+        self.0.remove(key);
+    }
+    fn scan(&self) -> Vec<(FlowKey, PendingSyn)> {
+        self.0.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+}
+
+const S: u64 = 1_000_000_000;
+
+fn key(port: u16) -> FlowKey {
+    FlowKey {
+        family: FAMILY_V4,
+        src_port: port,
+        dst_port: 443,
+        ..Default::default()
+    }
+}
+
+fn pending(first: u64, isn: u32) -> PendingSyn {
+    PendingSyn {
+        first_ns: first,
+        last_ns: first,
+        isn,
+        syns: 1,
+        ..Default::default()
+    }
+}
+
+fn ev(kind: EventKind, key: FlowKey, p: PendingSyn, ts: u64) -> Event {
+    Event {
+        kind,
+        raw: OutcomeEvent {
+            kind: kind as u32,
+            key,
+            pending: p,
+            ts_ns: ts,
+            ..Default::default()
+        },
+    }
+}
+
+/// `bpf_ktime_get_ns` counts from boot and will not reach u64::MAX, but nothing in the tracker
+/// may overflow if it did: ages, round-trip times and the late window near the limit.
+#[test]
+fn timestamps_near_the_end_of_u64() {
+    let base = u64::MAX - 10 * S;
+    let mut t = Tracker::new(3 * S, 60 * S);
+    let mut m = FakeMap::default();
+    let mut out = Vec::new();
+    let (a, b) = (key(1), key(2));
+    let (pa, pb) = (pending(base, 7), pending(base, 9));
+    m.0.insert(b, pb);
+    t.on_event(&ev(EventKind::Syn, a, pa, base), &mut out);
+    t.on_event(&ev(EventKind::Syn, b, pb, base), &mut out);
+    t.on_event(&ev(EventKind::Answered, a, pa, u64::MAX), &mut out);
+    assert_eq!(out[0].kind, OutcomeKind::Answered);
+    assert_eq!(out[0].rtt_ns, Some(10 * S));
+    // A clock behind the kernel's timestamps (it never is) ages nothing.
+    t.sweep(0, &mut m, &mut out);
+    assert_eq!(out.len(), 1);
+    t.sweep(u64::MAX, &mut m, &mut out);
+    assert_eq!(out[1].kind, OutcomeKind::Lost);
+    assert_eq!(t.pending(), 0);
+    assert_eq!(
+        t.held(),
+        1,
+        "kept for the late window, which cannot end before u64::MAX"
+    );
+    // An answer stamped before the SYN (impossible) is not a negative round trip.
+    t.on_event(&ev(EventKind::Answered, b, pb, 0), &mut out);
+    assert_eq!(out[2].kind, OutcomeKind::Late);
+    assert_eq!(out[2].rtt_ns, Some(0));
+    assert_eq!(t.finish(u64::MAX, &mut m, &mut out), 0);
+    assert_eq!(t.held(), 0);
+}
+
+/// The tracker compares ISNs only for equality; the kernel does the `isn + 1` arithmetic.
+/// An entry whose ISN is 0xffffffff is matched by its answer, not mistaken for another.
+#[test]
+fn isn_at_the_wrap() {
+    let mut t = Tracker::new(3 * S, 60 * S);
+    let mut out = Vec::new();
+    let k = key(3);
+    let p = pending(S, u32::MAX);
+    t.on_event(&ev(EventKind::Syn, k, p, S), &mut out);
+    t.on_event(&ev(EventKind::Answered, k, pending(S, 0), S + 1), &mut out);
+    assert_eq!(
+        out[0].kind,
+        OutcomeKind::Answered,
+        "another attempt's answer"
+    );
+    assert_eq!(t.pending(), 1, "0xffffffff still waits");
+    t.on_event(&ev(EventKind::Answered, k, p, S + 2), &mut out);
+    assert_eq!(out[1].kind, OutcomeKind::Answered);
+    assert_eq!(out[1].pending.isn, u32::MAX);
+    assert_eq!(t.held(), 0);
+}
+
+/// Found by the `tracker_model` fuzz target: a waiting entry replaced by a SYN event with
+/// another ISN, its Superseded event dropped (ring buffer full), used to vanish without any
+/// outcome. It is reported abandoned, as `sweep` reports a replaced kernel entry.
+#[test]
+fn replaced_entry_whose_superseded_event_was_dropped_is_abandoned() {
+    let mut t = Tracker::new(3 * S, 60 * S);
+    let mut m = FakeMap::default();
+    let mut out = Vec::new();
+    let k = key(4);
+    let old = pending(S, 10);
+    let new = pending(2 * S, 11);
+    t.on_event(&ev(EventKind::Syn, k, old, S), &mut out);
+    // (Superseded for `old` dropped.)
+    t.on_event(&ev(EventKind::Syn, k, new, 2 * S), &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].kind, OutcomeKind::Abandoned);
+    assert_eq!(out[0].pending, old);
+    // The same attempt adopted first and then announced is not a replacement.
+    let adopted = pending(3 * S, 12);
+    let k2 = key(5);
+    m.0.insert(k2, adopted);
+    t.adopt(&m);
+    t.on_event(&ev(EventKind::Syn, k2, adopted, 3 * S), &mut out);
+    assert_eq!(out.len(), 1);
+    m.0.remove(&k2);
+    t.on_event(&ev(EventKind::Answered, k2, adopted, 3 * S + 5), &mut out);
+    t.on_event(&ev(EventKind::Answered, k, new, 2 * S + 5), &mut out);
+    let kinds: Vec<_> = out.iter().map(|o| o.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            OutcomeKind::Abandoned,
+            OutcomeKind::Answered,
+            OutcomeKind::Answered
+        ]
+    );
+    assert_eq!(t.held(), 0);
+}
