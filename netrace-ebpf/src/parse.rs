@@ -85,9 +85,84 @@ fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+/// Whether TCP `flags` can matter: a SYN alone on egress, a SYN-ACK or RST+ACK on ingress.
+#[inline(always)]
+fn flags_matter(flags: u8, egress: bool) -> bool {
+    if egress {
+        flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+    } else {
+        flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
+            || flags & (TCP_RST | TCP_ACK) == TCP_RST | TCP_ACK
+    }
+}
+
+/// The fast path: most packets are plain data or ACKs in the common shape (untagged IPv4
+/// without options, untagged IPv6 straight to TCP or UDP), readable in the skb's linear data.
+/// Judged with direct packet reads, they leave here. `false` only where the full parser would
+/// also drop the packet without touching a counter; anything unusual (tags, options,
+/// fragments, extension headers, short or non-linear data) goes on to the full parser.
+#[inline(always)]
+fn surely_irrelevant(ctx: &TcContext, egress: bool) -> bool {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    // Ethernet + IPv4 (20) + TCP base header (20), the shortest shape judged here.
+    if data + ETH_HLEN + 40 > end {
+        return false;
+    }
+    // SAFETY: every read below is at a constant offset under 54, inside the bound just checked;
+    // the verifier checks the same.
+    let at = |off: usize| unsafe { *((data + off) as *const u8) };
+    let proto = be16(at(12), at(13));
+    let (l4, next) = match proto {
+        ETH_P_IP => {
+            // Version 4, IHL 5, not a later fragment.
+            if at(ETH_HLEN) != 0x45 || be16(at(ETH_HLEN + 6), at(ETH_HLEN + 7)) & 0x1fff != 0 {
+                return false;
+            }
+            (ETH_HLEN + 20, at(ETH_HLEN + 9))
+        }
+        ETH_P_IPV6 => {
+            if data + ETH_HLEN + 60 > end || at(ETH_HLEN) >> 4 != 6 {
+                return false;
+            }
+            // SAFETY: as above, now under 74.
+            let next = unsafe { *((data + ETH_HLEN + 6) as *const u8) };
+            (ETH_HLEN + 40, next)
+        }
+        ETH_P_8021Q | ETH_P_8021AD => return false,
+        // ARP, LLDP, ...: never interesting, and the full parser counts nothing for them.
+        _ => return true,
+    };
+    match next {
+        IPPROTO_TCP => {
+            let tcp = data + l4;
+            if tcp + 20 > end {
+                return false;
+            }
+            // SAFETY: offsets 12 and 13 of the 20 bytes just checked.
+            let (off_byte, flags) =
+                unsafe { (*((tcp + 12) as *const u8), *((tcp + 13) as *const u8)) };
+            let doff = (off_byte >> 4) as usize * 4;
+            // Malformed or cut short: the full parser counts those.
+            doff >= 20 && tcp + doff <= end && !flags_matter(flags, egress)
+        }
+        IPPROTO_ICMP if proto == ETH_P_IP => egress,
+        IPPROTO_ICMPV6 if proto == ETH_P_IPV6 => egress,
+        // IPv6 extension headers: the full parser walks them.
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_AUTH | IPV6_DEST_OPTS
+            if proto == ETH_P_IPV6 =>
+        {
+            false
+        }
+        _ => true,
+    }
+}
+
 /// Parses the packet in `ctx`; `egress` selects what is interesting (SYNs out, answers in).
 #[inline(always)]
 pub fn parse(ctx: &TcContext, egress: bool) -> Option<Parsed> {
+    if surely_irrelevant(ctx, egress) {
+        return None;
+    }
     let l3 = l3(ctx)?;
     match l3.proto {
         IPPROTO_TCP => tcp(ctx, &l3, egress),
@@ -225,11 +300,11 @@ fn tcp(ctx: &TcContext, l3: &L3, egress: bool) -> Option<Parsed> {
     let sport = be16(t[0], t[1]);
     let dport = be16(t[2], t[3]);
     let flags = t[13];
+    if !flags_matter(flags, egress) {
+        return None;
+    }
     if egress {
         // A connection attempt: SYN alone (ECN bits allowed), never with ACK, RST or FIN.
-        if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
-            return None;
-        }
         return Some(Parsed::Syn {
             key: key(l3.family, l3.src, l3.dst, sport, dport),
             isn: be32(&t, 4),

@@ -87,6 +87,6 @@ fn on_state(ctx: &TracePointContext) -> Option<()> {
         new_state: new as u32,
         pid: id as u32,
     });
-    slot.submit(0);
+    slot.submit(crate::wakeup());
     Some(())
 }

@@ -35,6 +35,9 @@ const LATE_WINDOW: Duration = Duration::from_secs(60);
 /// At most this many lost connections are kept for `--list-lost`.
 const MAX_LISTED: usize = 100_000;
 const TICK: Duration = Duration::from_millis(250);
+/// The kernel wakes netrace only when a quarter of the ring buffer is full; below that,
+/// events are collected this often.
+const DRAIN: Duration = Duration::from_millis(50);
 
 /// Why the loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -285,6 +288,8 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
     // the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
+    let mut drain_tick = interval(DRAIN);
+    drain_tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut tick = interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut live = render::live::Live::new();
@@ -298,6 +303,12 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
                 let mut guard = r.context("waiting on the ring buffer")?;
                 drain(guard.get_inner_mut(), &mut session.tracker, &mut session.correlator, &mut session.decode_errors, &mut outcomes);
                 guard.clear_ready();
+                if session.record(&mut outcomes).is_err() {
+                    break End::BrokenPipe;
+                }
+            }
+            _ = drain_tick.tick() => {
+                drain(ring.get_mut(), &mut session.tracker, &mut session.correlator, &mut session.decode_errors, &mut outcomes);
                 if session.record(&mut outcomes).is_err() {
                     break End::BrokenPipe;
                 }
