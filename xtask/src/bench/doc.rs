@@ -89,7 +89,7 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
         s(r, "/command")
     )?;
     writeln!(d, "```sh")?;
-    writeln!(d, "cargo xtask bench           # about 5 minutes; rewrites this file and docs/benchmarks.json")?;
+    writeln!(d, "cargo xtask bench           # about 6 minutes; rewrites this file and docs/benchmarks.json")?;
     writeln!(d, "cargo xtask bench --quick   # under a minute; writes target/netrace-bench/benchmarks-quick.*")?;
     writeln!(d, "```\n")?;
     if quick {
@@ -406,8 +406,9 @@ fn loss(d: &mut String, r: &Value) -> anyhow::Result<()> {
         "netrace's object loaded with a {} B ring buffer (`--ringbuf-kib 4`); a record is {} B. \
          *Bursts*: new SYNs through `BPF_PROG_TEST_RUN` with nobody draining, then one drain: \
          bursts of 1, 2, 3, … find the first that drops. *Paced*: SYNs at a fixed rate for {} s \
-         while a second thread drains the ring as `netrace watch` does (woken by the ring's \
-         readiness, every record decoded into a `Tracker`). In every run the kernel's \
+         while a second thread drains the ring as `netrace watch` does (woken by the kernel \
+         once a quarter of the ring is full, otherwise every 50 ms; every record decoded into \
+         a `Tracker`). In every run the kernel's \
          `ringbuf_full` counter plus the events received must equal the SYNs sent, and after \
          drops `Tracker::adopt` must find every SYN whose event was dropped.\n",
         f(l, "/burst/ring_bytes"),

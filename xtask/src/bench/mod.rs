@@ -52,7 +52,7 @@ impl Plan {
             Self {
                 quick,
                 secs: 5.0,
-                rounds: 7,
+                rounds: 9,
                 scale_levels: &[10_000, 100_000, 1_000_000],
             }
         }
@@ -91,6 +91,11 @@ pub fn run(debug_bin: &Path, quick: bool) -> anyhow::Result<()> {
     let machine = doc::machine();
     let q: &[&str] = if quick { &["--quick"] } else { &[] };
 
+    // The traffic first: it is the most sensitive to other work on the machine.
+    super::step("2 and 3. throughput and connection rate (network namespaces)");
+    let scratch = root.join("target/netrace-bench/tmp");
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let traffic = traffic(&netrace, &plan, &scratch)?;
     super::step("1. per-packet cost (BPF_PROG_TEST_RUN)");
     let per_packet = probe_json(&probe, &[&["per-packet"], q].concat())?;
     super::step("4. scale: pending SYNs, memory, sweep");
@@ -101,10 +106,6 @@ pub fn run(debug_bin: &Path, quick: bool) -> anyhow::Result<()> {
     }
     super::step("5. no silent loss");
     let loss = probe_json(&probe, &[&["loss"], q].concat())?;
-    super::step("2 and 3. throughput and connection rate (network namespaces)");
-    let scratch = root.join("target/netrace-bench/tmp");
-    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-    let traffic = traffic(&netrace, &plan, &scratch)?;
 
     let load_after = doc::loadavg();
     let results = json!({

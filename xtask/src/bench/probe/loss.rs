@@ -1,6 +1,6 @@
 //! No silent loss: with a 4 KiB ring buffer (`--ringbuf-kib 4`), how many new SYNs fit in a
 //! burst nobody drains, how fast SYNs may come while a consumer drains the ring the way
-//! `netrace watch` does (woken by the ring's readiness, decoding every record into a
+//! `netrace watch` does (woken by the kernel or every 50 ms, decoding every record into a
 //! [`Tracker`]), and, above those, that every SYN is accounted for: events received plus the
 //! kernel's ring-full counter equal the SYNs sent, and `adopt()` recovers every dropped one.
 
@@ -22,6 +22,9 @@ use crate::{
 };
 
 const SMALL_RING: u32 = 4096;
+/// As `netrace watch` drains: when the kernel wakes it (a quarter of the ring is full) and
+/// otherwise every 50 ms (`DRAIN` in netrace/src/watch.rs).
+const DRAIN_MS: i32 = 50;
 const MAX_PENDING: u32 = 1 << 20;
 
 /// One burst or paced run and its accounting.
@@ -125,6 +128,9 @@ fn wait_readable(fd: i32, timeout_ms: i32) {
 /// ring of `ring` bytes drained by a second thread as `netrace watch` drains it.
 fn paced(ring: u32, rate: Option<f64>, secs: f64) -> anyhow::Result<(Value, bool)> {
     let mut k = Kernel::load(MAX_PENDING, ring)?;
+    // The previous run's maps (up to 200 k entries) are freed by a kernel worker after their
+    // descriptors close; let it finish, or its CPU time looks like a slow consumer.
+    std::thread::sleep(Duration::from_millis(500));
     let Kernel { att, maps } = &mut k;
     let events = &mut maps.events;
     let done = AtomicBool::new(false);
@@ -150,7 +156,7 @@ fn paced(ring: u32, rate: Option<f64>, secs: f64) -> anyhow::Result<(Value, bool
                 if finished {
                     break;
                 }
-                wait_readable(fd, 5);
+                wait_readable(fd, DRAIN_MS);
             }
             (received, tracker)
         });
