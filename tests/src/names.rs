@@ -16,7 +16,8 @@ const SEQ_DIGITS: usize = 3;
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
-fn base36(mut n: u64, width: usize) -> String {
+/// `n` in base 36, zero-padded (or cut) to `width` digits: short, name-safe ids.
+pub fn base36(mut n: u64, width: usize) -> String {
     const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut out = vec![b'0'; width];
     for slot in out.iter_mut().rev() {

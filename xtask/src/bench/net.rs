@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use netrace_lab::cmd;
+use netrace_lab::{cmd, names::base36};
 
 pub const PREFIX: &str = "nrb";
 const PID_DIGITS: usize = 5;
@@ -23,16 +23,6 @@ pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 77, 1);
 pub const SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 19, 77, 2);
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn base36(mut n: u64, width: usize) -> String {
-    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = vec![b'0'; width];
-    for slot in out.iter_mut().rev() {
-        *slot = DIGITS[(n % 36) as usize];
-        n /= 36;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 pub struct BenchNet {
     pub client_ns: String,
