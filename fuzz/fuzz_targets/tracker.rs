@@ -4,31 +4,16 @@
 //! late answer only for a connection it reported lost, and leave nothing behind after finish.
 #![no_main]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use libfuzzer_sys::{arbitrary::Unstructured, fuzz_target};
 use netrace::{
     events::Event,
     ports::PortRange,
     stats::Histogram,
-    tracker::{Outcome, OutcomeKind, PendingMap, Tracker},
+    tracker::{MemoryMap, Outcome, OutcomeKind, Tracker},
 };
 use netrace_common::{FlowKey, PendingSyn, FAMILY_V4, FAMILY_V6, OUTCOME_EVENT_SIZE};
-
-#[derive(Default)]
-struct FakeMap(HashMap<FlowKey, PendingSyn>);
-
-impl PendingMap for FakeMap {
-    fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
-        self.0.get(key).copied()
-    }
-    fn remove(&mut self, key: &FlowKey) {
-        self.0.remove(key);
-    }
-    fn scan(&self) -> Vec<(FlowKey, PendingSyn)> {
-        self.0.iter().map(|(k, v)| (*k, *v)).collect()
-    }
-}
 
 /// A small key space, so that events collide.
 fn key(u: &mut Unstructured) -> FlowKey {
@@ -73,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
     let timeout = u.int_in_range(1..=10_000_000_000u64).unwrap_or(1);
     let late = u.arbitrary::<u64>().unwrap_or(0);
     let mut t = Tracker::new(timeout, late);
-    let mut map = FakeMap::default();
+    let mut map = MemoryMap::default();
     let mut hist = Histogram::new(PortRange::new(32768, 65535), &[1024, 8192, 16384, 49152]);
     let mut out = Vec::new();
     let mut lost = HashSet::new();

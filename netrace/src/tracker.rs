@@ -16,6 +16,22 @@ pub trait PendingMap {
     fn scan(&self) -> Vec<(FlowKey, PendingSyn)>;
 }
 
+/// A pending map in memory: the tracker without a kernel (unit tests, fuzzing, models).
+#[derive(Clone, Debug, Default)]
+pub struct MemoryMap(pub HashMap<FlowKey, PendingSyn>);
+
+impl PendingMap for MemoryMap {
+    fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
+        self.0.get(key).copied()
+    }
+    fn remove(&mut self, key: &FlowKey) {
+        self.0.remove(key);
+    }
+    fn scan(&self) -> Vec<(FlowKey, PendingSyn)> {
+        self.0.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutcomeKind {
@@ -341,21 +357,6 @@ mod tests {
     use super::*;
     use netrace_common::{OutcomeEvent, FAMILY_V4};
 
-    #[derive(Default)]
-    struct FakeMap(HashMap<FlowKey, PendingSyn>);
-
-    impl PendingMap for FakeMap {
-        fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
-            self.0.get(key).copied()
-        }
-        fn remove(&mut self, key: &FlowKey) {
-            self.0.remove(key);
-        }
-        fn scan(&self) -> Vec<(FlowKey, PendingSyn)> {
-            self.0.iter().map(|(k, v)| (*k, *v)).collect()
-        }
-    }
-
     const S: u64 = 1_000_000_000;
 
     fn key(port: u16) -> FlowKey {
@@ -393,7 +394,7 @@ mod tests {
     #[test]
     fn answered_lost_late() {
         let mut t = Tracker::new(3 * S, 60 * S);
-        let mut m = FakeMap::default();
+        let mut m = MemoryMap::default();
         let mut out = Vec::new();
         let (a, b) = (key(40000), key(2000));
         let (pa, pb) = (pending(S, 7), pending(S, 9));
@@ -428,7 +429,7 @@ mod tests {
         // An ICMP error that reaches the client while connect() holds its socket is a soft
         // error there: the stack sends the same SYN again and gets the same error.
         let mut t = Tracker::new(S, 10 * S);
-        let mut m = FakeMap::default();
+        let mut m = MemoryMap::default();
         let mut out = Vec::new();
         let k = key(40000);
         let p1 = pending(0, 7);
@@ -468,7 +469,7 @@ mod tests {
     #[test]
     fn late_window_clears_kernel_entry() {
         let mut t = Tracker::new(S, 10 * S);
-        let mut m = FakeMap::default();
+        let mut m = MemoryMap::default();
         let mut out = Vec::new();
         let k = key(1500);
         let p = pending(0, 1);
@@ -486,7 +487,7 @@ mod tests {
     #[test]
     fn dropped_answer_event_is_not_a_loss() {
         let mut t = Tracker::new(S, 10 * S);
-        let mut m = FakeMap::default();
+        let mut m = MemoryMap::default();
         let mut out = Vec::new();
         let k = key(1500);
         t.on_event(&ev(EventKind::Syn, k, pending(0, 1), 0), &mut out);
@@ -498,7 +499,7 @@ mod tests {
     #[test]
     fn dropped_syn_event_is_adopted_then_lost() {
         let mut t = Tracker::new(S, 10 * S);
-        let mut m = FakeMap::default();
+        let mut m = MemoryMap::default();
         let mut out = Vec::new();
         let k = key(1500);
         m.0.insert(k, pending(0, 1));
@@ -511,7 +512,7 @@ mod tests {
     #[test]
     fn superseded_is_abandoned_once() {
         let mut t = Tracker::new(S, 10 * S);
-        let mut m = FakeMap::default();
+        let mut m = MemoryMap::default();
         let mut out = Vec::new();
         let k = key(1500);
         let old = pending(0, 1);
@@ -531,7 +532,7 @@ mod tests {
     #[test]
     fn finish_counts_waiting_and_clears_kernel() {
         let mut t = Tracker::new(3 * S, 10 * S);
-        let mut m = FakeMap::default();
+        let mut m = MemoryMap::default();
         let mut out = Vec::new();
         let k = key(1500);
         m.0.insert(k, pending(0, 1));

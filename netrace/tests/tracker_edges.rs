@@ -3,28 +3,11 @@
 //! entry whose Superseded event was dropped. Pure user space, no privileges.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-
 use netrace::{
     events::Event,
-    tracker::{OutcomeKind, PendingMap, Tracker},
+    tracker::{MemoryMap, OutcomeKind, Tracker},
 };
 use netrace_common::{EventKind, FlowKey, OutcomeEvent, PendingSyn, FAMILY_V4};
-
-#[derive(Default)]
-struct FakeMap(HashMap<FlowKey, PendingSyn>);
-
-impl PendingMap for FakeMap {
-    fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
-        self.0.get(key).copied()
-    }
-    fn remove(&mut self, key: &FlowKey) {
-        self.0.remove(key);
-    }
-    fn scan(&self) -> Vec<(FlowKey, PendingSyn)> {
-        self.0.iter().map(|(k, v)| (*k, *v)).collect()
-    }
-}
 
 const S: u64 = 1_000_000_000;
 
@@ -66,7 +49,7 @@ fn ev(kind: EventKind, key: FlowKey, p: PendingSyn, ts: u64) -> Event {
 fn timestamps_near_the_end_of_u64() {
     let base = u64::MAX - 10 * S;
     let mut t = Tracker::new(3 * S, 60 * S);
-    let mut m = FakeMap::default();
+    let mut m = MemoryMap::default();
     let mut out = Vec::new();
     let (a, b) = (key(1), key(2));
     let (pa, pb) = (pending(base, 7), pending(base, 9));
@@ -123,7 +106,7 @@ fn isn_at_the_wrap() {
 #[test]
 fn replaced_entry_whose_superseded_event_was_dropped_is_abandoned() {
     let mut t = Tracker::new(3 * S, 60 * S);
-    let mut m = FakeMap::default();
+    let mut m = MemoryMap::default();
     let mut out = Vec::new();
     let k = key(4);
     let old = pending(S, 10);
