@@ -70,20 +70,25 @@ fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
         .collect())
 }
 
-fn cargo_bin_dir() -> PathBuf {
-    std::env::var_os("CARGO_HOME")
+/// Where `cargo install` puts bpf-linker, else wherever PATH finds one.
+fn bpf_linker_path() -> Option<PathBuf> {
+    let installed = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
-        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
-        .join("bin")
+        .map(|home| home.join("bin").join("bpf-linker"))
+        .filter(|p| p.exists());
+    installed.or_else(|| {
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|dir| dir.join("bpf-linker"))
+            .find(|p| p.exists())
+    })
 }
 
 /// Whether bpf-linker is installed and linked against LLVM 22 (rustc-web's LLVM).
 fn bpf_linker_ok() -> bool {
-    let path = cargo_bin_dir().join("bpf-linker");
-    if !path.exists() {
+    let Some(path) = bpf_linker_path() else {
         return false;
-    }
+    };
     Command::new("ldd")
         .arg(&path)
         .output()
