@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netrace_common::{
-    EventKind, FlowKey, OutcomeEvent, SockEvent, FAMILY_V4, FAMILY_V6, OUTCOME_EVENT_SIZE,
-    SOCK_EVENT_SIZE,
+    EventKind, FlowKey, OutcomeEvent, PendingSyn, SockEvent, FAMILY_V4, FAMILY_V6,
+    OUTCOME_EVENT_SIZE, SOCK_EVENT_SIZE,
 };
 
 /// Why a ring-buffer record could not be decoded.
@@ -25,6 +25,22 @@ pub enum DecodeError {
 pub struct Event {
     pub kind: EventKind,
     pub raw: OutcomeEvent,
+}
+
+impl Event {
+    /// An event as the kernel would send it (tests, fuzzing, models of the kernel side).
+    pub fn new(kind: EventKind, key: FlowKey, pending: PendingSyn, ts_ns: u64) -> Self {
+        Self {
+            kind,
+            raw: OutcomeEvent {
+                kind: kind as u32,
+                key,
+                pending,
+                ts_ns,
+                ..Default::default()
+            },
+        }
+    }
 }
 
 impl TryFrom<&[u8]> for Event {

@@ -355,7 +355,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netrace_common::{OutcomeEvent, FAMILY_V4};
+    use netrace_common::FAMILY_V4;
 
     const S: u64 = 1_000_000_000;
 
@@ -369,26 +369,11 @@ mod tests {
     }
 
     fn pending(first: u64, isn: u32) -> PendingSyn {
-        PendingSyn {
-            first_ns: first,
-            last_ns: first,
-            isn,
-            syns: 1,
-            ..Default::default()
-        }
+        PendingSyn::first(first, isn, 0)
     }
 
     fn ev(kind: EventKind, key: FlowKey, p: PendingSyn, ts: u64) -> Event {
-        Event {
-            kind,
-            raw: OutcomeEvent {
-                kind: kind as u32,
-                key,
-                pending: p,
-                ts_ns: ts,
-                ..Default::default()
-            },
-        }
+        Event::new(kind, key, p, ts)
     }
 
     #[test]

@@ -7,7 +7,7 @@ use netrace::{
     events::Event,
     tracker::{MemoryMap, OutcomeKind, Tracker},
 };
-use netrace_common::{EventKind, FlowKey, OutcomeEvent, PendingSyn, FAMILY_V4};
+use netrace_common::{EventKind, FlowKey, PendingSyn, FAMILY_V4};
 
 const S: u64 = 1_000_000_000;
 
@@ -21,26 +21,11 @@ fn key(port: u16) -> FlowKey {
 }
 
 fn pending(first: u64, isn: u32) -> PendingSyn {
-    PendingSyn {
-        first_ns: first,
-        last_ns: first,
-        isn,
-        syns: 1,
-        ..Default::default()
-    }
+    PendingSyn::first(first, isn, 0)
 }
 
 fn ev(kind: EventKind, key: FlowKey, p: PendingSyn, ts: u64) -> Event {
-    Event {
-        kind,
-        raw: OutcomeEvent {
-            kind: kind as u32,
-            key,
-            pending: p,
-            ts_ns: ts,
-            ..Default::default()
-        },
-    }
+    Event::new(kind, key, p, ts)
 }
 
 /// `bpf_ktime_get_ns` counts from boot and will not reach u64::MAX, but nothing in the tracker

@@ -120,6 +120,33 @@ pub struct NetraceOutput {
     pub unparsed: Vec<String>,
 }
 
+impl NetraceOutput {
+    /// A finished run's output; standard output's lines are split into JSON and the rest.
+    pub fn from_captured(
+        command_line: String,
+        status: ExitStatus,
+        stdout: String,
+        stderr: String,
+    ) -> Self {
+        let mut json = Vec::new();
+        let mut unparsed = Vec::new();
+        for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<Value>(line) {
+                Ok(v) => json.push(v),
+                Err(_) => unparsed.push(line.to_owned()),
+            }
+        }
+        Self {
+            command_line,
+            status,
+            stdout,
+            stderr,
+            json,
+            unparsed,
+        }
+    }
+}
+
 fn reader(mut pipe: impl std::io::Read + Send + 'static) -> JoinHandle<String> {
     std::thread::spawn(move || {
         let mut buf = Vec::new();
@@ -264,22 +291,7 @@ impl NetraceRun {
             |h: Option<JoinHandle<String>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
         let stdout = join(self.stdout.take());
         let stderr = join(self.stderr.take());
-        let mut json = Vec::new();
-        let mut unparsed = Vec::new();
-        for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
-            match serde_json::from_str::<Value>(line) {
-                Ok(v) => json.push(v),
-                Err(_) => unparsed.push(line.to_owned()),
-            }
-        }
-        NetraceOutput {
-            command_line: self.command_line.clone(),
-            status,
-            stdout,
-            stderr,
-            json,
-            unparsed,
-        }
+        NetraceOutput::from_captured(self.command_line.clone(), status, stdout, stderr)
     }
 }
 

@@ -12,7 +12,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use serde_json::Value;
 
 use crate::netrace_run::{NetraceOutput, Output};
 
@@ -273,22 +272,7 @@ impl Watcher {
             |h: Option<JoinHandle<String>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
         let stdout = join(self.stdout.take());
         let stderr = join(self.stderr.take());
-        let mut json = Vec::new();
-        let mut unparsed = Vec::new();
-        for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
-            match serde_json::from_str::<Value>(line) {
-                Ok(v) => json.push(v),
-                Err(_) => unparsed.push(line.to_owned()),
-            }
-        }
-        NetraceOutput {
-            command_line: self.command_line.clone(),
-            status,
-            stdout,
-            stderr,
-            json,
-            unparsed,
-        }
+        NetraceOutput::from_captured(self.command_line.clone(), status, stdout, stderr)
     }
 }
 
