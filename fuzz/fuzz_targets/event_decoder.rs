@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use netrace::events::{addrs, DecodeError, Event, Record};
+use netrace::kernel::events::{addrs, DecodeError, Event, Record};
 use netrace_common::{
     EventKind, OutcomeEvent, FAMILY_V4, FAMILY_V6, OUTCOME_EVENT_SIZE, SOCK_EVENT_SIZE,
 };

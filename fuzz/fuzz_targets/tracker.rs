@@ -8,10 +8,10 @@ use std::collections::HashSet;
 
 use libfuzzer_sys::{arbitrary::Unstructured, fuzz_target};
 use netrace::{
-    events::Event,
+    kernel::events::Event,
     ports::PortRange,
-    stats::Histogram,
-    tracker::{MemoryMap, Outcome, OutcomeKind, Tracker},
+    track::stats::Histogram,
+    track::tracker::{MemoryMap, Outcome, OutcomeKind, Tracker},
 };
 use netrace_common::{FlowKey, PendingSyn, FAMILY_V4, FAMILY_V6, OUTCOME_EVENT_SIZE};
 

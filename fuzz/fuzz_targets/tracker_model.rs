@@ -16,8 +16,8 @@ use std::collections::{HashMap, VecDeque};
 
 use libfuzzer_sys::{arbitrary::Unstructured, fuzz_target};
 use netrace::{
-    events::Event,
-    tracker::{Outcome, OutcomeKind, PendingMap, Tracker},
+    kernel::events::Event,
+    track::tracker::{Outcome, OutcomeKind, PendingMap, Tracker},
 };
 use netrace_common::{
     EventKind, FlowKey, OutcomeEvent, PendingSyn, FAMILY_V4, FAMILY_V6, OUTCOME_EVENT_SIZE,

@@ -16,7 +16,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{ports::PortRange, tracker::OutcomeKind};
+use crate::{ports::PortRange, track::tracker::OutcomeKind};
 
 /// Upper bounds (seconds) of the connect-RTT histogram buckets.
 const RTT_BOUNDS: [f64; 12] = [

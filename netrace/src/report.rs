@@ -6,14 +6,14 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde::Serialize;
 
 use crate::{
-    correlate::Attribution,
-    events::addrs,
-    natmode::NatReport,
+    judge::verdict::Verdict,
+    kernel::events::addrs,
     node::NodePorts,
     ports::PortRange,
-    stats::{Bucket, Counts, Histogram},
-    tracker::{Outcome, OutcomeKind},
-    verdict::Verdict,
+    track::correlate::Attribution,
+    track::natmode::NatReport,
+    track::stats::{Bucket, Counts, Histogram},
+    track::tracker::{Outcome, OutcomeKind},
 };
 
 /// One connection outcome, as printed (`--list-lost`, JSON lines).

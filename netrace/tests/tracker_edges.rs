@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use netrace::{
-    events::Event,
-    tracker::{MemoryMap, OutcomeKind, Tracker},
+    kernel::events::Event,
+    track::tracker::{MemoryMap, OutcomeKind, Tracker},
 };
 use netrace_common::{EventKind, FlowKey, PendingSyn, FAMILY_V4};
 

@@ -2,7 +2,7 @@
 
 use std::io::{self, IsTerminal, Write};
 
-use crate::stats::Counts;
+use crate::track::stats::Counts;
 
 pub struct Live {
     enabled: bool,

@@ -5,10 +5,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::{programs::ProgramError, sys::SyscallError, TestRun as _, TestRunOptions};
 use netrace::{
-    attach::Attachments,
-    events::Event,
-    loader::{self, Maps, EGRESS_PROGRAM, INGRESS_PROGRAM},
-    tracker::PendingMap as _,
+    kernel::attach::Attachments,
+    kernel::events::Event,
+    kernel::loader::{self, Maps, EGRESS_PROGRAM, INGRESS_PROGRAM},
+    track::tracker::PendingMap as _,
 };
 use netrace_common::{Counter, FlowKey, KernelFilter, PendingSyn, FAMILY_V4, FAMILY_V6};
 

@@ -163,8 +163,8 @@ fn per_packet(d: &mut String, r: &Value) -> anyhow::Result<()> {
     writeln!(
         d,
         "`BPF_PROG_TEST_RUN` of `netrace_egress`, `netrace_ingress` and the empty classifier \
-         `netrace_noop` from the same object, loaded by `netrace::loader::load` and \
-         `netrace::attach::Attachments` exactly as `netrace watch` loads them (default map \
+         `netrace_noop` from the same object, loaded by `netrace::kernel::loader::load` and \
+         `netrace::kernel::attach::Attachments` exactly as `netrace watch` loads them (default map \
          sizes: 2^18 pending entries, 4 MiB ring buffer), on the same frames. Each call runs the program {} times on one frame; the time per run is the \
          call's wall-clock time divided by the repetitions (the kernel's own figure is whole \
          nanoseconds, too coarse for the empty classifier; it is shown as a cross-check). \
@@ -363,11 +363,11 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
         "For each size, a process of its own loads netrace's object with `max_pending` = 2^20 \
          (`--max-pending 1048576`) and the default 4 MiB ring buffer, then has the egress \
          program itself insert that many SYNs, each a new 4-tuple (`BPF_PROG_TEST_RUN`, one \
-         call per SYN), while it drains their events into a `netrace::tracker::Tracker` as \
+         call per SYN), while it drains their events into a `netrace::track::tracker::Tracker` as \
          `netrace watch` does. *Maps* is the kernel's `memlock` figure of every map (from \
          `/proc/self/fdinfo`); *RSS* is the process's `VmRSS`, tracker included. Then \
          `Tracker::sweep` runs at a time past the SYN timeout: one kernel map lookup per entry \
-         through `netrace::loader::Pending`, every entry reported lost. *adopt* is the walk of \
+         through `netrace::kernel::loader::Pending`, every entry reported lost. *adopt* is the walk of \
          the whole map that `netrace watch` does after ring-buffer drops.\n"
     )?;
     writeln!(

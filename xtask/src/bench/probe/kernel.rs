@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, Context as _};
 use aya::{programs::SchedClassifier, TestRun as _, TestRunOptions, TestRunResult};
 use netrace::{
-    attach::Attachments,
-    events::Event,
-    loader::{self, Maps, NOOP_PROGRAM},
-    tracker::{Outcome, Tracker},
+    kernel::attach::Attachments,
+    kernel::events::Event,
+    kernel::loader::{self, Maps, NOOP_PROGRAM},
+    track::tracker::{Outcome, Tracker},
 };
 use netrace_common::{Counter, KernelFilter};
 
-pub use netrace::loader::{EGRESS_PROGRAM as EGRESS, INGRESS_PROGRAM as INGRESS};
+pub use netrace::kernel::loader::{EGRESS_PROGRAM as EGRESS, INGRESS_PROGRAM as INGRESS};
 pub const NOOP: &str = NOOP_PROGRAM;
 
 /// TC_ACT_UNSPEC (-1) as the kernel reports a program's return value.

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail};
-use netrace::tracker::Tracker;
+use netrace::track::tracker::Tracker;
 use netrace_common::{Counter, DEFAULT_RINGBUF_BYTES, OUTCOME_EVENT_SIZE};
 use serde_json::{json, Value};
 
@@ -148,7 +148,7 @@ fn paced(ring: u32, rate: Option<f64>, secs: f64) -> anyhow::Result<(Value, bool
                 // Read the flag first: a record submitted before it was set is drained below.
                 let finished = done.load(Ordering::Acquire);
                 while let Some(item) = events.next() {
-                    if let Ok(ev) = netrace::events::Event::try_from(&*item) {
+                    if let Ok(ev) = netrace::kernel::events::Event::try_from(&*item) {
                         tracker.on_event(&ev, &mut outcomes);
                     }
                     received += 1;
@@ -188,7 +188,7 @@ fn paced(ring: u32, rate: Option<f64>, secs: f64) -> anyhow::Result<(Value, bool
 }
 
 fn produce(
-    att: &mut netrace::attach::Attachments,
+    att: &mut netrace::kernel::attach::Attachments,
     frame: &mut [u8],
     rate: Option<f64>,
     secs: f64,

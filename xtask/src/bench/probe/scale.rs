@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use netrace::{
     report::monotonic_ns,
-    tracker::{OutcomeKind, Tracker},
+    track::tracker::{OutcomeKind, Tracker},
 };
 use netrace_common::Counter;
 use serde_json::{json, Value};

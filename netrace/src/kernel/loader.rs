@@ -7,7 +7,7 @@ use aya::{
 };
 use netrace_common::{Counter, FlowKey, KernelFilter, PendingSyn, TpOffsets};
 
-use crate::{cli::WatchConfig, events::addr_bytes, tracker::PendingMap};
+use crate::{cli::WatchConfig, kernel::events::addr_bytes, track::tracker::PendingMap};
 
 /// The kernel programs, compiled from `netrace-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netrace"));

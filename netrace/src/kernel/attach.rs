@@ -15,8 +15,8 @@ use aya::{
 
 use crate::{
     cli::AttachMode,
-    loader::{EGRESS_PROGRAM, INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SOCK_STATE_PROGRAM},
-    tracefs,
+    kernel::loader::{EGRESS_PROGRAM, INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SOCK_STATE_PROGRAM},
+    kernel::tracefs,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -26,7 +26,7 @@ pub fn ensure() -> anyhow::Result<PathBuf> {
         return Ok(found.to_path_buf());
     }
     let probe = format!("events/{CATEGORY}/{EVENT}/format");
-    crate::mounts::ensure("tracefs", CANDIDATES[0], &probe)?;
+    crate::kernel::mounts::ensure("tracefs", CANDIDATES[0], &probe)?;
     Ok(PathBuf::from(CANDIDATES[0]))
 }
 

@@ -15,18 +15,22 @@ use tokio::{
 };
 
 use crate::{
-    attach::Attachments,
     cli::{OutputFormat, WatchConfig},
-    correlate::Correlator,
     error::{exit, UsageError},
-    events::Record,
-    iface, loader, metrics, natmode,
+    judge::verdict,
+    kernel::attach::Attachments,
+    kernel::events::Record,
+    kernel::loader,
+    metrics,
+    node::iface,
+    node::privileges,
     node::NodePorts,
-    privileges, render,
+    render,
     report::{monotonic_ns, Clock, ConnRecord, Drops, PodLoss, Report},
-    stats::Histogram,
-    tracker::{Outcome, Tracker},
-    verdict,
+    track::correlate::Correlator,
+    track::natmode,
+    track::stats::Histogram,
+    track::tracker::{Outcome, Tracker},
 };
 
 /// How long a connection reported lost is still paired with a late answer. Linux gives up on a
@@ -219,8 +223,8 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
     let mut notes = Vec::new();
     if cfg.processes {
         // Attribution is an extra: without it, the histogram and verdict still stand.
-        let attached = crate::tracefs::ensure()
-            .and_then(|root| crate::tracefs::offsets(&root))
+        let attached = crate::kernel::tracefs::ensure()
+            .and_then(|root| crate::kernel::tracefs::offsets(&root))
             .and_then(|o| {
                 tp_offsets
                     .set(0, o, 0)
@@ -234,9 +238,9 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
         }
     }
     let correlating = !cfg.pod_ifaces.is_empty() || cfg.processes;
-    let mut cgroup_root = crate::cgroups::cgroup2_root();
+    let mut cgroup_root = crate::node::cgroups::cgroup2_root();
     if cfg.processes && cgroup_root.is_none() {
-        match crate::mounts::ensure("cgroup2", "/sys/fs/cgroup", "cgroup.controllers") {
+        match crate::kernel::mounts::ensure("cgroup2", "/sys/fs/cgroup", "cgroup.controllers") {
             Ok(()) => cgroup_root = Some("/sys/fs/cgroup".into()),
             Err(e) => {
                 let msg = format!("cgroups cannot be named: {e:#}");
@@ -254,7 +258,7 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
             "netrace: watching {} ({}), SYN-ACKs allowed back to {}; Ctrl-C to stop and report",
             cfg.ifaces.join(", "),
             match attachments.via {
-                Some(crate::attach::Via::Tcx) => "TCX",
+                Some(crate::kernel::attach::Via::Tcx) => "TCX",
                 _ => "clsact",
             },
             cfg.allowed

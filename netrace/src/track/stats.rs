@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::{ports::PortRange, tracker::OutcomeKind};
+use crate::{ports::PortRange, track::tracker::OutcomeKind};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {

@@ -12,7 +12,7 @@ use netrace_common::{DEFAULT_MAX_PENDING, MAX_MAX_PENDING};
 
 use crate::{
     error::UsageError,
-    iface,
+    node::iface,
     ports::{parse_duration, PortRange},
 };
 

@@ -15,9 +15,9 @@ use netrace_common::{EventKind, FlowKey};
 use serde::Serialize;
 
 use crate::{
-    cgroups::{Resolver, Workload},
-    events::{addr_bytes, addrs, SockRecord},
-    natmode::Pair,
+    kernel::events::{addr_bytes, addrs, SockRecord},
+    node::cgroups::{Resolver, Workload},
+    track::natmode::Pair,
 };
 
 /// How far apart in time a pod-side SYN and its uplink twin may be.

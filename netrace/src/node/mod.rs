@@ -1,4 +1,10 @@
-//! The node's own port settings, read from procfs (the node's, e.g. /host/proc in a pod).
+//! Facts about the node: its own port settings (`NodePorts`, read from the node's procfs,
+//! e.g. /host/proc in a pod), its interfaces (`iface`), netrace's privileges (`privileges`) and
+//! cgroups, for naming pods (`cgroups`).
+
+pub mod cgroups;
+pub mod iface;
+pub mod privileges;
 
 use std::{fs, path::Path};
 

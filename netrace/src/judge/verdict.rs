@@ -4,10 +4,10 @@
 use serde::Serialize;
 
 use crate::{
-    natmode::{NatMode, NatReport},
     node::NodePorts,
     ports::PortRange,
-    stats::Histogram,
+    track::natmode::{NatMode, NatReport},
+    track::stats::Histogram,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -252,7 +252,7 @@ pub fn fix(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::OutcomeKind;
+    use crate::track::tracker::OutcomeKind;
 
     fn node() -> NodePorts {
         NodePorts {

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 
 use netrace_common::{EventKind, FlowKey, PendingSyn};
 
-use crate::events::Event;
+use crate::kernel::events::Event;
 
 /// The kernel's pending map, as the tracker needs it (a fake one in unit tests).
 pub trait PendingMap {

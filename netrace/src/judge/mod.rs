@@ -1,0 +1,4 @@
+//! Judging: what the counts mean (`verdict`) and what to change (`advice`, the one place for
+//! fix text). Pure functions, unit-tested without a kernel.
+
+pub mod verdict;

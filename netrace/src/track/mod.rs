@@ -1,0 +1,8 @@
+//! Tracking: events in, outcomes out. `tracker` decides each connection's outcome,
+//! `correlate` links uplink connections to pods and processes, `natmode` tells what SNAT does
+//! to ports, `stats` keeps the histogram by source-port range. Pure state, no kernel.
+
+pub mod correlate;
+pub mod natmode;
+pub mod stats;
+pub mod tracker;
