@@ -11,6 +11,7 @@ pub mod judge;
 pub mod kernel;
 pub mod metrics;
 pub mod node;
+pub mod options;
 pub mod ports;
 pub mod probe;
 pub mod render;

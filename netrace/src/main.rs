@@ -4,6 +4,8 @@ use clap::{CommandFactory as _, Parser};
 use netrace::{
     cli::{Cli, Command},
     error::{exit, UsageError},
+    probe::ProbeConfig,
+    watch::WatchConfig,
 };
 
 /// A command-line error as one line on standard error (clap's own rendering spans several
@@ -51,8 +53,10 @@ fn main() -> ExitCode {
             .render(&mut std::io::stdout())
             .map(|()| exit::CLEAN)
             .map_err(anyhow::Error::from),
-        Command::Probe(args) => netrace::probe::run(&args),
-        Command::Watch(args) => match args.validate() {
+        Command::Probe(args) => ProbeConfig::from_args(&args)
+            .map_err(anyhow::Error::new)
+            .and_then(|cfg| netrace::probe::run(&cfg)),
+        Command::Watch(args) => match WatchConfig::from_args(&args) {
             Err(e) => Err(anyhow::Error::new(e)),
             Ok(cfg) => tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -14,9 +14,9 @@ use aya::{
 };
 
 use crate::{
-    cli::AttachMode,
     kernel::loader::{EGRESS_PROGRAM, INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SOCK_STATE_PROGRAM},
     kernel::tracefs,
+    options::AttachMode,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use aya::{
 };
 use netrace_common::{Counter, FlowKey, KernelFilter, PendingSyn, TpOffsets};
 
-use crate::{cli::WatchConfig, kernel::events::addr_bytes, track::tracker::PendingMap};
+use crate::track::tracker::PendingMap;
 
 /// The kernel programs, compiled from `netrace-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netrace"));
@@ -49,20 +49,6 @@ impl PendingMap for Pending {
     fn scan(&self) -> Vec<(FlowKey, PendingSyn)> {
         self.0.iter().filter_map(Result::ok).collect()
     }
-}
-
-pub fn kernel_filter(cfg: &WatchConfig) -> KernelFilter {
-    let mut f = KernelFilter {
-        dst_port: cfg.filter_dport.unwrap_or(0),
-        ..Default::default()
-    };
-    if let Some(c) = cfg.filter_dst {
-        let (family, bytes) = addr_bytes(c.addr);
-        f.dst_family = family;
-        f.dst_prefix_len = c.prefix_len;
-        f.dst_net = bytes;
-    }
-    f
 }
 
 /// Loads the object with the configured map sizes.

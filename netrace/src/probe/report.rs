@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::infer::{sample_ports, Analysis, Edge, EdgeStatus, Inference, Kind, Outcome, Phase};
 use super::net::{Proto, Record};
-use crate::cli::DEFAULT_BUCKET_EDGES;
 use crate::node::NodePorts;
+use crate::options::DEFAULT_BUCKET_EDGES;
 use crate::ports::PortRange;
 
 /// How the run was asked for (for the report's header).

@@ -1,0 +1,105 @@
+//! The end of a run: judge what the pump collected (NAT mode, verdict, fix), build the
+//! [`Report`], write it (text or JSON, and the SVG), and choose the exit status.
+
+use std::io::{self, Write as _};
+
+use anyhow::Context as _;
+use netrace_common::Counter;
+
+use super::{
+    pump::{End, Pump},
+    setup::Kernel,
+};
+use crate::{
+    error::exit,
+    judge::verdict,
+    node::NodePorts,
+    options::OutputFormat,
+    render,
+    report::{Drops, PodLoss, Report},
+    track::natmode,
+};
+
+/// Judges what the run collected and builds the report.
+pub fn report(pump: &mut Pump, kernel: &Kernel, node: NodePorts, pending_at_exit: u64) -> Report {
+    let drops = Drops {
+        events_lost: kernel.counter(Counter::RingbufFull),
+        pending_map_full: kernel.counter(Counter::PendingMapFull),
+        decode_errors: pump.decode_errors,
+        answered_unseen: pump.tracker.stats.answered_unseen,
+    };
+    if pending_at_exit > 0 {
+        pump.notes.push(format!(
+            "{pending_at_exit} connections were still waiting for an answer (younger than \
+             --syn-timeout {} ms) when netrace stopped; they are not counted",
+            pump.cfg.syn_timeout.as_millis()
+        ));
+    }
+    if let Some(c) = pump.correlator.as_ref() {
+        log::debug!("correlator sizes {:?}", c.sizes());
+        if std::env::var_os("NETRACE_DEBUG").is_some() {
+            eprintln!("correlator sizes {:?}", c.sizes());
+        }
+    }
+    let nat = pump
+        .correlator
+        .as_ref()
+        .filter(|_| !pump.cfg.pod_ifaces.is_empty())
+        .map(|c| natmode::detect(c.pairs()));
+    let verdict = verdict::decide(&pump.histogram, &node, nat.as_ref());
+    let fix = verdict::fix(&verdict, pump.cfg.allowed, &node, nat.as_ref());
+    let lost_by_pod = pump.correlator.as_ref().map(|_| PodLoss::group(&pump.lost));
+    Report {
+        interfaces: pump.cfg.ifaces.clone(),
+        duration_s: pump.started.elapsed().as_secs_f64(),
+        syn_timeout_ms: pump.cfg.syn_timeout.as_millis() as u64,
+        histogram: pump.histogram.clone(),
+        verdict,
+        fix,
+        node,
+        drops,
+        counters: kernel.counters(),
+        syn_packets_by_port: kernel.syn_ports(),
+        pending_at_exit,
+        lost: std::mem::take(&mut pump.lost),
+        lost_not_listed: pump.lost_not_listed,
+        notes: std::mem::take(&mut pump.notes),
+        nat,
+        lost_by_pod,
+    }
+}
+
+/// Writes the report (and the SVG) and returns the exit status. A closed standard output
+/// ends quietly.
+pub fn write(pump: &Pump, report: &Report, end: End) -> anyhow::Result<u8> {
+    let cfg = &pump.cfg;
+    if let Some(path) = &cfg.svg {
+        std::fs::write(path, render::svg::render(report))
+            .with_context(|| format!("writing --svg {}", path.display()))?;
+    }
+    let written = {
+        let stdout = io::stdout();
+        let mut out = stdout.lock();
+        let r = match cfg.output {
+            OutputFormat::Json => serde_json::to_writer(&mut out, &report.to_json())
+                .map_err(io::Error::other)
+                .and_then(|()| writeln!(out)),
+            OutputFormat::Text => render::text::write(&mut out, report, cfg.list_lost),
+        };
+        r.and_then(|()| out.flush())
+    };
+    if written.is_err() {
+        return Ok(exit::CLEAN);
+    }
+    if end == End::InterfacesGone {
+        eprintln!(
+            "netrace: every watched interface went away; the report above covers the time before"
+        );
+        return Ok(exit::ERROR);
+    }
+    Ok(if report.totals().lost > 0 {
+        exit::LOSS
+    } else {
+        exit::CLEAN
+    })
+}

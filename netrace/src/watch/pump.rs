@@ -1,0 +1,297 @@
+//! The event pump: drain the ring buffer, track each connection to its outcome, record the
+//! outcomes (histogram, metrics, JSON lines, the lost list), sweep the pending map on a tick,
+//! and notice vanished interfaces, until a signal, the duration, a closed standard output or
+//! the last interface ends the run.
+
+use std::{
+    io::{self, Write},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use netrace_common::{Counter, EventKind};
+use tokio::{
+    signal::unix::{signal, Signal, SignalKind},
+    time::{interval, sleep_until, MissedTickBehavior},
+};
+
+use super::{config::WatchConfig, interfaces::Interfaces, setup::Kernel};
+use crate::{
+    kernel::{events::Record, loader},
+    metrics::Metrics,
+    options::OutputFormat,
+    render,
+    report::{monotonic_ns, Clock, ConnRecord},
+    track::{
+        correlate::Correlator,
+        stats::Histogram,
+        tracker::{Outcome, Tracker},
+    },
+};
+
+/// At most this many lost connections are kept for `--list-lost`.
+const MAX_LISTED: usize = 100_000;
+const TICK: Duration = Duration::from_millis(250);
+/// The kernel wakes netrace only when a quarter of the ring buffer is full; below that,
+/// events are collected this often.
+const DRAIN: Duration = Duration::from_millis(50);
+/// How often the live progress line is redrawn.
+const DRAW: Duration = Duration::from_secs(1);
+
+/// Why the loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Signal,
+    Duration,
+    /// Standard output was closed (e.g. `| head`): end quietly.
+    BrokenPipe,
+    /// Every watched interface went away.
+    InterfacesGone,
+}
+
+/// SIGINT and SIGTERM, installed before anything is attached so that Ctrl-C during setup
+/// ends the run cleanly instead of killing it.
+pub struct Signals {
+    sigint: Signal,
+    sigterm: Signal,
+}
+
+impl Signals {
+    pub fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            sigint: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            sigterm: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+}
+
+/// Everything one run collects.
+pub struct Pump {
+    pub cfg: WatchConfig,
+    pub started: Instant,
+    clock: Clock,
+    pub tracker: Tracker,
+    pub histogram: Histogram,
+    pub lost: Vec<ConnRecord>,
+    pub lost_not_listed: u64,
+    pub decode_errors: u64,
+    pub interfaces: Interfaces,
+    pub correlator: Option<Correlator>,
+    /// Why the run lost attribution or interfaces, for the report.
+    pub notes: Vec<String>,
+    metrics: Metrics,
+    out: io::Stdout,
+    outcomes: Vec<Outcome>,
+    live: render::live::Live,
+    last_drawn: Instant,
+    seen_ring_drops: u64,
+}
+
+impl Pump {
+    pub fn new(
+        cfg: WatchConfig,
+        interfaces: Interfaces,
+        correlator: Option<Correlator>,
+        notes: Vec<String>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            started: Instant::now(),
+            clock: Clock::now(),
+            tracker: cfg.tracker(),
+            histogram: cfg.histogram(),
+            lost: Vec::new(),
+            lost_not_listed: 0,
+            decode_errors: 0,
+            interfaces,
+            correlator,
+            notes,
+            metrics,
+            out: io::stdout(),
+            outcomes: Vec::new(),
+            live: render::live::Live::new(),
+            last_drawn: Instant::now(),
+            seen_ring_drops: 0,
+            cfg,
+        }
+    }
+
+    /// Pumps until the run ends; says why.
+    pub async fn run(&mut self, kernel: &mut Kernel, signals: &mut Signals) -> anyhow::Result<End> {
+        let deadline = self
+            .cfg
+            .duration
+            .map(|d| tokio::time::Instant::now() + d)
+            .unwrap_or_else(|| {
+                tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86400)
+            });
+        let mut drain_tick = interval(DRAIN);
+        drain_tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut tick = interval(TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let end = loop {
+            tokio::select! {
+                r = kernel.ring.readable_mut() => {
+                    let mut guard = r.context("waiting on the ring buffer")?;
+                    self.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                    if self.record().is_err() {
+                        break End::BrokenPipe;
+                    }
+                }
+                _ = drain_tick.tick() => {
+                    self.drain(kernel.ring.get_mut());
+                    if self.record().is_err() {
+                        break End::BrokenPipe;
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some(end) = self.tick(kernel) {
+                        break end;
+                    }
+                }
+                _ = signals.sigint.recv() => break End::Signal,
+                _ = signals.sigterm.recv() => break End::Signal,
+                _ = sleep_until(deadline) => break End::Duration,
+            }
+        };
+        self.live.clear();
+        Ok(end)
+    }
+
+    /// The periodic work: sweep the pending map, update the metrics, notice vanished
+    /// interfaces, redraw the progress line.
+    fn tick(&mut self, kernel: &mut Kernel) -> Option<End> {
+        // Read what the kernel already reported before judging by the map: an entry answered
+        // a moment ago is gone from the map while its event still waits in the ring, and the
+        // sweep would count it twice (or as abandoned).
+        self.drain(kernel.ring.get_mut());
+        let ring_drops = kernel.counter(Counter::RingbufFull);
+        if ring_drops > self.seen_ring_drops {
+            // Some SYN events never arrived: take their entries from the kernel map.
+            self.seen_ring_drops = ring_drops;
+            self.tracker.adopt(&kernel.pending);
+        }
+        let now = monotonic_ns();
+        self.tracker
+            .sweep(now, &mut kernel.pending, &mut self.outcomes);
+        if let Some(c) = self.correlator.as_mut() {
+            c.prune(now);
+        }
+        self.metrics.kernel_counters(
+            loader::COUNTERS
+                .iter()
+                .map(|(c, name)| (*name, kernel.counter(*c))),
+            self.tracker.pending() as u64,
+        );
+        if self.record().is_err() {
+            return Some(End::BrokenPipe);
+        }
+        for name in self.interfaces.check() {
+            let msg = format!(
+                "interface {name} went away after {:.1} s; stopped watching it",
+                self.started.elapsed().as_secs_f64()
+            );
+            self.live.clear();
+            eprintln!("netrace: {msg}");
+            self.notes.push(msg);
+        }
+        if self.interfaces.all_gone() {
+            return Some(End::InterfacesGone);
+        }
+        if self.last_drawn.elapsed() >= DRAW && self.cfg.output == OutputFormat::Text {
+            self.live.draw(
+                &self.histogram.totals,
+                self.tracker.pending(),
+                ring_drops,
+                self.started.elapsed().as_secs_f64(),
+            );
+            self.last_drawn = Instant::now();
+        }
+        None
+    }
+
+    /// After the programs are detached: collects what is still in flight and counts what is
+    /// still waiting. Returns the number still waiting, and whether standard output still
+    /// takes the records.
+    pub fn finish(&mut self, kernel: &mut Kernel) -> (u64, io::Result<()>) {
+        self.drain(kernel.ring.get_mut());
+        let pending_at_exit =
+            self.tracker
+                .finish(monotonic_ns(), &mut kernel.pending, &mut self.outcomes);
+        (pending_at_exit, self.record())
+    }
+
+    /// Reads every record waiting in the ring buffer into the tracker and the correlator.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            match Record::try_from(&*item) {
+                Ok(Record::Conn(ev)) => {
+                    if let Some(c) = self.correlator.as_mut() {
+                        let (key, p) = (ev.raw.key, ev.raw.pending);
+                        match ev.kind {
+                            EventKind::PodSyn => {
+                                c.pod_syn(key, p.isn, p.first_ns);
+                                continue;
+                            }
+                            EventKind::Syn => c.uplink_syn(key, p.isn, p.first_ns),
+                            _ => {}
+                        }
+                    }
+                    self.tracker.on_event(&ev, &mut self.outcomes);
+                }
+                Ok(Record::Sock(r)) => {
+                    if let Some(c) = self.correlator.as_mut() {
+                        c.sock(&r);
+                    }
+                }
+                Err(e) => {
+                    self.decode_errors += 1;
+                    log::debug!("undecodable event: {e}");
+                }
+            }
+        }
+    }
+
+    /// Records the outcomes collected so far; JSON lines go out at once. Errors only on a
+    /// closed standard output.
+    fn record(&mut self) -> io::Result<()> {
+        let mut lines = Vec::new();
+        for o in self.outcomes.drain(..) {
+            self.histogram.add(o.key.src_port, o.kind);
+            let name = self.interfaces.name(o.pending.ifindex);
+            self.metrics
+                .outcome(&name, o.kind, o.key.src_port, o.rtt_ns);
+            let json = self.cfg.output == OutputFormat::Json;
+            if !json && !o.kind.is_loss() {
+                if let Some(c) = self.correlator.as_mut() {
+                    c.forget(&o.key);
+                }
+                continue;
+            }
+            let mut rec = ConnRecord::new(&o, name, &self.clock, self.cfg.allowed);
+            if let Some(c) = self.correlator.as_mut() {
+                rec.who = c.attribute(&o.key, o.kind.is_loss());
+            }
+            if json {
+                let mut line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
+                line.push(b'\n');
+                lines.extend_from_slice(&line);
+            }
+            if o.kind.is_loss() {
+                if self.lost.len() < MAX_LISTED {
+                    self.lost.push(rec);
+                } else {
+                    self.lost_not_listed += 1;
+                }
+            }
+        }
+        if !lines.is_empty() {
+            let mut out = self.out.lock();
+            out.write_all(&lines)?;
+            out.flush()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,210 @@
+//! Putting netrace in place: the metrics server, the kernel object and its maps, the
+//! attachments (uplink, pod side, tracepoint), the cgroup2 mount for naming pods, and the ready
+//! file once everything is attached. What fails here before anything is attached is an error;
+//! what only takes attribution away becomes a note.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::Context as _;
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use netrace_common::{Counter, KernelFilter, TpOffsets};
+use tokio::io::{unix::AsyncFd, Interest};
+
+use super::{config::WatchConfig, interfaces::Interfaces};
+use crate::{
+    error::UsageError,
+    kernel::{
+        attach::{Attachments, Via},
+        loader::{self, Maps, Pending},
+        mounts, tracefs,
+    },
+    metrics::{self, Metrics},
+    node::{cgroups, iface},
+    options::OutputFormat,
+    track::correlate::Correlator,
+};
+
+/// Where cgroup2 is mounted, or mounted by netrace when it is missing from its view.
+const CGROUP2_MOUNT: &str = "/sys/fs/cgroup";
+
+/// Stops the metrics server when the run ends.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves `metrics` at `--metrics-addr`, if given; the server stops when the guard drops.
+pub async fn metrics_server(
+    cfg: &WatchConfig,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<AbortOnDrop>> {
+    let Some(addr) = cfg.metrics_addr else {
+        return Ok(None);
+    };
+    let listener = metrics::bind(addr)
+        .await
+        .map_err(|e| UsageError(format!("--metrics-addr: cannot listen on {addr}: {e}")))?;
+    Ok(Some(AbortOnDrop(tokio::spawn(metrics::serve(
+        listener,
+        metrics.clone(),
+    )))))
+}
+
+/// The loaded, attached kernel side: its attachments and the maps user space reads.
+pub struct Kernel {
+    pub attachments: Attachments,
+    pub ring: AsyncFd<RingBuf<MapData>>,
+    pub pending: Pending,
+    counters: PerCpuArray<MapData, u64>,
+    syn_ports: Array<MapData, u64>,
+    /// Held only so the maps outlive the programs that read them.
+    _filter: Array<MapData, KernelFilter>,
+    _tp_offsets: Array<MapData, TpOffsets>,
+}
+
+impl Kernel {
+    /// One kernel counter, summed over CPUs.
+    pub fn counter(&self, c: Counter) -> u64 {
+        Maps::counters_view(&self.counters, &self.syn_ports).counter(c)
+    }
+
+    /// Every kernel counter, by name.
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        loader::COUNTERS
+            .iter()
+            .map(|(c, name)| (*name, self.counter(*c)))
+            .collect()
+    }
+
+    /// SYN packets per source port, only the ports that saw any.
+    pub fn syn_ports(&self) -> Vec<(u16, u64)> {
+        Maps::counters_view(&self.counters, &self.syn_ports).syn_ports()
+    }
+}
+
+/// What setting up leaves for the run.
+pub struct Attached {
+    pub kernel: Kernel,
+    pub interfaces: Interfaces,
+    /// Attribution that could not be set up, said once on standard error and in the report.
+    pub notes: Vec<String>,
+    /// Pod and process attribution, when asked for.
+    pub correlator: Option<Correlator>,
+}
+
+/// Loads the programs, attaches them, writes the ready file and says what is watched.
+pub fn attach(cfg: &WatchConfig) -> anyhow::Result<Attached> {
+    let (ebpf, maps) = loader::load(cfg.max_pending, cfg.ringbuf_bytes, cfg.kernel_filter())?;
+    let Maps {
+        events,
+        pending,
+        counters,
+        syn_ports,
+        filter,
+        mut tp_offsets,
+    } = maps;
+    let mut attachments = Attachments::new(ebpf)?;
+    let interfaces = attach_interfaces(cfg, &mut attachments)?;
+    let mut notes = Vec::new();
+    if cfg.processes {
+        // Attribution is an extra: without it, the histogram and verdict still stand.
+        if let Err(e) = attach_tracepoint(&mut attachments, &mut tp_offsets) {
+            note(&mut notes, format!("process attribution is off: {e:#}"));
+        }
+    }
+    let cgroup_root = cgroup_root(cfg, &mut notes);
+    let correlator = cfg
+        .correlating()
+        .then(|| Correlator::new(cgroup_root.unwrap_or_else(|| CGROUP2_MOUNT.into())));
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
+    // the AsyncFd owns the ring buffer.
+    let ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
+    if let Some(path) = &cfg.ready_file {
+        std::fs::write(path, "ready\n")
+            .with_context(|| format!("writing --ready-file {}", path.display()))?;
+    }
+    if cfg.output == OutputFormat::Text {
+        eprintln!(
+            "netrace: watching {} ({}), SYN-ACKs allowed back to {}; Ctrl-C to stop and report",
+            cfg.ifaces.join(", "),
+            match attachments.via {
+                Some(Via::Tcx) => "TCX",
+                _ => "clsact",
+            },
+            cfg.allowed
+        );
+    }
+    Ok(Attached {
+        kernel: Kernel {
+            attachments,
+            ring,
+            pending,
+            counters,
+            syn_ports,
+            _filter: filter,
+            _tp_offsets: tp_offsets,
+        },
+        interfaces,
+        notes,
+        correlator,
+    })
+}
+
+/// Says `msg` on standard error and keeps it for the report.
+fn note(notes: &mut Vec<String>, msg: String) {
+    eprintln!("netrace: {msg}");
+    notes.push(msg);
+}
+
+/// Attaches to the uplink interfaces, then to the pod-side ones.
+fn attach_interfaces(
+    cfg: &WatchConfig,
+    attachments: &mut Attachments,
+) -> anyhow::Result<Interfaces> {
+    let mut interfaces = Interfaces::default();
+    for name in &cfg.ifaces {
+        let idx = iface::index(name)
+            .ok_or_else(|| UsageError(format!("--iface: interface '{name}' went away")))?;
+        attachments.attach(name, cfg.attach)?;
+        interfaces.attached(idx, name);
+    }
+    for name in &cfg.pod_ifaces {
+        let idx = iface::index(name)
+            .ok_or_else(|| UsageError(format!("--pod-iface: interface '{name}' went away")))?;
+        attachments.attach_pod_side(name)?;
+        interfaces.attached(idx, name);
+    }
+    Ok(interfaces)
+}
+
+/// The socket-state tracepoint, with the field offsets this kernel uses.
+fn attach_tracepoint(
+    attachments: &mut Attachments,
+    tp_offsets: &mut Array<MapData, TpOffsets>,
+) -> anyhow::Result<()> {
+    let root = tracefs::ensure()?;
+    let offsets = tracefs::offsets(&root)?;
+    tp_offsets
+        .set(0, offsets, 0)
+        .context("setting tracepoint offsets")?;
+    attachments.attach_tracepoint()
+}
+
+/// Where cgroup2 is mounted; mounted privately when processes are named and it is missing.
+fn cgroup_root(cfg: &WatchConfig, notes: &mut Vec<String>) -> Option<PathBuf> {
+    let root = cgroups::cgroup2_root();
+    if !cfg.processes || root.is_some() {
+        return root;
+    }
+    match mounts::ensure("cgroup2", CGROUP2_MOUNT, "cgroup.controllers") {
+        Ok(()) => Some(CGROUP2_MOUNT.into()),
+        Err(e) => {
+            note(notes, format!("cgroups cannot be named: {e:#}"));
+            None
+        }
+    }
+}
