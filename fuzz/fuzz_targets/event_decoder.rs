@@ -31,9 +31,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(src.is_ipv4(), ev.raw.key.family == FAMILY_V4);
             assert_eq!(dst.is_ipv4(), src.is_ipv4());
         }
-        Err(DecodeError::WrongSize(n)) => {
-            assert_eq!(n, data.len());
-            assert_ne!(n, OUTCOME_EVENT_SIZE);
+        Err(DecodeError::WrongSize { got, expected }) => {
+            assert_eq!(got, data.len());
+            assert_eq!(expected, OUTCOME_EVENT_SIZE, "a connection event's size");
+            assert_ne!(got, expected);
         }
         Err(DecodeError::UnknownKind(k)) => {
             assert_eq!(data.len(), OUTCOME_EVENT_SIZE);

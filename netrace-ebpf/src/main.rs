@@ -281,6 +281,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// The license the kernel reads: GPL-compatible, as GPL-only helpers require; one of the
+/// strings the kernel accepts (`license_is_gpl_compatible`). Keep it equal to the `license`
+/// field of this crate's Cargo.toml ("MIT OR GPL-2.0-only").
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

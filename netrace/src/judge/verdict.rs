@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use super::advice;
 use crate::{
     node::NodePorts,
     ports::PortRange,
@@ -61,14 +62,37 @@ fn pct(part: u64, whole: u64) -> f64 {
     }
 }
 
+/// Judges the histogram: is the loss explained by the source-port range?
 pub fn decide(h: &Histogram, node: &NodePorts, nat: Option<&NatReport>) -> Verdict {
     let (inn, out) = (h.inside, h.outside);
-    let allowed = h.allowed;
-    let local = node.local_range();
-    let snat_suspected = match (h.port_span, local) {
+    let snat_suspected = match (h.port_span, node.local_range()) {
         (Some((lo, hi)), Some(l)) => !l.contains(lo) || !l.contains(hi),
         _ => false,
     } || nat.is_some_and(|n| n.mode == NatMode::RandomFully);
+    let details = details(h, node, nat, snat_suspected);
+    let (kind, headline) = conclusion(h, snat_suspected);
+    Verdict {
+        kind,
+        headline,
+        details,
+        attempts_inside: inn.attempts,
+        lost_inside: inn.lost,
+        attempts_outside: out.attempts,
+        lost_outside: out.lost,
+        snat_suspected,
+    }
+}
+
+/// The evidence, line by line.
+fn details(
+    h: &Histogram,
+    node: &NodePorts,
+    nat: Option<&NatReport>,
+    snat_suspected: bool,
+) -> Vec<String> {
+    let (inn, out) = (h.inside, h.outside);
+    let allowed = h.allowed;
+    let local = node.local_range();
     let mut details = Vec::new();
     details.push(format!(
         "inside the allowed range {allowed}: {} attempts, {} lost ({:.1}%)",
@@ -129,8 +153,15 @@ pub fn decide(h: &Histogram, node: &NodePorts, nat: Option<&NatReport>) -> Verdi
             inn.unreachable + out.unreachable
         ));
     }
+    details
+}
+
+/// The kind of verdict and its headline.
+fn conclusion(h: &Histogram, snat_suspected: bool) -> (VerdictKind, String) {
+    let (inn, out) = (h.inside, h.outside);
+    let allowed = h.allowed;
     let total = h.totals;
-    let (kind, headline) = if total.attempts == 0 {
+    if total.attempts == 0 {
         (
             VerdictKind::NoTraffic,
             "no outbound TCP connection attempts were seen".to_string(),
@@ -190,63 +221,20 @@ pub fn decide(h: &Histogram, node: &NodePorts, nat: Option<&NatReport>) -> Verdi
                 ),
             )
         }
-    };
-    Verdict {
-        kind,
-        headline,
-        details,
-        attempts_inside: inn.attempts,
-        lost_inside: inn.lost,
-        attempts_outside: out.attempts,
-        lost_outside: out.lost,
-        snat_suspected,
     }
 }
 
-/// What to change, when there is something to change.
+/// What to change, when there is something to change (the lines come from `advice`).
 pub fn fix(
     v: &Verdict,
     allowed: PortRange,
     node: &NodePorts,
     nat: Option<&NatReport>,
 ) -> Vec<String> {
-    let mut out = Vec::new();
     if v.kind != VerdictKind::RangeProblem {
-        return out;
+        return Vec::new();
     }
-    let (a, b) = (allowed.start, allowed.end);
-    if nat.is_some_and(|n| n.mode == NatMode::KeepsPorts) {
-        out.push(format!(
-            "SNAT keeps the pods' own ports, so the pods pick them: set \
-             net.ipv4.ip_local_port_range=\"{a} {}\" in the pods (securityContext.sysctls)",
-            b.min(60999)
-        ));
-    }
-    out.push(format!(
-        "restrict SNAT to the allowed range: iptables -t nat ... -j MASQUERADE --random-fully \
-         --to-ports {a}-{b} (nftables: masquerade to :{a}-{b} fully-random)"
-    ));
-    out.push(format!(
-        "with a CNI: Calico FELIX_NATPORTRANGE={a}:{b}; AWS VPC CNI \
-         AWS_VPC_K8S_CNI_RANDOMIZESNAT=none (keeps the pod's own port); kube-proxy/Flannel: add \
-         the --to-ports rule above the CNI's MASQUERADE"
-    ));
-    out.push(
-        "or widen the firewall (security group, NACL, on-premises ACL) to accept TCP return \
-         traffic to ports 1024-65535"
-            .to_string(),
-    );
-    if let Some(l) = node.local_range() {
-        if !allowed.covers(&l) {
-            out.push(format!(
-                "and keep the node's own sockets inside it: sysctl -w \
-                 net.ipv4.ip_local_port_range=\"{} {}\"",
-                l.start.max(a),
-                l.end.min(b)
-            ));
-        }
-    }
-    out
+    advice::for_node(allowed, node, nat)
 }
 
 #[cfg(test)]

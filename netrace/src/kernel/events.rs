@@ -10,8 +10,9 @@ use netrace_common::{
 /// Why a ring-buffer record could not be decoded.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("record of {0} bytes, expected {OUTCOME_EVENT_SIZE}")]
-    WrongSize(usize),
+    /// The record's size does not match the size its kind must have.
+    #[error("record of {got} bytes, expected {expected}")]
+    WrongSize { got: usize, expected: usize },
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
     #[error("unknown address family {0}")]
@@ -48,7 +49,10 @@ impl TryFrom<&[u8]> for Event {
 
     fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
         if bytes.len() != OUTCOME_EVENT_SIZE {
-            return Err(DecodeError::WrongSize(bytes.len()));
+            return Err(DecodeError::WrongSize {
+                got: bytes.len(),
+                expected: OUTCOME_EVENT_SIZE,
+            });
         }
         // SAFETY: the length was checked above, OutcomeEvent is Pod (any bit pattern is valid),
         // and read_unaligned copes with the ring buffer's 8-byte alignment.
@@ -99,12 +103,19 @@ impl TryFrom<&[u8]> for Record {
         let head: [u8; 4] = bytes
             .get(..4)
             .and_then(|h| h.try_into().ok())
-            .ok_or(DecodeError::WrongSize(bytes.len()))?;
+            // Too short to hold a kind: at least the smallest record was expected.
+            .ok_or(DecodeError::WrongSize {
+                got: bytes.len(),
+                expected: OUTCOME_EVENT_SIZE.min(SOCK_EVENT_SIZE),
+            })?;
         let raw_kind = u32::from_ne_bytes(head);
         match EventKind::from_u32(raw_kind) {
             Some(kind @ (EventKind::SockConnect | EventKind::SockLeftSynSent)) => {
                 if bytes.len() != SOCK_EVENT_SIZE {
-                    return Err(DecodeError::WrongSize(bytes.len()));
+                    return Err(DecodeError::WrongSize {
+                        got: bytes.len(),
+                        expected: SOCK_EVENT_SIZE,
+                    });
                 }
                 // SAFETY: the length was checked; SockEvent is Pod; read_unaligned copes with
                 // the ring buffer's alignment.
@@ -166,7 +177,13 @@ mod tests {
         let d = Event::try_from(b.as_slice()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(d.kind, EventKind::Answered);
         assert_eq!(d.raw.key.src_port, 40000);
-        assert_eq!(Event::try_from(&b[..10]), Err(DecodeError::WrongSize(10)));
+        assert_eq!(
+            Event::try_from(&b[..10]),
+            Err(DecodeError::WrongSize {
+                got: 10,
+                expected: OUTCOME_EVENT_SIZE
+            })
+        );
         ev.kind = 77;
         assert_eq!(
             Event::try_from(bytes_of(&ev).as_slice()),
@@ -217,8 +234,25 @@ mod tests {
             Event::try_from(b.as_slice()),
             Err(DecodeError::NotAConnectionEvent(7))
         );
-        assert_eq!(Record::try_from(&b[..3]), Err(DecodeError::WrongSize(3)));
-        assert_eq!(Record::try_from(&b[..50]), Err(DecodeError::WrongSize(50)));
+        assert!(matches!(
+            Record::try_from(&b[..3]),
+            Err(DecodeError::WrongSize { got: 3, .. })
+        ));
+        // A socket record names the socket record's size (today both records happen to be
+        // the same size; the error names the one its kind must have).
+        let short = Record::try_from(&b[..50]);
+        assert_eq!(
+            short,
+            Err(DecodeError::WrongSize {
+                got: 50,
+                expected: SOCK_EVENT_SIZE
+            })
+        );
+        let text = short.err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(
+            text,
+            format!("record of 50 bytes, expected {SOCK_EVENT_SIZE}")
+        );
     }
 
     #[test]

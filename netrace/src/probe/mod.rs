@@ -9,7 +9,8 @@
 pub mod config;
 pub mod infer;
 pub mod net;
-pub mod report;
+pub mod summary;
+pub mod udp;
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::Path;
@@ -45,7 +46,7 @@ pub fn run(cfg: &ProbeConfig) -> anyhow::Result<u8> {
     let mut oracle = NetOracle::new(primary, cfg.target, cfg.timeout, cfg.rate)?;
     let inference = infer(&plan, &mut oracle)?;
     let udp_records = if compare_udp {
-        let ports = report::udp_ports(cfg.range, cfg.samples, &inference.analysis);
+        let ports = udp::udp_ports(cfg.range, cfg.samples, &inference.analysis);
         if interactive {
             eprintln!(
                 "netrace: and UDP from {} of those ports to compare...",
@@ -58,7 +59,7 @@ pub fn run(cfg: &ProbeConfig) -> anyhow::Result<u8> {
     } else {
         None
     };
-    let setup = report::Setup {
+    let setup = summary::Setup {
         target: cfg.target_text.clone(),
         address: cfg.target,
         family: if cfg.target.is_ipv4() { "ipv4" } else { "ipv6" },
@@ -72,7 +73,7 @@ pub fn run(cfg: &ProbeConfig) -> anyhow::Result<u8> {
         rate: cfg.rate,
     };
     let node = NodePorts::read(Path::new("/proc"));
-    let summary = report::build(
+    let summary = summary::build(
         setup,
         &inference,
         &oracle.records,
@@ -83,7 +84,7 @@ pub fn run(cfg: &ProbeConfig) -> anyhow::Result<u8> {
     let mut out = stdout.lock();
     match cfg.output {
         OutputFormat::Json => {
-            let lines = report::json_lines(
+            let lines = crate::render::probe_json::json_lines(
                 &summary,
                 &inference,
                 &oracle.records,
@@ -93,7 +94,7 @@ pub fn run(cfg: &ProbeConfig) -> anyhow::Result<u8> {
                 writeln!(out, "{line}")?;
             }
         }
-        OutputFormat::Text => report::write_text(&mut out, &summary)?,
+        OutputFormat::Text => crate::render::probe_text::write_text(&mut out, &summary)?,
     }
     out.flush()?;
     if summary.exit_code == crate::error::exit::ERROR {
