@@ -1,9 +1,25 @@
 //! netrace: which outbound TCP connections never got their SYN-ACK back, and was their source
 //! port outside the range the firewall lets back in?
 //!
-//! Data flows one way: `loader` + `attach` put the kernel programs in place; `events` decodes
-//! what they report; `tracker` decides each connection's outcome; `stats` and `verdict` turn
-//! outcomes into a histogram and a conclusion; `render` writes them. `watch` runs the loop.
+//! The data path, one way, one folder per step:
+//!
+//! ```text
+//! kernel programs ─▶ maps / ring buffer ─▶ pump ─▶ tracker ─▶ verdict ─▶ renderers
+//! (netrace-ebpf)     kernel::loader        watch::  track::   judge::    render::
+//!                    kernel::events        pump     tracker   verdict,   text, svg, live,
+//!                                                    stats     advice     probe_text, probe_json
+//! ```
+//!
+//! - [`kernel`]: loads the object (`loader`), attaches and detaches the programs (`attach`),
+//!   decodes ring-buffer records (`events`); `tracefs` and `mounts` serve the tracepoint.
+//! - [`track`]: events in, outcomes out (`tracker`), the histogram by port range (`stats`),
+//!   pods and processes behind connections (`correlate`), what SNAT does to ports (`natmode`).
+//! - [`judge`]: the verdict, and the fix text (`advice`, the one place for it).
+//! - [`report`]: the finished results; [`render`] writes them, [`metrics`] exports them.
+//! - [`node`]: facts about the node (port settings, interfaces, privileges, cgroups).
+//! - Subcommands wire the steps: [`watch`] (live, from the kernel) and [`probe`] (from outside,
+//!   no kernel). [`cli`] holds the clap structs only, [`options`] the types they share, and each
+//!   subcommand's `config` checks the arguments before anything runs.
 
 pub mod cli;
 pub mod error;

@@ -37,7 +37,7 @@ pub fn nftables_rule(r: PortRange) -> String {
 
 /// Calico's setting for SNAT's port range.
 pub fn calico_setting(r: PortRange) -> String {
-    format!("Calico FELIX_NATPORTRANGE={}:{}", r.start, r.end)
+    format!("FELIX_NATPORTRANGE={}:{}", r.start, r.end)
 }
 
 /// The command that sets the local port range.
@@ -94,7 +94,7 @@ pub fn for_node(allowed: PortRange, node: &NodePorts, nat: Option<&NatReport>) -
         nftables_rule(allowed)
     ));
     out.push(format!(
-        "with a CNI: {}; AWS VPC CNI AWS_VPC_K8S_CNI_RANDOMIZESNAT=none (keeps the pod's own \
+        "with a CNI: Calico {}; AWS VPC CNI AWS_VPC_K8S_CNI_RANDOMIZESNAT=none (keeps the pod's own \
          port); kube-proxy/Flannel: add the --to-ports rule above the CNI's MASQUERADE",
         calico_setting(allowed)
     ));
@@ -121,7 +121,7 @@ pub fn for_probed_host(allowed: PortRange, node: &NodePorts) -> Vec<String> {
         ));
     }
     out.push(format!(
-        "on a node that SNATs pods, restrict SNAT to it: {} ({}; {})",
+        "on a node that SNATs pods, restrict SNAT to it: {} ({}; Calico: {})",
         masquerade_rule(allowed),
         nftables_rule(allowed),
         calico_setting(allowed)

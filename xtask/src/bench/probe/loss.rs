@@ -23,7 +23,7 @@ use crate::{
 
 const SMALL_RING: u32 = 4096;
 /// As `netrace watch` drains: when the kernel wakes it (a quarter of the ring is full) and
-/// otherwise every 50 ms (`DRAIN` in netrace/src/watch.rs).
+/// otherwise every 50 ms (`DRAIN` in netrace/src/watch/pump.rs).
 const DRAIN_MS: i32 = 50;
 const MAX_PENDING: u32 = 1 << 20;
 
