@@ -33,6 +33,10 @@ pub struct WatchSpec {
     /// Read standard output on a thread (default); false hands it to the caller through
     /// [`Watcher::take_stdout`].
     pub capture_stdout: bool,
+    /// Run netrace with an empty environment (no PATH: it cannot run other programs).
+    pub empty_env: bool,
+    /// A limit on open files (soft and hard) for netrace, if set.
+    pub nofile: Option<u64>,
 }
 
 impl WatchSpec {
@@ -46,6 +50,8 @@ impl WatchSpec {
             syn_timeout: Duration::from_millis(1500),
             extra_args: Vec::new(),
             capture_stdout: true,
+            empty_env: false,
+            nofile: None,
         }
     }
     /// Adds an `--iface`.
@@ -66,6 +72,16 @@ impl WatchSpec {
     /// Adds arguments.
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
         self.extra_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+    /// Runs netrace with an empty environment (`env -i`): no PATH, no RUST_LOG.
+    pub fn empty_environment(mut self) -> Self {
+        self.empty_env = true;
+        self
+    }
+    /// Limits netrace to `n` open files (soft and hard limit), as a small container would.
+    pub fn nofile(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
         self
     }
     /// Leaves standard output to the caller ([`Watcher::take_stdout`]).
@@ -129,11 +145,37 @@ impl Watcher {
         ]);
         args.extend(spec.extra_args.iter().cloned());
         let command_line = format!("ip {}", args.join(" "));
-        let mut child = Command::new("ip")
-            .args(&args)
+        let mut cmd = Command::new("ip");
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        if spec.empty_env {
+            // `ip netns exec` hands its own (empty) environment to netrace.
+            cmd.env_clear();
+        }
+        if let Some(n) = spec.nofile {
+            use std::os::unix::process::CommandExt as _;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let command_line = if spec.empty_env {
+            format!("env -i {command_line}")
+        } else {
+            command_line
+        };
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{command_line}`"))?;
         let pid = child.id();

@@ -467,6 +467,11 @@ fn foreign_setup(foreign_tc: bool) -> (Star, ForeignTcx, String) {
 /// netrace beside other tools: their decisions stand while it runs, and afterwards the
 /// interface's qdiscs, filters and TCX programs are exactly as before.
 fn foreign_case(mode: &str, foreign_tc: bool) {
+    foreign_case_env(mode, foreign_tc, false);
+}
+
+/// [`foreign_case`], with netrace in an empty environment (`env -i`) when `empty_env`.
+fn foreign_case_env(mode: &str, foreign_tc: bool, empty_env: bool) {
     let (s, tcx, sink) = foreign_setup(foreign_tc);
     let dev = s.hub_if(0).to_owned();
     let before = snapshot(s.hub_ns(), &dev);
@@ -474,7 +479,11 @@ fn foreign_case(mode: &str, foreign_tc: bool) {
     assert_eq!(before.has_clsact(), foreign_tc);
     decisions(&s, foreign_tc);
 
-    let w = start(&spec(&s, &dev).args(["--attach", mode]));
+    let mut watch = spec(&s, &dev).args(["--attach", mode]);
+    if empty_env {
+        watch = watch.empty_environment();
+    }
+    let w = start(&watch);
     let held = held(&w);
     let during = snapshot(s.hub_ns(), &dev);
     if mode == "clsact" {
@@ -577,6 +586,20 @@ fn foreign_filters_untouched_attach_tcx() {
 #[test]
 fn foreign_filters_untouched_attach_clsact_keeps_their_qdisc() {
     foreign_case("clsact", true);
+}
+
+/// No external programs at run time: with an empty environment (no PATH, so no `tc` it could
+/// run), clsact mode still puts netrace's filters before the foreign ones, leaves those and
+/// their qdisc untouched, and warns about the one filter it cannot get ahead of.
+#[test]
+fn clsact_with_empty_environment_next_to_foreign_filters() {
+    foreign_case_env("clsact", true, true);
+}
+
+/// With an empty environment, the clsact qdisc netrace added is still removed at exit.
+#[test]
+fn clsact_with_empty_environment_removes_its_qdisc() {
+    foreign_case_env("clsact", false, true);
 }
 
 /// In clsact mode on an interface without a clsact qdisc, netrace adds one and removes it at

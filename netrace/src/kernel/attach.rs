@@ -1,8 +1,6 @@
 //! Owns every kernel attachment. Nothing else attaches or detaches; dropping [`Attachments`]
 //! detaches everything, and TCX links also go away by themselves if the process dies.
 
-use std::process::Command;
-
 use anyhow::{anyhow, Context as _};
 use aya::{
     programs::{
@@ -15,7 +13,9 @@ use aya::{
 
 use crate::{
     kernel::loader::{EGRESS_PROGRAM, INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SOCK_STATE_PROGRAM},
+    kernel::netlink::{self, Hook},
     kernel::tracefs,
+    node::iface,
     options::AttachMode,
 };
 
@@ -192,13 +192,13 @@ impl Attachments {
             EGRESS_PROGRAM,
             iface,
             TcAttachType::Egress,
-            TcAttachOptions::Netlink(first_in_line(iface, "egress")),
+            TcAttachOptions::Netlink(first_in_line(iface, Hook::Egress)),
         )?;
         self.attach_one(
             INGRESS_PROGRAM,
             iface,
             TcAttachType::Ingress,
-            TcAttachOptions::Netlink(first_in_line(iface, "ingress")),
+            TcAttachOptions::Netlink(first_in_line(iface, Hook::Ingress)),
         )
     }
 
@@ -236,30 +236,28 @@ impl Drop for Attachments {
     }
 }
 
-/// A filter priority before every clsact filter already on `iface` in `dir` (`ingress` or
-/// `egress`), or the kernel's choice (after them) when there is none or no lower one is free.
-fn first_in_line(iface: &str, dir: &str) -> NlOptions {
-    let lowest = Command::new("tc")
-        .args(["-j", "filter", "show", "dev", iface, dir])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-        .and_then(|v| {
-            v.as_array()?
-                .iter()
-                .filter_map(|f| f.get("pref")?.as_u64())
-                .min()
-        });
+/// A filter priority before every clsact filter already on `iface` in `hook`, or the
+/// kernel's choice (after them) when there is none or no lower one is free.
+fn first_in_line(iface: &str, hook: Hook) -> NlOptions {
+    let lowest = iface::index(iface)
+        .and_then(|idx| match netlink::filters(idx, hook) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                log::warn!("listing the tc filters on {iface}: {e}");
+                None
+            }
+        })
+        .and_then(|f| f.iter().map(|f| f.priority).min());
+    let dir = hook_name(hook);
     match lowest {
         Some(p) if p > 1 => NlOptions {
-            priority: u16::try_from(p - 1).unwrap_or(u16::MAX),
+            priority: p - 1,
             ..NlOptions::default()
         },
         Some(p) => {
-            eprintln!(
-                "netrace: warning: a tc filter with priority {p} on {iface} {dir} runs before \
-                 netrace's; packets it takes are not seen"
+            log::warn!(
+                "a tc filter with priority {p} on {iface} {dir} runs before netrace's; packets \
+                 it takes are not seen"
             );
             NlOptions::default()
         }
@@ -267,18 +265,25 @@ fn first_in_line(iface: &str, dir: &str) -> NlOptions {
     }
 }
 
+fn hook_name(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Ingress => "ingress",
+        Hook::Egress => "egress",
+    }
+}
+
 /// Removes the clsact qdisc netrace added, unless someone else's filters now live on it.
 fn remove_qdisc_if_empty(iface: &str) {
-    let empty = |dir: &str| {
-        Command::new("tc")
-            .args(["filter", "show", "dev", iface, dir])
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+    let Some(idx) = iface::index(iface) else {
+        return; // The interface went away, and its qdisc with it.
     };
-    if empty("ingress") && empty("egress") {
-        let _ = Command::new("tc")
-            .args(["qdisc", "del", "dev", iface, "clsact"])
-            .status();
+    let empty = |hook| netlink::filters(idx, hook).is_ok_and(|f| f.is_empty());
+    if empty(Hook::Ingress) && empty(Hook::Egress) {
+        if let Err(e) = netlink::delete_clsact(idx) {
+            log::warn!("removing the clsact qdisc netrace added to {iface}: {e}");
+        }
+    } else {
+        log::debug!("the clsact qdisc on {iface} carries other filters now; left in place");
     }
 }
 

@@ -4,19 +4,20 @@
 //! - NAT rewrites addresses and ports but not the TCP initial sequence number, so a pod-side
 //!   SYN and its uplink twin share (ISN, destination address, destination port) within a
 //!   moment of each other. Where that join fails (a SYN proxy rewrites the ISN), conntrack's
-//!   reply tuple gives the original tuple instead.
+//!   reply tuple (asked over ctnetlink) gives the original tuple instead.
 //! - The `sock:inet_sock_set_state` tracepoint names the owner (pid, command, cgroup) of each
 //!   socket entering SYN_SENT and its final 4-tuple when it leaves SYN_SENT; the pod-side tuple
 //!   (or, for the node's own sockets, the uplink tuple) finds it.
 
-use std::{collections::HashMap, net::IpAddr, process::Command};
+use std::{collections::HashMap, net::IpAddr};
 
 use netrace_common::{EventKind, FlowKey};
 use serde::Serialize;
 
 use crate::{
     kernel::events::{addr_bytes, addrs, SockRecord},
-    node::cgroups::{Resolver, Workload},
+    kernel::netlink,
+    node::cgroups::{PodNames, Resolver, Workload},
     track::natmode::Pair,
 };
 
@@ -56,6 +57,9 @@ pub struct Attribution {
     pub comm: Option<String>,
     pub cgroup: Option<String>,
     pub pod_uid: Option<String>,
+    /// The pod's namespace and name, from the node's `/var/log/pods` (`--host-root`).
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
     pub container_id: Option<String>,
 }
 
@@ -76,6 +80,7 @@ pub struct Correlator {
     owners_by_tuple: HashMap<FlowKey, Owner>,
     pairs: Vec<Pair>,
     cgroups: Resolver,
+    pod_names: Option<PodNames>,
     conntrack_lookups_left: u32,
 }
 
@@ -89,8 +94,15 @@ impl Correlator {
             owners_by_tuple: HashMap::new(),
             pairs: Vec::new(),
             cgroups: Resolver::new(cgroup_root),
+            pod_names: None,
             conntrack_lookups_left: 1000,
         }
+    }
+
+    /// Names pods (namespace/name) from the kubelet's log directories under `host_root`.
+    pub fn with_host_root(mut self, host_root: &std::path::Path) -> Self {
+        self.pod_names = Some(PodNames::new(host_root));
+        self
     }
 
     fn link(&mut self, uplink: FlowKey, pod: FlowKey, method: LinkMethod) {
@@ -200,6 +212,12 @@ impl Correlator {
                 container_id,
             }) = self.cgroups.resolve(o.cgroup_id)
             {
+                if let (Some(uid), Some(names)) = (&pod_uid, self.pod_names.as_mut()) {
+                    if let Some((ns, name)) = names.lookup(uid) {
+                        a.pod_namespace = Some(ns);
+                        a.pod_name = Some(name);
+                    }
+                }
                 a.cgroup = Some(cgroup);
                 a.pod_uid = pod_uid;
                 a.container_id = container_id;
@@ -229,44 +247,28 @@ impl Correlator {
 }
 
 /// Asks conntrack for the original tuple of a translated connection, by its reply tuple
-/// (server → uplink address:port). `conntrack(8)` speaks netlink to the kernel's table.
+/// (server → uplink address:port), over ctnetlink. One request, answered within the send.
 fn conntrack_original(key: &FlowKey) -> Option<FlowKey> {
     let (src, dst) = addrs(key);
-    let family = if key.family == netrace_common::FAMILY_V4 {
-        "ipv4"
-    } else {
-        "ipv6"
+    let reply = netlink::Tuple {
+        src: dst,
+        dst: src,
+        sport: key.dst_port,
+        dport: key.src_port,
     };
-    let out = Command::new("conntrack")
-        .args(["-L", "-f", family, "-p", "tcp"])
-        .args([
-            "--reply-src",
-            &dst.to_string(),
-            "--reply-dst",
-            &src.to_string(),
-        ])
-        .args(["--reply-port-src", &key.dst_port.to_string()])
-        .args(["--reply-port-dst", &key.src_port.to_string()])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    parse_conntrack_original(text.lines().next()?, key)
-}
-
-/// The first (original-direction) `src= dst= sport= dport=` of a `conntrack -L` line.
-fn parse_conntrack_original(line: &str, uplink: &FlowKey) -> Option<FlowKey> {
-    let field = |name: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name).map(str::to_string))
+    let orig = match netlink::conntrack_original(&reply) {
+        Ok(o) => o?,
+        Err(e) => {
+            log::debug!("conntrack lookup for {src}:{}: {e}", key.src_port);
+            return None;
+        }
     };
-    let src: IpAddr = field("src=")?.parse().ok()?;
-    let sport: u16 = field("sport=")?.parse().ok()?;
-    let (family, src_addr) = addr_bytes(src);
+    let (family, src_addr) = addr_bytes(orig.src);
     Some(FlowKey {
         family,
         src_addr,
-        src_port: sport,
-        ..*uplink
+        src_port: orig.sport,
+        ..*key
     })
 }
 
@@ -357,14 +359,5 @@ mod tests {
         let a = c.attribute(&key(NODE, 45000), false);
         assert_eq!(a.link_method, Some(LinkMethod::Local));
         assert_eq!(a.pid, Some(333));
-    }
-
-    #[test]
-    fn conntrack_lines() {
-        let line = "tcp      6 118 SYN_SENT src=198.18.1.2 dst=198.18.3.2 sport=40000 dport=8080 [UNREPLIED] src=198.18.3.2 dst=198.18.2.1 sport=8080 dport=2000 mark=0 use=1";
-        let k = parse_conntrack_original(line, &key(NODE, 2000)).unwrap_or_default();
-        assert_eq!(k.src_port, 40000);
-        assert_eq!(&k.src_addr[..4], &POD);
-        assert_eq!(k.dst_port, 8080);
     }
 }
