@@ -23,6 +23,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod files;
 pub mod judge;
 pub mod kernel;
 pub mod metrics;

@@ -21,6 +21,38 @@ fn usage_line(e: &clap::Error) -> String {
     format!("{}; see --help", parts.join("; "))
 }
 
+/// The standard logger on standard error, one line per message (`netrace: warning: ...`).
+/// `RUST_LOG` (e.g. `netrace=debug,aya=info`) wins over `-v`.
+fn init_logging(verbose: u8) {
+    use std::io::Write as _;
+    let mut b = env_logger::Builder::new();
+    b.filter_level(log::LevelFilter::Warn);
+    match verbose {
+        0 => {}
+        1 => {
+            b.filter_module("netrace", log::LevelFilter::Info);
+        }
+        2 => {
+            b.filter_module("netrace", log::LevelFilter::Debug);
+        }
+        _ => {
+            b.filter_level(log::LevelFilter::Trace);
+        }
+    }
+    b.parse_env(env_logger::Env::default())
+        .format(|buf, record| {
+            let level = match record.level() {
+                log::Level::Error => "error",
+                log::Level::Warn => "warning",
+                log::Level::Info => "info",
+                log::Level::Debug => "debug",
+                log::Level::Trace => "trace",
+            };
+            writeln!(buf, "netrace: {level}: {}", record.args())
+        })
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -39,6 +71,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
+    init_logging(cli.verbose);
     let result = match cli.command {
         Command::Completions { shell } => {
             clap_complete::generate(
@@ -49,10 +82,10 @@ fn main() -> ExitCode {
             );
             Ok(exit::CLEAN)
         }
-        Command::Man => clap_mangen::Man::new(Cli::command())
-            .render(&mut std::io::stdout())
-            .map(|()| exit::CLEAN)
-            .map_err(anyhow::Error::from),
+        Command::Man { command, out_dir } => {
+            netrace::render::man::run(command.as_deref(), out_dir.as_deref())
+        }
+        Command::Check(args) => netrace::node::check::run(&args),
         Command::Probe(args) => ProbeConfig::from_args(&args)
             .map_err(anyhow::Error::new)
             .and_then(|cfg| netrace::probe::run(&cfg)),

@@ -59,32 +59,28 @@ impl FromStr for PortRange {
     }
 }
 
-/// Parses `1500ms`, `3s`, `2m`, `1h`, or a bare number of seconds. Zero is rejected.
+/// Parses a duration the way `humantime` does (`1500ms`, `3s`, `2m`, `1m30s`, `1h`), or a
+/// bare number of seconds. Zero is rejected, and so is more than a year.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration like 500ms, 3s, 2m or 1h"))?;
-    let scale = match unit.trim() {
-        "ms" => 1e-3,
-        "" | "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        other => return Err(format!("'{s}': unknown unit '{other}' (use ms, s, m or h)")),
+    let d = match t.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => {
+            Duration::from_secs_f64(secs.min(2.0 * YEAR_SECS))
+        }
+        Ok(_) => Duration::ZERO,
+        Err(_) => humantime::parse_duration(t)
+            .map_err(|e| format!("'{s}' is not a duration like 500ms, 3s, 1m30s or 1h ({e})"))?,
     };
-    let secs = value * scale;
-    if !secs.is_finite() || secs <= 0.0 {
+    if d.is_zero() {
         return Err(format!("'{s}': the duration must be greater than zero"));
     }
-    if secs > 366.0 * 86400.0 {
+    if d.as_secs_f64() > YEAR_SECS {
         return Err(format!("'{s}': the duration must be at most a year"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
+
+const YEAR_SECS: f64 = 366.0 * 86400.0;
 
 #[cfg(test)]
 mod tests {
@@ -109,6 +105,9 @@ mod tests {
         assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h 5m"), Ok(Duration::from_secs(3900)));
+        assert!(parse_duration("400days").is_err());
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("3 parsecs").is_err());

@@ -45,6 +45,8 @@ pub struct ConnRecord {
 pub struct PodLoss {
     pub pod_src: Option<IpAddr>,
     pub pod_uid: Option<String>,
+    /// `NAMESPACE/NAME`, when the node's `/var/log/pods` names the UID.
+    pub pod: Option<String>,
     pub lost: u64,
     /// Commands seen among the lost connections (pid in parentheses), at most a few.
     pub processes: Vec<String>,
@@ -65,6 +67,12 @@ impl PodLoss {
                 .or_insert_with(|| PodLoss {
                     pod_src: r.who.pod_src,
                     pod_uid: r.who.pod_uid.clone(),
+                    pod: r
+                        .who
+                        .pod_namespace
+                        .as_ref()
+                        .zip(r.who.pod_name.as_ref())
+                        .map(|(ns, name)| format!("{ns}/{name}")),
                     lost: 0,
                     processes: Vec::new(),
                 });
@@ -241,4 +249,111 @@ impl Report {
             "lost_by_pod": self.lost_by_pod,
         })
     }
+}
+
+/// Attempts and losses on one side of the allowed range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Side {
+    pub attempts: u64,
+    pub lost: u64,
+}
+
+/// What happened during a stretch of time, split by the allowed range (`--interval`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    pub attempts: u64,
+    pub answered: u64,
+    pub lost: u64,
+    pub refused: u64,
+    pub unreachable: u64,
+    pub late: u64,
+    pub inside: Side,
+    pub outside: Side,
+}
+
+impl Tally {
+    /// Everything since the start.
+    pub fn of(h: &Histogram) -> Self {
+        let t = &h.totals;
+        Self {
+            attempts: t.attempts,
+            answered: t.answered,
+            lost: t.lost,
+            refused: t.refused,
+            unreachable: t.unreachable,
+            late: t.late,
+            inside: Side {
+                attempts: h.inside.attempts,
+                lost: h.inside.lost,
+            },
+            outside: Side {
+                attempts: h.outside.attempts,
+                lost: h.outside.lost,
+            },
+        }
+    }
+
+    /// What was added since `earlier`.
+    pub fn since(&self, earlier: &Tally) -> Self {
+        let side = |a: Side, b: Side| Side {
+            attempts: a.attempts.saturating_sub(b.attempts),
+            lost: a.lost.saturating_sub(b.lost),
+        };
+        Self {
+            attempts: self.attempts.saturating_sub(earlier.attempts),
+            answered: self.answered.saturating_sub(earlier.answered),
+            lost: self.lost.saturating_sub(earlier.lost),
+            refused: self.refused.saturating_sub(earlier.refused),
+            unreachable: self.unreachable.saturating_sub(earlier.unreachable),
+            late: self.late.saturating_sub(earlier.late),
+            inside: side(self.inside, earlier.inside),
+            outside: side(self.outside, earlier.outside),
+        }
+    }
+}
+
+/// The verdict so far, in short.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShortVerdict {
+    /// As `verdict.kind` in the summary.
+    pub kind: String,
+    pub headline: String,
+}
+
+impl ShortVerdict {
+    pub fn of(v: &Verdict) -> Self {
+        let kind = serde_json::to_value(v.kind)
+            .ok()
+            .and_then(|k| k.as_str().map(str::to_string))
+            .unwrap_or_default();
+        Self {
+            kind,
+            headline: v.headline.clone(),
+        }
+    }
+
+    /// The kind in a few words (`range problem`).
+    pub fn words(&self) -> String {
+        self.kind.replace('_', " ")
+    }
+}
+
+/// One `--interval` summary (`"type": "interval"` in JSON).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct IntervalReport {
+    #[serde(rename = "type")]
+    pub kind_tag: &'static str,
+    pub unix_ms: u64,
+    /// Seconds since netrace started watching.
+    pub elapsed_s: f64,
+    /// Length of this interval in seconds.
+    pub interval_s: f64,
+    pub allowed_ports: PortRange,
+    /// Connections decided during this interval.
+    pub window: Tally,
+    /// Connections decided since the start.
+    pub totals: Tally,
+    /// SYNs waiting for an answer now.
+    pub pending: u64,
+    pub verdict: ShortVerdict,
 }

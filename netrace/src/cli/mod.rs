@@ -2,12 +2,15 @@
 //! here looks at the system or imports a subcommand; `watch::config` and `probe::config` turn
 //! the arguments into checked configurations (every problem a usage error, exit 2).
 
+pub mod check;
 pub mod probe;
 pub mod watch;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 
-pub use self::{probe::ProbeArgs, watch::WatchArgs};
+pub use self::{check::CheckArgs, probe::ProbeArgs, watch::WatchArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,6 +29,11 @@ pub use self::{probe::ProbeArgs, watch::WatchArgs};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// More diagnostics on standard error: -v for what netrace decides (e.g. why TCX fell back
+    /// to clsact), -vv for debugging, -vvv for everything. RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
 }
 
 #[derive(Subcommand, Debug)]
@@ -34,11 +42,20 @@ pub enum Command {
     Watch(Box<WatchArgs>),
     /// Find which source ports get their SYN-ACK back from HOST:PORT (no root needed).
     Probe(Box<ProbeArgs>),
+    /// Say whether this node can run `netrace watch`, and how (kernel, TCX, BTF, ring buffer,
+    /// capabilities, tracefs, cgroups, default route, other programs on the uplink).
+    Check(CheckArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) on standard output.
-    Man,
+    /// Print a man page (roff) on standard output: netrace(1), or netrace-COMMAND(1).
+    Man {
+        /// The subcommand whose page to print (watch, probe, check, ...).
+        command: Option<String>,
+        /// Write every page (netrace.1, netrace-watch.1, ...) into this directory instead.
+        #[arg(long, value_name = "DIR", conflicts_with = "command")]
+        out_dir: Option<PathBuf>,
+    },
 }

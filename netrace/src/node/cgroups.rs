@@ -55,13 +55,11 @@ pub fn parse_path(path: &str) -> Workload {
 
 /// Where cgroup2 (the unified hierarchy, whose ids BPF reports) is mounted, if anywhere.
 pub fn cgroup2_root() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        (right.split_whitespace().next() == Some("cgroup2"))
-            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-            .flatten()
-    })
+    let mounts = procfs::process::Process::myself().ok()?.mountinfo().ok()?;
+    mounts
+        .into_iter()
+        .find(|m| m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
 }
 
 /// Resolves cgroup ids by walking the cgroup2 hierarchy, with a cache.
@@ -95,6 +93,61 @@ impl Resolver {
             }
         });
         found
+    }
+}
+
+/// Pod UID → namespace and name, from the kubelet's log directories
+/// (`/var/log/pods/NAMESPACE_NAME_UID`) under the node's root (`--host-root`). No API server.
+pub struct PodNames {
+    dir: PathBuf,
+    known: HashMap<String, (String, String)>,
+    last_scan: Option<std::time::Instant>,
+}
+
+/// How often an unknown UID may trigger a new directory scan.
+const RESCAN_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `NAMESPACE_NAME_UID` → (namespace, name, uid). Neither a namespace nor a pod name can hold
+/// an underscore (DNS names), so the split is unambiguous.
+pub fn parse_pod_dir(name: &str) -> Option<(String, String, String)> {
+    let mut it = name.split('_');
+    let (ns, pod, uid) = (it.next()?, it.next()?, it.next()?);
+    if it.next().is_some() || ns.is_empty() || pod.is_empty() || uid.len() != 36 {
+        return None;
+    }
+    Some((ns.to_string(), pod.to_string(), uid.to_string()))
+}
+
+impl PodNames {
+    pub fn new(host_root: &Path) -> Self {
+        Self {
+            dir: host_root.join("var/log/pods"),
+            known: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    fn scan(&mut self) {
+        self.last_scan = Some(std::time::Instant::now());
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if let Some((ns, pod, uid)) = parse_pod_dir(&e.file_name().to_string_lossy()) {
+                self.known.insert(uid, (ns, pod));
+            }
+        }
+    }
+
+    /// (namespace, name) of the pod with `uid`, if the node has its log directory.
+    pub fn lookup(&mut self, uid: &str) -> Option<(String, String)> {
+        if let Some(found) = self.known.get(uid) {
+            return Some(found.clone());
+        }
+        if self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN_AFTER) {
+            self.scan();
+        }
+        self.known.get(uid).cloned()
     }
 }
 
@@ -148,6 +201,29 @@ mod tests {
     }
 
     #[test]
+    fn pod_names_from_log_directories() {
+        let uid = "0f3e6a52-4c1b-4e5e-9a2d-7b1c2d3e4f50";
+        assert_eq!(
+            parse_pod_dir(&format!("shop_checkout-7d9f_{uid}")),
+            Some(("shop".into(), "checkout-7d9f".into(), uid.into()))
+        );
+        assert_eq!(parse_pod_dir("shop_checkout"), None);
+        assert_eq!(parse_pod_dir(&format!("a_b_c_{uid}")), None);
+        let root = std::env::temp_dir().join(format!("netrace-pods-{}", std::process::id()));
+        let dir = root
+            .join("var/log/pods")
+            .join(format!("shop_checkout-7d9f_{uid}"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let mut names = PodNames::new(&root);
+        assert_eq!(
+            names.lookup(uid),
+            Some(("shop".to_string(), "checkout-7d9f".to_string()))
+        );
+        assert_eq!(names.lookup("ffffffff-4c1b-4e5e-9a2d-7b1c2d3e4f50"), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
     fn non_kubernetes_paths() {
         let w = parse_path("/user.slice/user-0.slice/session-1.scope");
         assert_eq!(w.pod_uid, None);
@@ -161,8 +237,15 @@ mod tests {
         let Some(root) = cgroup2_root() else {
             return;
         };
-        let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        let Some(rel) = cg.lines().find_map(|l| l.strip_prefix("0::")) else {
+        let cgroups = procfs::process::Process::myself()
+            .and_then(|p| p.cgroups())
+            .map(|c| c.0)
+            .unwrap_or_default();
+        let Some(rel) = cgroups
+            .iter()
+            .find(|c| c.hierarchy == 0)
+            .map(|c| c.pathname.as_str())
+        else {
             return;
         };
         let dir = root.join(rel.trim_start_matches('/'));

@@ -10,6 +10,21 @@ pub fn index(name: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
+/// Whether interface `name` (index `index` when netrace attached to it) is gone: no interface
+/// of that name, or one with another index. When the kernel cannot tell (e.g. netrace is out
+/// of file descriptors), the interface is not gone.
+pub fn gone(name: &str, index: u32) -> bool {
+    let Ok(c) = CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx != 0 {
+        return idx != index;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV)
+}
+
 /// The name of interface `index`, if it still exists.
 pub fn name(index: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
@@ -91,15 +106,18 @@ pub fn resolve(args: &[String], procfs: &Path) -> Result<Vec<String>, String> {
 
 /// The interface of the IPv4 default route, else of the IPv6 one.
 pub fn default_route_iface(procfs: &Path) -> Option<String> {
-    let v4 = fs::read_to_string(procfs.join("net/route")).unwrap_or_default();
-    let from_v4 = v4.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
-        (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
-    });
+    use procfs::FromRead as _;
+    let v4 = procfs::net::RouteEntries::from_file(procfs.join("net/route"))
+        .map(|r| r.0)
+        .unwrap_or_default();
+    let from_v4 = v4
+        .into_iter()
+        .find(|r| r.destination.is_unspecified() && r.mask.is_unspecified())
+        .map(|r| r.iface);
     if from_v4.is_some() {
         return from_v4;
     }
+    // procfs has no parser for the IPv6 table; its lines are plain columns.
     let v6 = fs::read_to_string(procfs.join("net/ipv6_route")).unwrap_or_default();
     v6.lines().find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();

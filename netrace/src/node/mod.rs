@@ -1,8 +1,9 @@
 //! Facts about the node: its own port settings (`NodePorts`, read from the node's procfs,
 //! e.g. /host/proc in a pod), its interfaces (`iface`), netrace's privileges (`privileges`) and
-//! cgroups, for naming pods (`cgroups`).
+//! cgroups, for naming pods (`cgroups`); and `check`, the preflight that reports them all.
 
 pub mod cgroups;
+pub mod check;
 pub mod iface;
 pub mod privileges;
 

@@ -1,7 +1,5 @@
 //! The capabilities `netrace watch` needs, checked before anything is loaded.
 
-use std::fs;
-
 use crate::error::UsageError;
 
 const CAP_SYS_ADMIN: u32 = 21;
@@ -10,9 +8,13 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 fn effective() -> Option<u64> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-    u64::from_str_radix(hex.trim(), 16).ok()
+    Some(
+        procfs::process::Process::myself()
+            .ok()?
+            .status()
+            .ok()?
+            .capeff,
+    )
 }
 
 /// Names of the missing capabilities, given an effective set.
@@ -30,6 +32,29 @@ pub fn missing_from(eff: u64) -> Vec<&'static str> {
         missing.push("CAP_PERFMON");
     }
     missing
+}
+
+/// Raises the soft limit on open files to the hard limit: maps, programs, links and the
+/// metrics server's connections all need descriptors, and running out must not stop tracing.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for the kernel to fill in.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit; raising the soft limit up to the hard one is allowed.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        log::debug!(
+            "raising the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 pub fn check() -> Result<(), UsageError> {

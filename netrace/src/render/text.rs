@@ -63,7 +63,7 @@ pub fn write(w: &mut impl Write, r: &Report, list_lost: bool) -> io::Result<()> 
         writeln!(w)?;
         writeln!(w, "lost connections by pod:")?;
         for g in groups {
-            let who = match (&g.pod_uid, g.pod_src) {
+            let who = match (g.pod.as_ref().or(g.pod_uid.as_ref()), g.pod_src) {
                 (Some(uid), Some(a)) => format!("pod {uid} ({a})"),
                 (Some(uid), None) => format!("pod {uid}"),
                 (None, Some(a)) => format!("{a}"),

@@ -185,6 +185,7 @@ impl WatchConfig {
         Metrics::new(
             self.histogram().buckets.iter().map(|b| b.range()).collect(),
             self.allowed,
+            &self.ifaces,
         )
     }
 

@@ -37,9 +37,6 @@ pub fn report(pump: &mut Pump, kernel: &Kernel, node: NodePorts, pending_at_exit
     }
     if let Some(c) = pump.correlator.as_ref() {
         log::debug!("correlator sizes {:?}", c.sizes());
-        if std::env::var_os("NETRACE_DEBUG").is_some() {
-            eprintln!("correlator sizes {:?}", c.sizes());
-        }
     }
     let nat = pump
         .correlator
@@ -74,7 +71,7 @@ pub fn report(pump: &mut Pump, kernel: &Kernel, node: NodePorts, pending_at_exit
 pub fn write(pump: &Pump, report: &Report, end: End) -> anyhow::Result<u8> {
     let cfg = &pump.cfg;
     if let Some(path) = &cfg.svg {
-        std::fs::write(path, render::svg::render(report))
+        crate::files::write_new(path, render::svg::render(report).as_bytes())
             .with_context(|| format!("writing --svg {}", path.display()))?;
     }
     let written = {

@@ -21,6 +21,7 @@ use crate::{error::exit, node::privileges, node::NodePorts};
 /// Runs `netrace watch`; returns the exit status.
 pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
     privileges::check()?;
+    privileges::raise_fd_limit();
     // Signals first, so Ctrl-C during attach ends the run cleanly instead of killing it.
     let mut signals = Signals::install()?;
     let metrics = cfg.metrics();
@@ -31,12 +32,13 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
         interfaces,
         notes,
         correlator,
-    } = setup::attach(&cfg)?;
+    } = setup::attach(&cfg, &metrics)?;
 
-    let mut pump = Pump::new(cfg, interfaces, correlator, notes, metrics);
+    let mut pump = Pump::new(cfg, interfaces, correlator, notes, metrics.clone());
     let end = pump.run(&mut kernel, &mut signals).await?;
 
     // Detach first, then collect what is still in flight.
+    metrics.set_ready(false);
     kernel.attachments.detach_all();
     let (pending_at_exit, flushed) = pump.finish(&mut kernel);
     if end == End::BrokenPipe || flushed.is_err() {

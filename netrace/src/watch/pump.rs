@@ -18,8 +18,11 @@ use tokio::{
 
 use super::{config::WatchConfig, interfaces::Interfaces, setup::Kernel};
 use crate::{
-    kernel::{events::Record, loader},
-    metrics::Metrics,
+    kernel::{
+        events::{addrs, Record},
+        loader,
+    },
+    metrics::{self, Metrics},
     options::OutputFormat,
     render,
     report::{monotonic_ns, Clock, ConnRecord},
@@ -196,13 +199,21 @@ impl Pump {
             self.live.clear();
             eprintln!("netrace: {msg}");
             self.notes.push(msg);
+            let hooks: &[&'static str] = if self.cfg.ifaces.contains(&name) {
+                &["egress", "ingress"]
+            } else {
+                &["pod_ingress"]
+            };
+            for hook in hooks {
+                self.metrics.set_attached(&name, hook, false);
+            }
         }
         if self.interfaces.all_gone() {
             return Some(End::InterfacesGone);
         }
         if self.last_drawn.elapsed() >= DRAW && self.cfg.output == OutputFormat::Text {
             self.live.draw(
-                &self.histogram.totals,
+                &self.histogram,
                 self.tracker.pending(),
                 ring_drops,
                 self.started.elapsed().as_secs_f64(),
@@ -261,8 +272,14 @@ impl Pump {
         for o in self.outcomes.drain(..) {
             self.histogram.add(o.key.src_port, o.kind);
             let name = self.interfaces.name(o.pending.ifindex);
-            self.metrics
-                .outcome(&name, o.kind, o.key.src_port, o.rtt_ns);
+            let (_, dst) = addrs(&o.key);
+            self.metrics.outcome(
+                &name,
+                o.kind,
+                o.key.src_port,
+                metrics::destination(dst, o.key.dst_port),
+                o.rtt_ns,
+            );
             let json = self.cfg.output == OutputFormat::Json;
             if !json && !o.kind.is_loss() {
                 if let Some(c) = self.correlator.as_mut() {

@@ -96,7 +96,7 @@ pub struct Attached {
 }
 
 /// Loads the programs, attaches them, writes the ready file and says what is watched.
-pub fn attach(cfg: &WatchConfig) -> anyhow::Result<Attached> {
+pub fn attach(cfg: &WatchConfig, metrics: &Metrics) -> anyhow::Result<Attached> {
     let (ebpf, maps) = loader::load(cfg.max_pending, cfg.ringbuf_bytes, cfg.kernel_filter())?;
     let Maps {
         events,
@@ -107,7 +107,7 @@ pub fn attach(cfg: &WatchConfig) -> anyhow::Result<Attached> {
         mut tp_offsets,
     } = maps;
     let mut attachments = Attachments::new(ebpf)?;
-    let interfaces = attach_interfaces(cfg, &mut attachments)?;
+    let interfaces = attach_interfaces(cfg, &mut attachments, metrics)?;
     let mut notes = Vec::new();
     if cfg.processes {
         // Attribution is an extra: without it, the histogram and verdict still stand.
@@ -123,8 +123,10 @@ pub fn attach(cfg: &WatchConfig) -> anyhow::Result<Attached> {
     // the AsyncFd owns the ring buffer.
     let ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
+    // Every program is attached: /readyz says so from now on.
+    metrics.set_ready(true);
     if let Some(path) = &cfg.ready_file {
-        std::fs::write(path, "ready\n")
+        crate::files::write_new(path, b"ready\n")
             .with_context(|| format!("writing --ready-file {}", path.display()))?;
     }
     if cfg.output == OutputFormat::Text {
@@ -164,18 +166,22 @@ fn note(notes: &mut Vec<String>, msg: String) {
 fn attach_interfaces(
     cfg: &WatchConfig,
     attachments: &mut Attachments,
+    metrics: &Metrics,
 ) -> anyhow::Result<Interfaces> {
     let mut interfaces = Interfaces::default();
     for name in &cfg.ifaces {
         let idx = iface::index(name)
             .ok_or_else(|| UsageError(format!("--iface: interface '{name}' went away")))?;
         attachments.attach(name, cfg.attach)?;
+        metrics.set_attached(name, "egress", true);
+        metrics.set_attached(name, "ingress", true);
         interfaces.attached(idx, name);
     }
     for name in &cfg.pod_ifaces {
         let idx = iface::index(name)
             .ok_or_else(|| UsageError(format!("--pod-iface: interface '{name}' went away")))?;
         attachments.attach_pod_side(name)?;
+        metrics.set_attached(name, "pod_ingress", true);
         interfaces.attached(idx, name);
     }
     Ok(interfaces)
