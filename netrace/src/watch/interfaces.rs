@@ -34,7 +34,7 @@ impl Interfaces {
     /// An interface whose name the kernel cannot look up for another reason (e.g. netrace is
     /// out of file descriptors) is not gone.
     pub fn check(&mut self) -> Vec<String> {
-        self.check_with(|name, idx| iface::gone(name, idx))
+        self.check_with(iface::gone)
     }
 
     fn check_with(&mut self, gone_now: impl Fn(&str, u32) -> bool) -> Vec<String> {
