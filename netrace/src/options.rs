@@ -32,6 +32,17 @@ pub enum AttachMode {
     Clsact,
 }
 
+/// Which connection outcomes `netrace watch` streams as they are decided (`--events`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Events {
+    /// Every outcome, answered ones too.
+    All,
+    /// Everything but answered: lost, abandoned, refused, unreachable, late.
+    Lost,
+    /// None: only the report at the end (and --interval summaries).
+    None,
+}
+
 /// A destination network to keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {

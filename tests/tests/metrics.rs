@@ -136,10 +136,180 @@ fn metrics_pass_promtool_and_match_the_summary() {
         summary["drops"]["events_lost"].as_u64().unwrap_or(u64::MAX)
     );
     assert!(sample(&body, "netrace_syns_total") >= 120);
-    for line in body.lines().filter(|l| !l.starts_with('#')) {
+    // Only the destination metric names addresses (at most ten of them, and "other").
+    let destinations: std::collections::BTreeSet<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("netrace_destination_connections_total{destination=\""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    assert!(destinations.contains("other"), "{body}");
+    assert!(destinations.len() <= 11, "{destinations:?}");
+    let server = lab.server_addr(Family::V4).to_string();
+    assert!(
+        destinations.contains(server.as_str()),
+        "{destinations:?} lacks {server}"
+    );
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("netrace_destination_connections_total"))
+    {
         assert!(
             !line.contains("198.18.") && !line.contains("2001:db8"),
             "labels must never carry addresses: {line}"
         );
     }
+}
+
+// ---- readiness and an abused metrics port ----
+
+use netrace_lab::star::Star;
+use netrace_lab::watcher::{WatchSpec, Watcher};
+use netrace_lab::{attachments, TcpOutcome};
+
+const STAR_PORT: u16 = 8080;
+const READY_PORT: u16 = 19478;
+
+/// One HTTP GET of `path` on 127.0.0.1:`port` in `ns`: the status code, or `None` when nothing
+/// answers (not listening yet, or the connection was closed without an answer).
+fn get_status(ns: &str, port: u16, path: &str) -> Option<u16> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    netns::spawn_in(ns, "nrt-get", move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(request.as_bytes())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })
+    .ok()?
+    .join()
+    .ok()?
+    .ok()?
+    .split_whitespace()
+    .nth(1)?
+    .parse()
+    .ok()
+}
+
+fn star_with_loopback() -> Star {
+    assert!(is_root(), "needs root: run it through `cargo xtask test`");
+    let mut s = Star::new(1).expect("building the star");
+    s.start_server(0, STAR_PORT).expect("a server");
+    s.hub_exec(&["ip", "link", "set", "lo", "up"])
+        .expect("loopback up in the hub");
+    s
+}
+
+/// `/readyz` answers 503 while netrace is still loading and attaching, and 200 only once its
+/// programs are attached to the interface (checked against the kernel's own lists);
+/// `/healthz` answers 200 while it runs.
+#[test]
+fn readyz_turns_ready_only_after_attach() {
+    let s = star_with_loopback();
+    let dev = s.hub_if(0).to_owned();
+    let spec = WatchSpec::new(netrace_bin().expect("the netrace binary"), s.hub_ns(), &dev)
+        .args(["--metrics-addr", &format!("127.0.0.1:{READY_PORT}")]);
+    let mut w = Watcher::spawn(&spec).expect("spawning netrace");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let attached_at_ready = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {seen:?}"
+        );
+        match get_status(s.hub_ns(), READY_PORT, "/readyz") {
+            Some(200) => {
+                let snap = attachments::snapshot(s.hub_ns(), &dev).expect("snapshot");
+                break snap;
+            }
+            Some(code) => {
+                assert_eq!(code, 503, "{seen:?}");
+                seen.push(code);
+            }
+            None => {}
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let ours = attached_at_ready
+        .tcx_names()
+        .iter()
+        .filter(|n| n.starts_with("netrace_"))
+        .count()
+        + attached_at_ready.netrace_filters().len();
+    assert!(
+        ours >= 2,
+        "/readyz said ready before netrace's programs were attached: {attached_at_ready:?}"
+    );
+    assert!(
+        !seen.is_empty(),
+        "/readyz never answered 'not ready' while netrace was attaching"
+    );
+    w.wait_ready(Duration::from_secs(10))
+        .expect("the ready file");
+    assert_eq!(get_status(s.hub_ns(), READY_PORT, "/healthz"), Some(200));
+    assert_eq!(get_status(s.hub_ns(), READY_PORT, "/nonsense"), Some(404));
+    let out = w.stop().expect("stopping netrace");
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    s.teardown().expect("teardown");
+}
+
+/// Hundreds of idle connections to the metrics port, with netrace limited to 64 open files:
+/// tracing goes on (every connection the client made is reported as the client saw it, no
+/// interface is taken for gone), and once the idle clients leave a scrape works again.
+#[test]
+fn metrics_port_abuse_does_not_stop_tracing() {
+    const IDLE: usize = 300;
+    let s = star_with_loopback();
+    let dev = s.hub_if(0).to_owned();
+    let spec = WatchSpec::new(netrace_bin().expect("the netrace binary"), s.hub_ns(), &dev)
+        .nofile(64)
+        .args(["--metrics-addr", &format!("127.0.0.1:{READY_PORT}")]);
+    let w = Watcher::start(&spec).expect("starting netrace");
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let idle = netns::spawn_in(s.hub_ns(), "nrt-idle", move || {
+        let mut held = Vec::new();
+        for _ in 0..IDLE {
+            // Connections the server closes at once (over its limit) are fine: keep trying.
+            if let Ok(c) = TcpStream::connect(("127.0.0.1", READY_PORT)) {
+                held.push(c);
+            }
+        }
+        let _ = released.recv_timeout(Duration::from_secs(60));
+        Ok(held.len())
+    })
+    .expect("spawning the idle clients");
+    std::thread::sleep(Duration::from_millis(500));
+    let attempts = s
+        .client()
+        .tcp(s.spoke_addr(0, Family::V4, STAR_PORT), 40, &|_, _| {})
+        .expect("the client");
+    std::thread::sleep(Duration::from_millis(2500));
+    release.send(()).expect("releasing the idle clients");
+    let opened = idle.join().expect("idle thread").expect("idle clients");
+    assert!(opened > 0, "no idle connection could be opened");
+    // The server closes idle connections after its header timeout; then it serves again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while get_status(s.hub_ns(), READY_PORT, "/metrics") != Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the metrics port never recovered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = w.stop().expect("stopping netrace");
+    let ctx = out.describe();
+    assert!(!out.stderr.contains("went away"), "{ctx}");
+    let connected: Vec<u16> = attempts
+        .iter()
+        .filter(|a| a.outcome == TcpOutcome::Connected)
+        .map(|a| a.pod_port)
+        .collect();
+    assert_eq!(connected.len(), 40, "the star answers everything");
+    let mut answered = out.answered_ports();
+    answered.sort_unstable();
+    let mut want = connected.clone();
+    want.sort_unstable();
+    assert_eq!(answered, want, "{ctx}");
+    assert_eq!(out.code(), Some(0), "{ctx}");
+    s.teardown().expect("teardown");
 }

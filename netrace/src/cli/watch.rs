@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use netrace_common::DEFAULT_MAX_PENDING;
 
-use crate::options::{AttachMode, OutputFormat};
+use crate::options::{AttachMode, Events, OutputFormat};
 
 #[derive(Args, Debug)]
 pub struct WatchArgs {
@@ -106,6 +106,22 @@ pub struct WatchArgs {
     )]
     pub ringbuf_kib: u32,
 
+    /// Every D (e.g. 1m, 30s), a summary of the last D on standard error (attempts, answered,
+    /// lost, inside vs outside the allowed range, the verdict so far), and with --output json
+    /// a `"type":"interval"` object.
+    #[arg(
+        long,
+        value_name = "D",
+        allow_negative_numbers = true,
+        help_heading = "Output"
+    )]
+    pub interval: Option<String>,
+
+    /// Stream connection outcomes as they are decided: all, lost (everything but answered) or
+    /// none. Default: all with --output json, none with text.
+    #[arg(long, value_enum, value_name = "WHICH", help_heading = "Output")]
+    pub events: Option<Events>,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9477).
     #[arg(long, value_name = "ADDR", help_heading = "Output")]
     pub metrics_addr: Option<String>,
@@ -127,6 +143,16 @@ pub struct WatchArgs {
     /// Do not attach the tracepoint, even with --pod-iface.
     #[arg(long, conflicts_with = "processes", help_heading = "Attribution")]
     pub no_processes: bool,
+
+    /// The node's root filesystem, for naming pods from its /var/log/pods (e.g. /host in a
+    /// pod). Default: /host when /host/var/log/pods exists, else /.
+    #[arg(long, value_name = "DIR", help_heading = "Attribution")]
+    pub host_root: Option<PathBuf>,
+
+    /// The node's cgroup2 tree, for naming a process's cgroup and pod (e.g.
+    /// /host/sys/fs/cgroup in a pod). Default: where cgroup2 is mounted in netrace's view.
+    #[arg(long, value_name = "DIR", help_heading = "Attribution")]
+    pub cgroup_root: Option<PathBuf>,
 
     /// Where the node's procfs is mounted. Default: /host/proc when it is mounted (a debug
     /// pod or DaemonSet), else /proc.

@@ -17,7 +17,7 @@ use crate::{
     kernel::events::addr_bytes,
     metrics::Metrics,
     node::iface,
-    options::{AttachMode, Cidr, OutputFormat},
+    options::{AttachMode, Cidr, Events, OutputFormat},
     ports::{parse_duration, PortRange},
     track::{stats::Histogram, tracker::Tracker},
 };
@@ -35,6 +35,18 @@ fn default_procfs() -> PathBuf {
         host.to_path_buf()
     } else {
         PathBuf::from("/proc")
+    }
+}
+
+/// The node's root as seen from a pod that mounts it (the DaemonSet mounts it at /host).
+const HOST_ROOT: &str = "/host";
+
+fn default_host_root() -> PathBuf {
+    let host = Path::new(HOST_ROOT);
+    if host.join("var/log/pods").is_dir() {
+        host.to_path_buf()
+    } else {
+        PathBuf::from("/")
     }
 }
 
@@ -61,6 +73,14 @@ pub struct WatchConfig {
     pub pod_ifaces: Vec<String>,
     /// Attach the socket-state tracepoint for process attribution.
     pub processes: bool,
+    /// `--interval`: how often to summarise the last stretch.
+    pub interval: Option<Duration>,
+    /// Which outcomes are streamed as they are decided.
+    pub events: Events,
+    /// The node's root filesystem (for `/var/log/pods`).
+    pub host_root: PathBuf,
+    /// The node's cgroup2 tree, when given.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 fn usage(option: &str, msg: impl std::fmt::Display) -> UsageError {
@@ -128,6 +148,36 @@ impl WatchConfig {
             })
             .transpose()
             .map_err(|e| usage("--metrics-addr", e))?;
+        let interval = args
+            .interval
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| usage("--interval", e))?;
+        let events = args.events.unwrap_or(match args.output {
+            OutputFormat::Json => Events::All,
+            OutputFormat::Text => Events::None,
+        });
+        let host_root = args.host_root.clone().unwrap_or_else(default_host_root);
+        if !host_root.is_dir() {
+            return Err(usage(
+                "--host-root",
+                format!("{} is not a directory", host_root.display()),
+            ));
+        }
+        if let Some(c) = args
+            .cgroup_root
+            .as_ref()
+            .filter(|c| !c.join("cgroup.controllers").is_file())
+        {
+            return Err(usage(
+                "--cgroup-root",
+                format!(
+                    "{} is not a cgroup2 mount (no cgroup.controllers)",
+                    c.display()
+                ),
+            ));
+        }
         let (ifaces, pod_ifaces) = resolve_interfaces(args, &procfs)?;
         let processes = !args.no_processes && (args.processes || !pod_ifaces.is_empty());
         Ok(Self {
@@ -149,6 +199,10 @@ impl WatchConfig {
             metrics_addr,
             pod_ifaces,
             processes,
+            interval,
+            events,
+            host_root,
+            cgroup_root: args.cgroup_root.clone(),
         })
     }
 

@@ -34,7 +34,14 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
         correlator,
     } = setup::attach(&cfg, &metrics)?;
 
-    let mut pump = Pump::new(cfg, interfaces, correlator, notes, metrics.clone());
+    let mut pump = Pump::new(
+        cfg,
+        interfaces,
+        correlator,
+        notes,
+        metrics.clone(),
+        node.clone(),
+    );
     let end = pump.run(&mut kernel, &mut signals).await?;
 
     // Detach first, then collect what is still in flight.

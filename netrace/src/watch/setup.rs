@@ -116,9 +116,10 @@ pub fn attach(cfg: &WatchConfig, metrics: &Metrics) -> anyhow::Result<Attached> 
         }
     }
     let cgroup_root = cgroup_root(cfg, &mut notes);
-    let correlator = cfg
-        .correlating()
-        .then(|| Correlator::new(cgroup_root.unwrap_or_else(|| CGROUP2_MOUNT.into())));
+    let correlator = cfg.correlating().then(|| {
+        Correlator::new(cgroup_root.unwrap_or_else(|| CGROUP2_MOUNT.into()))
+            .with_host_root(&cfg.host_root)
+    });
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
     // the AsyncFd owns the ring buffer.
     let ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -202,6 +203,9 @@ fn attach_tracepoint(
 
 /// Where cgroup2 is mounted; mounted privately when processes are named and it is missing.
 fn cgroup_root(cfg: &WatchConfig, notes: &mut Vec<String>) -> Option<PathBuf> {
+    if let Some(given) = &cfg.cgroup_root {
+        return Some(given.clone());
+    }
     let root = cgroups::cgroup2_root();
     if !cfg.processes || root.is_some() {
         return root;
