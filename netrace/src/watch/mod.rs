@@ -32,7 +32,14 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
         interfaces,
         notes,
         correlator,
-    } = setup::attach(&cfg, &metrics)?;
+    } = {
+        // Loading (the verifier) and attaching block: off the event loop, so the metrics
+        // server answers (/readyz: not yet) meanwhile.
+        let (cfg, metrics) = (cfg.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || setup::attach(&cfg, &metrics))
+            .await
+            .map_err(|e| anyhow::anyhow!("setting up: {e}"))??
+    };
 
     let mut pump = Pump::new(
         cfg,
