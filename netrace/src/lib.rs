@@ -11,12 +11,15 @@
 //! ```
 //!
 //! - [`kernel`]: loads the object (`loader`), attaches and detaches the programs (`attach`),
-//!   decodes ring-buffer records (`events`); `tracefs` and `mounts` serve the tracepoint.
+//!   decodes ring-buffer records (`events`); `tracefs` and `mounts` serve the tracepoint;
+//!   `netlink` makes every netlink request (tc filters, the clsact qdisc, conntrack).
 //! - [`track`]: events in, outcomes out (`tracker`), the histogram by port range (`stats`),
 //!   pods and processes behind connections (`correlate`), what SNAT does to ports (`natmode`).
 //! - [`judge`]: the verdict, and the fix text (`advice`, the one place for it).
 //! - [`report`]: the finished results; [`render`] writes them, [`metrics`] exports them.
-//! - [`node`]: facts about the node (port settings, interfaces, privileges, cgroups).
+//! - [`node`]: facts about the node (port settings, interfaces, privileges, cgroups, pod
+//!   names) and the `netrace check` preflight. [`files`]: files written without following
+//!   symlinks.
 //! - Subcommands wire the steps: [`watch`] (live, from the kernel) and [`probe`] (from outside,
 //!   no kernel). [`cli`] holds the clap structs only, [`options`] the types they share, and each
 //!   subcommand's `config` checks the arguments before anything runs.
