@@ -1,6 +1,10 @@
-//! Ring-buffer records decoded into typed events.
+//! Ring-buffer records decoded into typed events, field by field with `bytes::Buf` (no
+//! pointer casts): the layouts are the `#[repr(C)]` ones of netrace-common, in the kernel's
+//! (native) byte order, their sizes checked at compile time.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use bytes::Buf;
 
 use netrace_common::{
     EventKind, FlowKey, OutcomeEvent, PendingSyn, SockEvent, FAMILY_V4, FAMILY_V6,
@@ -54,15 +58,85 @@ impl TryFrom<&[u8]> for Event {
                 expected: OUTCOME_EVENT_SIZE,
             });
         }
-        // SAFETY: the length was checked above, OutcomeEvent is Pod (any bit pattern is valid),
-        // and read_unaligned copes with the ring buffer's 8-byte alignment.
-        let raw: OutcomeEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let raw = outcome_event(bytes);
         let kind = EventKind::from_u32(raw.kind).ok_or(DecodeError::UnknownKind(raw.kind))?;
         if matches!(kind, EventKind::SockConnect | EventKind::SockLeftSynSent) {
             return Err(DecodeError::NotAConnectionEvent(raw.kind));
         }
         check_family(raw.key.family)?;
         Ok(Self { kind, raw })
+    }
+}
+
+// The layouts decoded below; a change in netrace-common must change the decoders too.
+const _: () = assert!(OUTCOME_EVENT_SIZE == 96 && SOCK_EVENT_SIZE == 96);
+const _: () = assert!(std::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(std::mem::size_of::<PendingSyn>() == 32);
+
+fn flow_key(b: &mut &[u8]) -> FlowKey {
+    let family = b.get_u8();
+    b.advance(3);
+    let src_port = b.get_u16_ne();
+    let dst_port = b.get_u16_ne();
+    let mut k = FlowKey {
+        family,
+        src_port,
+        dst_port,
+        ..Default::default()
+    };
+    b.copy_to_slice(&mut k.src_addr);
+    b.copy_to_slice(&mut k.dst_addr);
+    k
+}
+
+/// An `OutcomeEvent` from exactly [`OUTCOME_EVENT_SIZE`] bytes.
+fn outcome_event(mut b: &[u8]) -> OutcomeEvent {
+    let kind = b.get_u32_ne();
+    let ifindex = b.get_u32_ne();
+    let key = flow_key(&mut b);
+    let pending = PendingSyn {
+        first_ns: b.get_u64_ne(),
+        last_ns: b.get_u64_ne(),
+        isn: b.get_u32_ne(),
+        syns: b.get_u32_ne(),
+        ifindex: b.get_u32_ne(),
+        _pad: b.get_u32_ne(),
+    };
+    let ts_ns = b.get_u64_ne();
+    let icmp_type = b.get_u8();
+    let icmp_code = b.get_u8();
+    OutcomeEvent {
+        kind,
+        ifindex,
+        key,
+        pending,
+        ts_ns,
+        icmp_type,
+        icmp_code,
+        ..Default::default()
+    }
+}
+
+/// A `SockEvent` from exactly [`SOCK_EVENT_SIZE`] bytes.
+fn sock_event(mut b: &[u8]) -> SockEvent {
+    let kind = b.get_u32_ne();
+    let tgid = b.get_u32_ne();
+    let key = flow_key(&mut b);
+    let skaddr = b.get_u64_ne();
+    let cgroup_id = b.get_u64_ne();
+    let ts_ns = b.get_u64_ne();
+    let mut comm = [0u8; 16];
+    b.copy_to_slice(&mut comm);
+    SockEvent {
+        kind,
+        tgid,
+        key,
+        skaddr,
+        cgroup_id,
+        ts_ns,
+        comm,
+        new_state: b.get_u32_ne(),
+        pid: b.get_u32_ne(),
     }
 }
 
@@ -117,9 +191,7 @@ impl TryFrom<&[u8]> for Record {
                         expected: SOCK_EVENT_SIZE,
                     });
                 }
-                // SAFETY: the length was checked; SockEvent is Pod; read_unaligned copes with
-                // the ring buffer's alignment.
-                let raw: SockEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                let raw = sock_event(bytes);
                 check_family(raw.key.family)?;
                 Ok(Self::Sock(SockRecord { kind, raw }))
             }
@@ -163,6 +235,46 @@ mod tests {
             std::slice::from_raw_parts((ev as *const OutcomeEvent).cast::<u8>(), OUTCOME_EVENT_SIZE)
         }
         .to_vec()
+    }
+
+    #[test]
+    fn field_by_field_equals_the_memory_layout() {
+        let mut ev = OutcomeEvent {
+            kind: EventKind::Unreachable as u32,
+            ifindex: 7,
+            ts_ns: 0x0102_0304_0506_0708,
+            icmp_type: 3,
+            icmp_code: 13,
+            ..Default::default()
+        };
+        ev.key.family = FAMILY_V6;
+        ev.key.src_port = 40000;
+        ev.key.dst_port = 443;
+        ev.key.src_addr = [1; 16];
+        ev.key.dst_addr[15] = 9;
+        ev.pending = PendingSyn {
+            first_ns: 11,
+            last_ns: 12,
+            isn: 13,
+            syns: 2,
+            ifindex: 7,
+            _pad: 0,
+        };
+        assert_eq!(outcome_event(&bytes_of(&ev)), ev);
+        let s = SockEvent {
+            kind: EventKind::SockConnect as u32,
+            tgid: 42,
+            key: ev.key,
+            skaddr: 0xffff_8880_0000_1000,
+            cgroup_id: 99,
+            ts_ns: 5,
+            comm: *b"client\0\0\0\0\0\0\0\0\0\0",
+            new_state: 2,
+            pid: 43,
+        };
+        // SAFETY: SockEvent is repr(C) plain data without implicit padding.
+        let b = unsafe { std::slice::from_raw_parts((&raw const s).cast::<u8>(), SOCK_EVENT_SIZE) };
+        assert_eq!(sock_event(b), s);
     }
 
     #[test]

@@ -62,3 +62,30 @@ pub fn run(command: Option<&str>, out_dir: Option<&Path>) -> anyhow::Result<u8> 
     std::io::stdout().write_all(roff)?;
     Ok(exit::CLEAN)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_page_per_subcommand() {
+        let pages = pages().unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<&str> = pages.iter().map(|(n, _)| n.as_str()).collect();
+        for want in [
+            "netrace.1",
+            "netrace-watch.1",
+            "netrace-probe.1",
+            "netrace-check.1",
+            "netrace-man.1",
+        ] {
+            assert!(names.contains(&want), "{names:?}");
+        }
+        let watch = pages
+            .iter()
+            .find(|(n, _)| n == "netrace-watch.1")
+            .map(|(_, r)| String::from_utf8_lossy(r).into_owned())
+            .unwrap_or_default();
+        assert!(watch.contains("netrace\\-watch"), "{watch}");
+        assert!(watch.contains("interval"), "{watch}");
+    }
+}
