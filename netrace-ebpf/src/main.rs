@@ -26,6 +26,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
+// Debug messages through aya-log: off unless user space asks (`-vv`), by setting the
+// library's AYA_LOG_LEVEL global before load; each call site then costs one global read.
+use aya_log_ebpf::debug;
 use netrace_common::{
     Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent, PendingSyn, TpOffsets, COUNTER_SLOTS,
     DEFAULT_MAX_PENDING, DEFAULT_RINGBUF_BYTES, PORT_SLOTS,
@@ -142,6 +145,10 @@ fn passes_filter(key: &FlowKey) -> bool {
 fn on_syn(ctx: &TcContext, key: FlowKey, isn: u32) {
     if !passes_filter(&key) {
         count(Counter::Filtered);
+        debug!(
+            ctx,
+            "SYN to port {} skipped: outside --filter-dst/--filter-dport", key.dst_port
+        );
         return;
     }
     count(Counter::SynSeen);
@@ -178,7 +185,13 @@ fn on_syn(ctx: &TcContext, key: FlowKey, isn: u32) {
         Ok(()) => emit(ctx, EventKind::Syn, &key, &fresh, now, 0, 0),
         // Another CPU inserted the same SYN a moment ago; it reported it.
         Err(e) if e == -EEXIST => {}
-        Err(_) => count(Counter::PendingMapFull),
+        Err(_) => {
+            count(Counter::PendingMapFull);
+            debug!(
+                ctx,
+                "SYN from port {} not tracked: the pending map is full", key.src_port
+            );
+        }
     }
 }
 
@@ -197,6 +210,13 @@ fn on_answer(ctx: &TcContext, key: FlowKey, ack: u32, answer: Answer) {
     if ack != expected {
         if let Answer::SynAck = answer {
             count(Counter::SynAckMismatch);
+            debug!(
+                ctx,
+                "SYN-ACK to port {} skipped: acknowledges {} instead of {}",
+                key.src_port,
+                ack,
+                expected
+            );
         }
         return;
     }

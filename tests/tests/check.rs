@@ -1,6 +1,7 @@
 //! End to end: `netrace check` in a namespace whose uplink carries another tool's TCX program
 //! and tc filter. It runs with an empty environment (no external programs), says the node can
 //! run netrace, names the uplink, and lists both foreign programs, as the test put them there.
+//! Also the kernel programs' debug messages, present with `-vv` and absent without.
 //!
 //! Needs root; `cargo xtask test` runs it as root.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -69,5 +70,38 @@ fn check_names_the_uplink_and_foreign_programs() {
     assert!(uplink.contains("tc ingress u32 (priority 7)"), "{ctx}");
     assert!(text.contains("this node can run netrace watch"), "{ctx}");
     drop(tcx);
+    s.teardown().expect("teardown");
+}
+
+/// `-vv` turns on the kernel programs' debug messages (aya-log): a SYN the destination filter
+/// skips is said on standard error; without it, nothing is.
+#[test]
+fn kernel_debug_messages_only_when_asked() {
+    use netrace_lab::watcher::{WatchSpec, Watcher};
+    use netrace_lab::Family;
+    assert!(is_root(), "needs root: run it through `cargo xtask test`");
+    let mut s = Star::new(1).expect("building the star");
+    s.start_server(0, 8080).expect("a server");
+    let dev = s.hub_if(0).to_owned();
+    let bin = netrace_bin().expect("the netrace binary");
+    let skipped = "SYN to port 8080 skipped: outside --filter-dst/--filter-dport";
+    for (verbose, want) in [(true, true), (false, false)] {
+        let mut spec = WatchSpec::new(&bin, s.hub_ns(), &dev).args(["--filter-dport", "9"]);
+        if verbose {
+            spec = spec.args(["-vv"]);
+        }
+        let w = Watcher::start(&spec).expect("starting netrace");
+        s.client()
+            .tcp(s.spoke_addr(0, Family::V4, 8080), 3, &|_, _| {})
+            .expect("the client");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let out = w.stop().expect("stopping netrace");
+        assert_eq!(
+            out.stderr.contains(skipped),
+            want,
+            "-vv {verbose}\n{}",
+            out.describe()
+        );
+    }
     s.teardown().expect("teardown");
 }

@@ -32,6 +32,8 @@ pub struct Maps {
     pub filter: Array<MapData, KernelFilter>,
     /// Tracepoint field offsets, set before the tracepoint is attached.
     pub tp_offsets: Array<MapData, TpOffsets>,
+    /// The kernel programs' debug messages, when asked for (`-vv`).
+    pub kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 pub struct Pending(pub HashMap<MapData, FlowKey, PendingSyn>);
@@ -57,7 +59,15 @@ pub fn load(
     ringbuf_bytes: u32,
     filter: KernelFilter,
 ) -> anyhow::Result<(Ebpf, Maps)> {
+    // The kernel programs' debug messages (aya-log) only when asked for (-vv): level 0 turns
+    // every call site into one global read.
+    let kernel_log: u8 = if log::log_enabled!(target: "netrace", log::Level::Debug) {
+        aya_log::Level::Debug as u8
+    } else {
+        0
+    };
     let mut ebpf = EbpfLoader::new()
+        .override_global(aya_log::LEVEL, &kernel_log, true)
         .map_max_entries("PENDING", max_pending)
         .map_max_entries("EVENTS", ringbuf_bytes)
         .load(EBPF_OBJECT)
@@ -75,6 +85,17 @@ pub fn load(
         .set(0, filter, 0)
         .context("setting the destination filter")?;
     let tp_offsets = Array::try_from(take("TP_OFFSETS")?)?;
+    let kernel_log = if kernel_log == 0 {
+        None
+    } else {
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("the kernel programs' debug messages are off: {e}");
+                None
+            }
+        }
+    };
     Ok((
         ebpf,
         Maps {
@@ -84,6 +105,7 @@ pub fn load(
             syn_ports,
             filter: filter_map,
             tp_offsets,
+            kernel_log,
         },
     ))
 }

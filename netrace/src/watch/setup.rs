@@ -105,7 +105,11 @@ pub fn attach(cfg: &WatchConfig, metrics: &Metrics) -> anyhow::Result<Attached> 
         syn_ports,
         filter,
         mut tp_offsets,
+        kernel_log,
     } = maps;
+    if let Some(logger) = kernel_log {
+        forward_kernel_log(logger);
+    }
     let mut attachments = Attachments::new(ebpf)?;
     let interfaces = attach_interfaces(cfg, &mut attachments, metrics)?;
     let mut notes = Vec::new();
@@ -155,6 +159,29 @@ pub fn attach(cfg: &WatchConfig, metrics: &Metrics) -> anyhow::Result<Attached> 
         notes,
         correlator,
     })
+}
+
+/// Forwards the kernel programs' debug messages to the logger as they come, on the event loop
+/// (each wake-up drains what is there; nothing blocks).
+fn forward_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and unchanged for as
+    // long as the AsyncFd owns the logger.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::warn!(
+                "the kernel programs' debug messages are off: {}",
+                e.into_parts().1
+            );
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
 }
 
 /// Says `msg` on standard error and keeps it for the report.
