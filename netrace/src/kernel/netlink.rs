@@ -47,8 +47,11 @@ const CTA_PROTO_DST_PORT: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
-/// How long one request may wait for the kernel's answer.
+/// How long one tc request may wait for the kernel's answer.
 const RECV_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a conntrack lookup may wait: it runs on the event loop, for lost connections
+/// only (the kernel answers within the request; this bounds the case where it does not).
+const CONNTRACK_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// A clsact direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,7 +172,7 @@ fn c_string(v: &[u8]) -> String {
 struct Socket(OwnedFd);
 
 impl Socket {
-    fn open(protocol: libc::c_int) -> io::Result<Self> {
+    fn open(protocol: libc::c_int, timeout: Duration) -> io::Result<Self> {
         // SAFETY: plain socket(2) call; the result is checked before use.
         let fd = unsafe {
             libc::socket(
@@ -184,8 +187,8 @@ impl Socket {
         // SAFETY: `fd` is a freshly created descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let tv = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: RECV_TIMEOUT.subsec_micros() as libc::suseconds_t,
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
         };
         // SAFETY: `tv` is a valid timeval whose size is passed along.
         let r = unsafe {
@@ -264,7 +267,7 @@ impl Socket {
 /// The classic filters on `ifindex`'s clsact `hook`, in the kernel's order (by priority).
 /// An interface without a clsact qdisc has none.
 pub fn filters(ifindex: u32, hook: Hook) -> io::Result<Vec<Filter>> {
-    let s = Socket::open(libc::NETLINK_ROUTE)?;
+    let s = Socket::open(libc::NETLINK_ROUTE, RECV_TIMEOUT)?;
     let msg = Msg::new(
         RTM_GETTFILTER,
         NLM_F_REQUEST | NLM_F_DUMP,
@@ -297,7 +300,7 @@ pub fn filters(ifindex: u32, hook: Hook) -> io::Result<Vec<Filter>> {
 
 /// Deletes the clsact qdisc of `ifindex` (and with it every filter still on it).
 pub fn delete_clsact(ifindex: u32) -> io::Result<()> {
-    let s = Socket::open(libc::NETLINK_ROUTE)?;
+    let s = Socket::open(libc::NETLINK_ROUTE, RECV_TIMEOUT)?;
     let mut m = Msg::new(
         RTM_DELQDISC,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -363,7 +366,7 @@ fn parse_tuple(b: &[u8]) -> Option<Tuple> {
 /// (`conntrack -L --reply-src ... --reply-port-dst ...`), or `None` when conntrack has no
 /// such entry.
 pub fn conntrack_original(reply: &Tuple) -> io::Result<Option<Tuple>> {
-    let s = Socket::open(NETLINK_NETFILTER)?;
+    let s = Socket::open(NETLINK_NETFILTER, CONNTRACK_TIMEOUT)?;
     let family = if reply.src.is_ipv4() {
         libc::AF_INET
     } else {

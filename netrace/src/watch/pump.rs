@@ -232,8 +232,18 @@ impl Pump {
         if self.last_judged.elapsed() >= JUDGE {
             self.last_judged = Instant::now();
             let (verdict, nat) = self.judge();
-            self.metrics
-                .set_verdict(metric_verdict(&verdict, &self.histogram));
+            let label = metric_verdict(&verdict, &self.histogram);
+            self.metrics.set_verdict(label);
+            // The lower edge of the range SYN-ACKs come back to, bracketed by the highest lost
+            // and the lowest answered port; only where the verdict puts the cause there.
+            let h = &self.histogram;
+            let edge = match (h.highest_lost_outside_below, h.lowest_answered) {
+                (Some(lost), Some(answered)) if label == "range_problem" && lost < answered => {
+                    Some((answered, lost + 1, answered))
+                }
+                _ => None,
+            };
+            self.metrics.set_range_edge(metrics::Edge::Lower, edge);
             if let Some(mode) = nat.and_then(|n| serde_json::to_value(n.mode).ok()) {
                 self.metrics
                     .set_nat_mode(mode.as_str().unwrap_or("unknown"));
