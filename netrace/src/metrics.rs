@@ -679,11 +679,6 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
     }
 }
 
-/// Binds the listener (before attaching, so a busy port is a usage error).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
 /// The destination label of a connection to `addr`:`port`.
 pub fn destination(addr: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(addr, port)

@@ -25,21 +25,14 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
     // Signals first, so Ctrl-C during attach ends the run cleanly instead of killing it.
     let mut signals = Signals::install()?;
     let metrics = cfg.metrics();
-    let _metrics_server = setup::metrics_server(&cfg, &metrics).await?;
+    let _metrics_server = setup::metrics_server(&cfg, &metrics)?;
     let node = NodePorts::read(&cfg.procfs);
     let setup::Attached {
         mut kernel,
         interfaces,
         notes,
         correlator,
-    } = {
-        // Loading (the verifier) and attaching block: off the event loop, so the metrics
-        // server answers (/readyz: not yet) meanwhile.
-        let (cfg, metrics) = (cfg.clone(), metrics.clone());
-        tokio::task::spawn_blocking(move || setup::attach(&cfg, &metrics))
-            .await
-            .map_err(|e| anyhow::anyhow!("setting up: {e}"))??
-    };
+    } = setup::attach(&cfg, &metrics)?; // On this thread: its private mounts are this thread's.
 
     let mut pump = Pump::new(
         cfg,

@@ -27,30 +27,58 @@ use crate::{
 /// Where cgroup2 is mounted, or mounted by netrace when it is missing from its view.
 const CGROUP2_MOUNT: &str = "/sys/fs/cgroup";
 
-/// Stops the metrics server when the run ends.
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The metrics server, on a thread of its own with its own event loop: however it is used or
+/// abused, it never takes time from the watch loop, and it answers while netrace is still
+/// loading and attaching (`/readyz`: not yet). Stopped when dropped.
+pub struct MetricsServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
 
-impl Drop for AbortOnDrop {
+impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
-/// Serves `metrics` at `--metrics-addr`, if given; the server stops when the guard drops.
-pub async fn metrics_server(
+/// Serves `metrics` at `--metrics-addr`, if given. The port is bound here, so a busy port is a
+/// usage error before anything is attached.
+pub fn metrics_server(
     cfg: &WatchConfig,
     metrics: &Metrics,
-) -> anyhow::Result<Option<AbortOnDrop>> {
+) -> anyhow::Result<Option<MetricsServer>> {
     let Some(addr) = cfg.metrics_addr else {
         return Ok(None);
     };
-    let listener = metrics::bind(addr)
-        .await
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|e| UsageError(format!("--metrics-addr: cannot listen on {addr}: {e}")))?;
-    Ok(Some(AbortOnDrop(tokio::spawn(metrics::serve(
-        listener,
-        metrics.clone(),
-    )))))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the metrics server's event loop")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = metrics.clone();
+    std::thread::Builder::new()
+        .name("netrace-metrics".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        log::warn!("metrics: cannot serve on {addr}: {e}");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    () = metrics::serve(listener, metrics) => {}
+                    _ = stopped => {}
+                }
+            });
+        })
+        .context("starting the metrics server's thread")?;
+    Ok(Some(MetricsServer { stop: Some(stop) }))
 }
 
 /// The loaded, attached kernel side: its attachments and the maps user space reads.
