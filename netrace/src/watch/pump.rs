@@ -25,11 +25,9 @@ use crate::{
     },
     metrics::{self, Metrics},
     node::NodePorts,
-    options::Events,
-    options::OutputFormat,
+    options::{Events, OutputFormat},
     render,
-    report::{monotonic_ns, Clock, ConnRecord},
-    report::{IntervalReport, ShortVerdict, Tally},
+    report::{monotonic_ns, Clock, ConnRecord, IntervalReport, ShortVerdict, Tally},
     track::natmode::{self, NatReport},
     track::{
         correlate::Correlator,
@@ -231,23 +229,7 @@ impl Pump {
         }
         if self.last_judged.elapsed() >= JUDGE {
             self.last_judged = Instant::now();
-            let (verdict, nat) = self.judge();
-            let label = metric_verdict(&verdict, &self.histogram);
-            self.metrics.set_verdict(label);
-            // The lower edge of the range SYN-ACKs come back to, bracketed by the highest lost
-            // and the lowest answered port; only where the verdict puts the cause there.
-            let h = &self.histogram;
-            let edge = match (h.highest_lost_outside_below, h.lowest_answered) {
-                (Some(lost), Some(answered)) if label == "range_problem" && lost < answered => {
-                    Some((answered, lost + 1, answered))
-                }
-                _ => None,
-            };
-            self.metrics.set_range_edge(metrics::Edge::Lower, edge);
-            if let Some(mode) = nat.and_then(|n| serde_json::to_value(n.mode).ok()) {
-                self.metrics
-                    .set_nat_mode(mode.as_str().unwrap_or("unknown"));
-            }
+            self.judge_for_metrics();
         }
         if self
             .cfg
@@ -267,6 +249,27 @@ impl Pump {
             self.last_drawn = Instant::now();
         }
         None
+    }
+
+    /// The verdict so far, the NAT mode and the learned range edge, for the metrics.
+    fn judge_for_metrics(&mut self) {
+        let (verdict, nat) = self.judge();
+        let label = metric_verdict(&verdict, &self.histogram);
+        self.metrics.set_verdict(label);
+        // The lower edge of the range SYN-ACKs come back to, bracketed by the highest lost and
+        // the lowest answered port; only where the verdict puts the cause there.
+        let h = &self.histogram;
+        let edge = match (h.highest_lost_outside_below, h.lowest_answered) {
+            (Some(lost), Some(answered)) if label == "range_problem" && lost < answered => {
+                Some((answered, lost + 1, answered))
+            }
+            _ => None,
+        };
+        self.metrics.set_range_edge(metrics::Edge::Lower, edge);
+        if let Some(mode) = nat.and_then(|n| serde_json::to_value(n.mode).ok()) {
+            self.metrics
+                .set_nat_mode(mode.as_str().unwrap_or("unknown"));
+        }
     }
 
     /// The verdict on what was seen so far, and the NAT mode when pod-side interfaces are
