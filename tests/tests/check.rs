@@ -58,10 +58,10 @@ fn check_names_the_uplink_and_foreign_programs() {
             "no {what} line\n{ctx}"
         );
     }
-    assert!(text.contains(&format!("via {dev}")), "{ctx}");
+    assert!(text.contains(&format!("--iface names {dev}")), "{ctx}");
     let uplink = text
         .lines()
-        .find(|l| l.contains("uplink"))
+        .find(|l| l.split_whitespace().nth(1) == Some("uplink"))
         .unwrap_or_else(|| panic!("no uplink line\n{ctx}"));
     assert!(
         uplink.contains(&format!("TCX egress {FOREIGN_PROG_NAME}")),

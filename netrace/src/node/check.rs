@@ -193,6 +193,11 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<u8> {
         .clone()
         .or_else(|| iface::default_route_iface(&procfs));
     lines.push(match &uplink {
+        Some(name) if args.iface.is_some() && iface::index(name).is_some() => line(
+            Mark::Ok,
+            "default route",
+            format!("not looked at: --iface names {name}"),
+        ),
         Some(name) if iface::index(name).is_some() => line(
             Mark::Ok,
             "default route",
