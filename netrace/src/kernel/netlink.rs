@@ -239,7 +239,6 @@ impl Socket {
             while b.len() >= NLMSG_HDRLEN {
                 let len = u32_at(b, 0).map_or(0, |l| l as usize);
                 let ty = u16_at(b, 4).unwrap_or(0);
-                let flags = u16_at(b, 6).unwrap_or(0);
                 if len < NLMSG_HDRLEN || len > b.len() {
                     return Err(io::Error::other("a malformed netlink message"));
                 }
@@ -256,8 +255,6 @@ impl Socket {
                     }
                     _ => out.push((ty, payload.to_vec())),
                 }
-                // A single answer without NLM_F_MULTI is followed only by the ack.
-                let _ = flags;
                 b = b.get(len.next_multiple_of(4)..).unwrap_or(&[]);
             }
         }
