@@ -136,6 +136,26 @@ fn metrics_pass_promtool_and_match_the_summary() {
         summary["drops"]["events_lost"].as_u64().unwrap_or(u64::MAX)
     );
     assert!(sample(&body, "netrace_syns_total") >= 120);
+    // The attached gauges, the build info, and every kernel counter, named.
+    for hook in ["egress", "ingress"] {
+        let line = format!(
+            "netrace_attached{{iface=\"{}\",hook=\"{hook}\"}} 1",
+            lab.node_uplink()
+        );
+        assert!(body.contains(&line), "no {line:?} in\n{body}");
+    }
+    assert!(body.contains("netrace_build_info{version=\""), "{body}");
+    assert_eq!(
+        sample(&body, "netrace_kernel_events_total{event=\"syn_seen\"}"),
+        sample(&body, "netrace_syns_total")
+    );
+    assert_eq!(
+        body.lines()
+            .filter(|l| l.starts_with("netrace_kernel_events_total{"))
+            .count(),
+        summary["counters"].as_object().map_or(0, |c| c.len()),
+        "one series per kernel counter in the summary"
+    );
     // Only the destination metric names addresses (at most ten of them, and "other").
     let destinations: std::collections::BTreeSet<&str> = body
         .lines()
