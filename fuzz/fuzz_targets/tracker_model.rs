@@ -108,7 +108,7 @@ impl Kernel {
             isn,
             syns: 1,
             ifindex: 1,
-            _pad: 0,
+            data_len: 0,
         };
         self.attempts.push(Attempt {
             key,

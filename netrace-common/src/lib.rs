@@ -3,7 +3,12 @@
 //! Every type here is `#[repr(C)]` with explicit padding so both sides agree on the layout
 //! byte for byte. Event kinds and counter ids are numbered once and never reused: an old
 //! user space reading a newer kernel object must never misread one kind as another.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+pub mod pairing;
+pub mod parse;
+#[cfg(test)]
+mod rules_tests;
 
 /// `AF_INET`, as stored in [`FlowKey::family`].
 pub const FAMILY_V4: u8 = 2;
@@ -50,7 +55,9 @@ pub struct PendingSyn {
     pub syns: u32,
     /// Interface the SYN left through.
     pub ifindex: u32,
-    pub _pad: u32,
+    /// Bytes of data the SYN carried (TCP Fast Open): the answer may acknowledge
+    /// `isn + 1 + data_len`. Zero for an ordinary SYN.
+    pub data_len: u32,
 }
 
 impl PendingSyn {
@@ -62,7 +69,7 @@ impl PendingSyn {
             isn,
             syns: 1,
             ifindex,
-            _pad: 0,
+            data_len: 0,
         }
     }
 }
@@ -77,7 +84,8 @@ pub enum EventKind {
     Answered = 1,
     /// A RST acknowledging the SYN came back (nothing listening).
     Refused = 2,
-    /// An ICMP or ICMPv6 destination-unreachable quoting the SYN came back.
+    /// An ICMP or ICMPv6 error quoting the SYN came back that ends the attempt: destination
+    /// unreachable (not fragmentation needed), time exceeded or parameter problem.
     Unreachable = 3,
     /// A new SYN with a different ISN replaced an unanswered entry for the same 4-tuple.
     Superseded = 4,

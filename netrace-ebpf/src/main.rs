@@ -1,9 +1,11 @@
 //! netrace's kernel programs: two tc classifiers that pair outbound SYNs with their answers.
 //!
 //! Egress: a SYN (without ACK) creates or refreshes a pending entry keyed by the 4-tuple.
-//! Ingress: a SYN-ACK or RST acknowledging `isn + 1`, or an ICMP/ICMPv6 destination-unreachable
-//! quoting the SYN, resolves the entry and sends an outcome to user space. Nothing here ever
-//! changes a packet's fate: both programs always return `TC_ACT_UNSPEC` (`TCX_NEXT`).
+//! Ingress: a SYN-ACK or RST acknowledging the SYN, or an ICMP/ICMPv6 error quoting it that
+//! ends the attempt, resolves the entry and sends an outcome to user space. The parsing and
+//! pairing rules live in `netrace_common::{parse, pairing}`, shared with `netrace analyze`;
+//! this crate supplies the maps, the ring buffer and the skb. Nothing here ever changes a
+//! packet's fate: every program always returns `TC_ACT_UNSPEC` (`TCX_NEXT`).
 #![no_std]
 #![no_main]
 // The BPF target has no `AtomicU64::fetch_add`; the intrinsic lowers to BPF's atomic add.
@@ -30,10 +32,11 @@ use aya_ebpf::{
 // library's AYA_LOG_LEVEL global before load; each call site then costs one global read.
 use aya_log_ebpf::debug;
 use netrace_common::{
+    pairing::{on_packet, on_pod_syn, EventSink, Insert, Note, PendingTable},
+    parse::{Direction, Link, Parsed},
     Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent, PendingSyn, TpOffsets, COUNTER_SLOTS,
     DEFAULT_MAX_PENDING, DEFAULT_RINGBUF_BYTES, PORT_SLOTS,
 };
-use parse::{Answer, Parsed};
 
 /// Unanswered SYNs. Not preallocated: memory follows the live entries, and a full map is an
 /// insert failure that is counted, never a silent eviction.
@@ -60,19 +63,143 @@ static TP_OFFSETS: Array<TpOffsets> = Array::with_max_entries(1, 0);
 
 const EEXIST: i32 = 17;
 
+/// The pending map as the shared pairing rules see it.
+struct KernelTable;
+
+impl PendingTable for KernelTable {
+    #[inline(always)]
+    fn get_mut(&mut self, key: &FlowKey) -> Option<&mut PendingSyn> {
+        // SAFETY: the pointer comes from a successful lookup and stays valid for this run of
+        // the program (an entry removed meanwhile by another CPU is freed only after an RCU
+        // grace period). Retransmissions of one SYN are a second or more apart, so two CPUs
+        // never update the same entry at once in practice; a lost increment would only
+        // undercount retransmissions.
+        PENDING.get_ptr_mut(key).map(|p| unsafe { &mut *p })
+    }
+
+    #[inline(always)]
+    fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
+        // SAFETY: the pointer comes from a successful lookup and is copied out at once.
+        PENDING.get_ptr(key).map(|p| unsafe { *p })
+    }
+
+    #[inline(always)]
+    fn insert_new(&mut self, key: &FlowKey, value: &PendingSyn) -> Insert {
+        match PENDING.insert(key, value, BPF_NOEXIST as u64) {
+            Ok(()) => Insert::Inserted,
+            Err(e) if e == -EEXIST => Insert::Exists,
+            Err(_) => Insert::Full,
+        }
+    }
+
+    #[inline(always)]
+    fn remove(&mut self, key: &FlowKey) -> bool {
+        PENDING.remove(key).is_ok()
+    }
+}
+
+/// The ring buffer, counters and clock as the shared pairing rules see them.
+struct KernelSink<'a>(&'a TcContext);
+
+impl EventSink for KernelSink<'_> {
+    #[inline(always)]
+    fn now(&mut self) -> u64 {
+        // SAFETY: a helper without arguments or side effects.
+        unsafe { bpf_ktime_get_ns() }
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        ifindex(self.0)
+    }
+
+    #[inline(always)]
+    fn count(&mut self, counter: Counter) {
+        count(counter);
+    }
+
+    #[inline(always)]
+    fn syn_port(&mut self, port: u16) {
+        if let Some(slot) = SYN_PORTS.get_ptr_mut(port as u32) {
+            // SAFETY: a valid array slot shared by all CPUs, updated only through an atomic add.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
+        }
+    }
+
+    #[inline(always)]
+    fn note(&mut self, note: Note) {
+        match note {
+            Note::Filtered { dst_port } => debug!(
+                self,
+                "SYN to port {} skipped: outside --filter-dst/--filter-dport", dst_port
+            ),
+            Note::PendingMapFull { src_port } => debug!(
+                self,
+                "SYN from port {} not tracked: the pending map is full", src_port
+            ),
+            Note::SynAckMismatch {
+                src_port,
+                ack,
+                expected,
+            } => debug!(
+                self,
+                "SYN-ACK to port {} skipped: acknowledges {} instead of {}",
+                src_port,
+                ack,
+                expected
+            ),
+        }
+    }
+
+    #[inline(always)]
+    fn emit(
+        &mut self,
+        kind: EventKind,
+        key: &FlowKey,
+        pending: &PendingSyn,
+        now: u64,
+        icmp_type: u8,
+        icmp_code: u8,
+    ) {
+        emit(self.0, kind, key, pending, now, icmp_type, icmp_code);
+    }
+}
+
+#[inline(always)]
+fn uplink(ctx: &TcContext, link: Link, dir: Direction) {
+    if let Some(parsed) = parse::parse(ctx, link, dir) {
+        on_packet(
+            &mut KernelTable,
+            &mut KernelSink(ctx),
+            FILTER.get(0),
+            &parsed,
+        );
+    }
+}
+
 #[classifier]
 pub fn netrace_egress(ctx: TcContext) -> i32 {
-    if let Some(Parsed::Syn { key, isn }) = parse::parse(&ctx, true) {
-        on_syn(&ctx, key, isn);
-    }
+    uplink(&ctx, Link::Ethernet, Direction::Egress);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn netrace_ingress(ctx: TcContext) -> i32 {
-    if let Some(Parsed::Answer { key, ack, answer }) = parse::parse(&ctx, false) {
-        on_answer(&ctx, key, ack, answer);
-    }
+    uplink(&ctx, Link::Ethernet, Direction::Ingress);
+    TC_ACT_UNSPEC
+}
+
+/// Egress of an interface without a link-layer header (WireGuard, tun, ipip, ppp).
+#[classifier]
+pub fn netrace_egress_l3(ctx: TcContext) -> i32 {
+    uplink(&ctx, Link::RawIp, Direction::Egress);
+    TC_ACT_UNSPEC
+}
+
+/// Ingress of an interface without a link-layer header.
+#[classifier]
+pub fn netrace_ingress_l3(ctx: TcContext) -> i32 {
+    uplink(&ctx, Link::RawIp, Direction::Ingress);
     TC_ACT_UNSPEC
 }
 
@@ -80,14 +207,10 @@ pub fn netrace_ingress(ctx: TcContext) -> i32 {
 /// reported so user space can link it to its post-SNAT twin on the uplink. No pending entry.
 #[classifier]
 pub fn netrace_pod_ingress(ctx: TcContext) -> i32 {
-    if let Some(Parsed::Syn { key, isn }) = parse::parse(&ctx, true) {
-        if passes_filter(&key) {
-            count(Counter::PodSynSeen);
-            // SAFETY: a helper without arguments or side effects.
-            let now = unsafe { bpf_ktime_get_ns() };
-            let seen = PendingSyn::first(now, isn, ifindex(&ctx));
-            emit(&ctx, EventKind::PodSyn, &key, &seen, now, 0, 0);
-        }
+    if let Some(Parsed::Syn { key, isn, data_len }) =
+        parse::parse(&ctx, Link::Ethernet, Direction::Egress)
+    {
+        on_pod_syn(&mut KernelSink(&ctx), FILTER.get(0), &key, isn, data_len);
     }
     TC_ACT_UNSPEC
 }
@@ -104,149 +227,6 @@ pub(crate) fn count(counter: Counter) {
         // SAFETY: the pointer comes from a successful lookup in a per-CPU array, so it is valid
         // and only this CPU writes it; programs are not preempted mid-update on the same CPU.
         unsafe { *slot += 1 };
-    }
-}
-
-#[inline(always)]
-fn passes_filter(key: &FlowKey) -> bool {
-    let Some(f) = FILTER.get(0) else {
-        return true;
-    };
-    if f.dst_port != 0 && f.dst_port != key.dst_port {
-        return false;
-    }
-    if f.dst_family == 0 {
-        return true;
-    }
-    if f.dst_family != key.family {
-        return false;
-    }
-    let mut bits = f.dst_prefix_len as u32;
-    let mut i = 0;
-    while i < 16 {
-        if bits == 0 {
-            break;
-        }
-        let mask: u8 = if bits >= 8 {
-            0xff
-        } else {
-            0xffu8 << (8 - bits)
-        };
-        if (key.dst_addr[i] ^ f.dst_net[i]) & mask != 0 {
-            return false;
-        }
-        bits = bits.saturating_sub(8);
-        i += 1;
-    }
-    true
-}
-
-#[inline(always)]
-fn on_syn(ctx: &TcContext, key: FlowKey, isn: u32) {
-    if !passes_filter(&key) {
-        count(Counter::Filtered);
-        debug!(
-            ctx,
-            "SYN to port {} skipped: outside --filter-dst/--filter-dport", key.dst_port
-        );
-        return;
-    }
-    count(Counter::SynSeen);
-    if let Some(slot) = SYN_PORTS.get_ptr_mut(key.src_port as u32) {
-        // SAFETY: a valid array slot shared by all CPUs, updated only through an atomic add.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
-    }
-    // SAFETY: a helper without arguments or side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(entry) = PENDING.get_ptr_mut(key) {
-        // SAFETY: the pointer comes from a successful lookup. Retransmissions of one SYN are
-        // a second or more apart, so two CPUs never update the same entry at once in practice;
-        // a lost increment would only undercount retransmissions.
-        let old = unsafe { *entry };
-        if old.isn == isn {
-            // SAFETY: as above.
-            unsafe {
-                (*entry).syns = old.syns.saturating_add(1);
-                (*entry).last_ns = now;
-            }
-            count(Counter::SynRetransmit);
-            return;
-        }
-        // Same 4-tuple, new ISN: the old attempt was abandoned without an answer.
-        emit(ctx, EventKind::Superseded, &key, &old, now, 0, 0);
-        let fresh = PendingSyn::first(now, isn, ifindex(ctx));
-        // SAFETY: as above; the whole entry is replaced in place.
-        unsafe { *entry = fresh };
-        emit(ctx, EventKind::Syn, &key, &fresh, now, 0, 0);
-        return;
-    }
-    let fresh = PendingSyn::first(now, isn, ifindex(ctx));
-    match PENDING.insert(key, fresh, BPF_NOEXIST as u64) {
-        Ok(()) => emit(ctx, EventKind::Syn, &key, &fresh, now, 0, 0),
-        // Another CPU inserted the same SYN a moment ago; it reported it.
-        Err(e) if e == -EEXIST => {}
-        Err(_) => {
-            count(Counter::PendingMapFull);
-            debug!(
-                ctx,
-                "SYN from port {} not tracked: the pending map is full", key.src_port
-            );
-        }
-    }
-}
-
-#[inline(always)]
-fn on_answer(ctx: &TcContext, key: FlowKey, ack: u32, answer: Answer) {
-    let Some(entry) = PENDING.get_ptr(key) else {
-        return;
-    };
-    // SAFETY: the pointer comes from a successful lookup and is copied out at once.
-    let pending = unsafe { *entry };
-    // A SYN-ACK or RST acknowledges isn + 1; an ICMP error quotes the SYN's own sequence number.
-    let expected = match answer {
-        Answer::Unreachable { .. } => pending.isn,
-        _ => pending.isn.wrapping_add(1),
-    };
-    if ack != expected {
-        if let Answer::SynAck = answer {
-            count(Counter::SynAckMismatch);
-            debug!(
-                ctx,
-                "SYN-ACK to port {} skipped: acknowledges {} instead of {}",
-                key.src_port,
-                ack,
-                expected
-            );
-        }
-        return;
-    }
-    // Whoever removes the entry reports it, so a duplicated answer is reported once.
-    if PENDING.remove(key).is_err() {
-        return;
-    }
-    // SAFETY: a helper without arguments or side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
-    match answer {
-        Answer::SynAck => {
-            count(Counter::SynAckMatched);
-            emit(ctx, EventKind::Answered, &key, &pending, now, 0, 0);
-        }
-        Answer::Rst => {
-            count(Counter::RstMatched);
-            emit(ctx, EventKind::Refused, &key, &pending, now, 0, 0);
-        }
-        Answer::Unreachable { icmp_type, code } => {
-            count(Counter::IcmpMatched);
-            emit(
-                ctx,
-                EventKind::Unreachable,
-                &key,
-                &pending,
-                now,
-                icmp_type,
-                code,
-            );
-        }
     }
 }
 

@@ -97,7 +97,7 @@ fn egress_ipv4_syn_creates_pending_entry_and_syn_event() {
     assert_eq!(p.syns, 1);
     assert_ne!(p.first_ns, 0);
     assert_eq!(p.first_ns, p.last_ns);
-    assert_eq!(p._pad, 0);
+    assert_eq!(p.data_len, 0);
 
     let ev = bpf.events();
     assert_eq!(ev.len(), 1, "events: {ev:?}");
@@ -572,10 +572,11 @@ fn ingress_icmp_quoting_a_malformed_ipv4_header_is_malformed() {
 #[test]
 fn ingress_icmp_other_types_are_ignored() {
     let mut bpf = with_pending_v4(SPORT, ISN);
-    // Time exceeded (11), source quench (4), redirect (5), echo reply (0) quoting the SYN.
-    for t in [11u8, 4, 5, 0] {
+    // Source quench (4), redirect (5), echo reply (0) quoting the SYN, and fragmentation
+    // needed (3/4), which asks for a smaller packet and does not end the attempt.
+    for (t, c) in [(4u8, 0u8), (5, 0), (0, 0), (3, 4)] {
         bpf.ingress(&icmp4_error(
-            ROUTER4, LOCAL4, SPORT, REMOTE4, DPORT, ISN, t, 0,
+            ROUTER4, LOCAL4, SPORT, REMOTE4, DPORT, ISN, t, c,
         ));
     }
     // A destination unreachable quoting UDP, not TCP.
@@ -589,6 +590,38 @@ fn ingress_icmp_other_types_are_ignored() {
     assert_eq!(bpf.pending_all().len(), 1);
     assert_eq!(bpf.events(), vec![]);
     bpf.assert_counters(&[(Counter::SynSeen, 1)]);
+}
+
+#[test]
+fn ingress_icmp_time_exceeded_and_parameter_problem_end_the_attempt() {
+    for (v6, t, c) in [
+        (false, 11u8, 0u8),
+        (false, 11, 1),
+        (false, 12, 0),
+        (true, 3, 0),
+        (true, 4, 1),
+    ] {
+        let mut bpf = if v6 {
+            with_pending_v6(SPORT, ISN)
+        } else {
+            with_pending_v4(SPORT, ISN)
+        };
+        let (key, pending) = bpf.pending_all()[0];
+        let pkt = if v6 {
+            icmp6_error(ROUTER6, LOCAL6, SPORT, REMOTE6, DPORT, ISN, t, c)
+        } else {
+            icmp4_error(ROUTER4, LOCAL4, SPORT, REMOTE4, DPORT, ISN, t, c)
+        };
+        bpf.ingress(&pkt);
+        let ev = bpf.events();
+        assert_eq!(ev.len(), 1, "type {t} code {c}: events {ev:?}");
+        assert_eq!(ev[0].kind, EventKind::Unreachable);
+        assert_eq!(ev[0].raw.key, key);
+        assert_eq!(ev[0].raw.pending, pending);
+        assert_eq!((ev[0].raw.icmp_type, ev[0].raw.icmp_code), (t, c));
+        assert_eq!(bpf.pending_all(), vec![]);
+        bpf.assert_counters(&[(Counter::SynSeen, 1), (Counter::IcmpMatched, 1)]);
+    }
 }
 
 #[test]
@@ -608,12 +641,12 @@ fn ingress_icmp6_unreachable_quoting_ipv6_syn() {
         4,
     ));
     assert!(bpf.pending(&key).is_some(), "wrong quoted sequence number");
-    // ICMPv6 packet too big (2) and time exceeded (3) are not unreachables.
+    // ICMPv6 packet too big (2) asks for a smaller packet; echo reply (129) is no error.
     bpf.ingress(&icmp6_error(
         ROUTER6, LOCAL6, SPORT, REMOTE6, DPORT, ISN, 2, 0,
     ));
     bpf.ingress(&icmp6_error(
-        ROUTER6, LOCAL6, SPORT, REMOTE6, DPORT, ISN, 3, 0,
+        ROUTER6, LOCAL6, SPORT, REMOTE6, DPORT, ISN, 129, 0,
     ));
     assert!(bpf.pending(&key).is_some());
     assert_eq!(bpf.events(), vec![]);
@@ -1421,4 +1454,205 @@ fn destination_network_filter_matches_prefixes() {
         vec![key6(LOCAL6, SPORT, REMOTE6, DPORT)]
     );
     bpf.assert_counters(&[(Counter::SynSeen, 1), (Counter::Filtered, 2)]);
+}
+
+// ---- 10. TCP Fast Open -------------------------------------------------------------------------
+
+/// A Fast Open SYN: a cookie option and `data` bytes of payload.
+fn tfo_syn(sport: u16, isn: u32, data: usize) -> Tcp {
+    let mut t = Tcp::syn(sport, DPORT, isn);
+    t.options
+        .extend_from_slice(&[34, 10, 1, 2, 3, 4, 5, 6, 7, 8]);
+    t.payload = vec![0x47; data];
+    t
+}
+
+#[test]
+fn tfo_syn_records_its_data_and_either_ack_answers() {
+    // The server took the data (ack = isn + 1 + len) or only the SYN (ack = isn + 1).
+    for (v6, took) in [(false, true), (false, false), (true, true), (true, false)] {
+        let mut bpf = Bpf::load();
+        let tcp = tfo_syn(SPORT, ISN, 300);
+        let (syn, key) = if v6 {
+            (
+                tcp6(&[], &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP), &tcp),
+                key6(LOCAL6, SPORT, REMOTE6, DPORT),
+            )
+        } else {
+            (
+                tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP), &tcp),
+                key4(LOCAL4, SPORT, REMOTE4, DPORT),
+            )
+        };
+        bpf.egress(&syn);
+        let p = bpf.pending(&key).expect("the Fast Open SYN is tracked");
+        assert_eq!(p.data_len, 300);
+        let ack = if took { ISN + 1 + 300 } else { ISN + 1 };
+        // Acknowledging part of the data is no answer to this SYN.
+        let partial = ISN + 1 + 299;
+        if v6 {
+            bpf.ingress(&answer6(
+                LOCAL6,
+                SPORT,
+                REMOTE6,
+                DPORT,
+                TCP_SYN | TCP_ACK,
+                partial,
+            ));
+            bpf.ingress(&answer6(
+                LOCAL6,
+                SPORT,
+                REMOTE6,
+                DPORT,
+                TCP_SYN | TCP_ACK,
+                ack,
+            ));
+        } else {
+            bpf.ingress(&answer4(
+                LOCAL4,
+                SPORT,
+                REMOTE4,
+                DPORT,
+                TCP_SYN | TCP_ACK,
+                partial,
+            ));
+            bpf.ingress(&answer4(
+                LOCAL4,
+                SPORT,
+                REMOTE4,
+                DPORT,
+                TCP_SYN | TCP_ACK,
+                ack,
+            ));
+        }
+        let ev = bpf.events();
+        assert_eq!(
+            ev.iter().map(|e| e.kind).collect::<Vec<_>>(),
+            [EventKind::Syn, EventKind::Answered],
+            "v6 {v6}, data taken {took}"
+        );
+        assert_eq!(ev[1].raw.pending.data_len, 300);
+        assert_eq!(bpf.pending_all(), vec![]);
+        bpf.assert_counters(&[
+            (Counter::SynSeen, 1),
+            (Counter::SynAckMismatch, 1),
+            (Counter::SynAckMatched, 1),
+        ]);
+    }
+}
+
+#[test]
+fn tfo_retransmitted_without_data_still_accepts_the_data_ack() {
+    let mut bpf = Bpf::load();
+    let syn = tcp4(
+        &[],
+        &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP),
+        &tfo_syn(SPORT, ISN, 40),
+    );
+    bpf.egress(&syn);
+    bpf.egress(&syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN));
+    let key = key4(LOCAL4, SPORT, REMOTE4, DPORT);
+    let p = bpf.pending(&key).unwrap();
+    assert_eq!((p.syns, p.data_len), (2, 40));
+    bpf.ingress(&answer4(
+        LOCAL4,
+        SPORT,
+        REMOTE4,
+        DPORT,
+        TCP_RST | TCP_ACK,
+        ISN + 41,
+    ));
+    let ev = bpf.events();
+    assert_eq!(
+        ev.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [EventKind::Syn, EventKind::Refused]
+    );
+}
+
+// ---- 11. Interfaces without an Ethernet header -------------------------------------------------
+
+/// The packet as a tun or WireGuard interface carries it: from the IP header on.
+fn bare_ip(frame: &[u8]) -> Vec<u8> {
+    frame[14..].to_vec()
+}
+
+#[test]
+fn bare_ip_syn_and_answers_pair() {
+    let mut bpf = Bpf::load();
+    bpf.egress_l3(&bare_ip(&syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN)));
+    bpf.egress_l3(&bare_ip(&syn6(LOCAL6, SPORT, REMOTE6, DPORT, ISN)));
+    bpf.egress_l3(&bare_ip(&syn4(LOCAL4, SPORT + 1, REMOTE4, DPORT, ISN)));
+    assert_eq!(bpf.pending_all().len(), 3);
+    bpf.ingress_l3(&bare_ip(&answer4(
+        LOCAL4,
+        SPORT,
+        REMOTE4,
+        DPORT,
+        TCP_SYN | TCP_ACK,
+        ISN + 1,
+    )));
+    bpf.ingress_l3(&bare_ip(&answer6(
+        LOCAL6,
+        SPORT,
+        REMOTE6,
+        DPORT,
+        TCP_RST | TCP_ACK,
+        ISN + 1,
+    )));
+    bpf.ingress_l3(&bare_ip(&icmp4_error(
+        ROUTER4,
+        LOCAL4,
+        SPORT + 1,
+        REMOTE4,
+        DPORT,
+        ISN,
+        11,
+        0,
+    )));
+    let ev = bpf.events();
+    assert_eq!(
+        ev.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [
+            EventKind::Syn,
+            EventKind::Syn,
+            EventKind::Syn,
+            EventKind::Answered,
+            EventKind::Refused,
+            EventKind::Unreachable
+        ]
+    );
+    assert_eq!(ev[3].raw.key, key4(LOCAL4, SPORT, REMOTE4, DPORT));
+    assert_eq!(ev[4].raw.key, key6(LOCAL6, SPORT, REMOTE6, DPORT));
+    assert_eq!((ev[5].raw.icmp_type, ev[5].raw.icmp_code), (11, 0));
+    assert_eq!(bpf.pending_all(), vec![]);
+    bpf.assert_counters(&[
+        (Counter::SynSeen, 3),
+        (Counter::SynAckMatched, 1),
+        (Counter::RstMatched, 1),
+        (Counter::IcmpMatched, 1),
+    ]);
+}
+
+#[test]
+fn bare_ip_programs_skip_what_is_not_a_syn() {
+    let mut bpf = Bpf::load();
+    // Data, a plain ACK, UDP, an Ethernet frame (not IP at offset 0), a truncated SYN.
+    let data = Tcp::new(SPORT, DPORT, TCP_ACK | TCP_PSH).seq(ISN + 1);
+    bpf.egress_l3(&bare_ip(&tcp4(
+        &[],
+        &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP),
+        &data,
+    )));
+    bpf.egress_l3(&bare_ip(&tcp6(
+        &[],
+        &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP),
+        &data,
+    )));
+    bpf.egress_l3(&Ipv4::new(LOCAL4, REMOTE4, IPPROTO_UDP).build(&udp(SPORT, DPORT, b"hello")));
+    bpf.egress_l3(&syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN));
+    let syn = bare_ip(&syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN));
+    bpf.egress_l3(&syn[..syn.len() - 1]);
+    assert_eq!(bpf.pending_all(), vec![]);
+    assert_eq!(bpf.events(), vec![]);
+    bpf.assert_counters(&[(Counter::Truncated, 1)]);
 }

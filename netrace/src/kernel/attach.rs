@@ -11,8 +11,14 @@ use aya::{
     Ebpf,
 };
 
+use netrace_common::parse;
+
 use crate::{
-    kernel::loader::{EGRESS_PROGRAM, INGRESS_PROGRAM, POD_INGRESS_PROGRAM, SOCK_STATE_PROGRAM},
+    error::UsageError,
+    kernel::loader::{
+        EGRESS_L3_PROGRAM, EGRESS_PROGRAM, INGRESS_L3_PROGRAM, INGRESS_PROGRAM,
+        POD_INGRESS_PROGRAM, SOCK_STATE_PROGRAM,
+    },
     kernel::netlink::{self, Hook},
     kernel::tracefs,
     node::iface,
@@ -24,6 +30,9 @@ pub enum Via {
     Tcx,
     Clsact,
 }
+
+/// The (egress, ingress) programs for one interface.
+type Programs = (&'static str, &'static str);
 
 struct Link {
     program: &'static str,
@@ -70,22 +79,36 @@ impl Attachments {
         program(&mut self.ebpf, name)
     }
 
-    /// Attaches egress and ingress to `iface`.
+    /// Attaches egress and ingress to `iface`: the Ethernet programs, or the bare-IP ones on
+    /// interfaces without a link-layer header; an interface of another type is refused.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<Via> {
+        let progs = match iface::link(iface).map_err(UsageError)? {
+            parse::Link::Ethernet => (EGRESS_PROGRAM, INGRESS_PROGRAM),
+            parse::Link::RawIp => {
+                for name in [EGRESS_L3_PROGRAM, INGRESS_L3_PROGRAM] {
+                    let p = program(&mut self.ebpf, name)?;
+                    if p.fd().is_err() {
+                        p.load()
+                            .with_context(|| format!("the kernel refused program {name}"))?;
+                    }
+                }
+                (EGRESS_L3_PROGRAM, INGRESS_L3_PROGRAM)
+            }
+        };
         let via = match (mode, self.via) {
             (AttachMode::Tcx, _) | (AttachMode::Auto, Some(Via::Tcx)) => {
-                self.attach_tcx(iface)?;
+                self.attach_tcx(iface, progs)?;
                 Via::Tcx
             }
             (AttachMode::Clsact, _) | (AttachMode::Auto, Some(Via::Clsact)) => {
-                self.attach_clsact(iface)?;
+                self.attach_clsact(iface, progs)?;
                 Via::Clsact
             }
-            (AttachMode::Auto, None) => match self.attach_tcx(iface) {
+            (AttachMode::Auto, None) => match self.attach_tcx(iface, progs) {
                 Ok(()) => Via::Tcx,
                 Err(tcx) => {
                     log::debug!("TCX attach failed ({tcx:#}); falling back to clsact");
-                    self.attach_clsact(iface)
+                    self.attach_clsact(iface, progs)
                         .with_context(|| format!("TCX failed too: {tcx:#}"))?;
                     Via::Clsact
                 }
@@ -160,23 +183,23 @@ impl Attachments {
         Ok(())
     }
 
-    fn attach_tcx(&mut self, iface: &str) -> anyhow::Result<()> {
+    fn attach_tcx(&mut self, iface: &str, progs: Programs) -> anyhow::Result<()> {
         // First in line, so a program that redirects or drops cannot hide packets from us.
         self.attach_one(
-            EGRESS_PROGRAM,
+            progs.0,
             iface,
             TcAttachType::Egress,
             TcAttachOptions::TcxOrder(LinkOrder::first()),
         )?;
         self.attach_one(
-            INGRESS_PROGRAM,
+            progs.1,
             iface,
             TcAttachType::Ingress,
             TcAttachOptions::TcxOrder(LinkOrder::first()),
         )
     }
 
-    fn attach_clsact(&mut self, iface: &str) -> anyhow::Result<()> {
+    fn attach_clsact(&mut self, iface: &str, progs: Programs) -> anyhow::Result<()> {
         match tc::qdisc_add_clsact(iface) {
             Ok(()) => self.created_qdiscs.push(iface.to_string()),
             Err(TcError::AlreadyAttached) => {}
@@ -189,13 +212,13 @@ impl Attachments {
         // so one running before netrace's would hide packets from it (and every connection
         // would look lost). An unused priority below the others; never replace a filter.
         self.attach_one(
-            EGRESS_PROGRAM,
+            progs.0,
             iface,
             TcAttachType::Egress,
             TcAttachOptions::Netlink(first_in_line(iface, Hook::Egress)),
         )?;
         self.attach_one(
-            INGRESS_PROGRAM,
+            progs.1,
             iface,
             TcAttachType::Ingress,
             TcAttachOptions::Netlink(first_in_line(iface, Hook::Ingress)),

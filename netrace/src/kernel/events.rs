@@ -100,7 +100,7 @@ fn outcome_event(mut b: &[u8]) -> OutcomeEvent {
         isn: b.get_u32_ne(),
         syns: b.get_u32_ne(),
         ifindex: b.get_u32_ne(),
-        _pad: b.get_u32_ne(),
+        data_len: b.get_u32_ne(),
     };
     let ts_ns = b.get_u64_ne();
     let icmp_type = b.get_u8();
@@ -258,7 +258,7 @@ mod tests {
             isn: 13,
             syns: 2,
             ifindex: 7,
-            _pad: 0,
+            data_len: 300,
         };
         assert_eq!(outcome_event(&bytes_of(&ev)), ev);
         let s = SockEvent {

@@ -14,6 +14,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 pub const EGRESS_PROGRAM: &str = "netrace_egress";
 pub const INGRESS_PROGRAM: &str = "netrace_ingress";
+/// Egress and ingress of interfaces without a link-layer header (WireGuard, tun, ipip, ppp).
+pub const EGRESS_L3_PROGRAM: &str = "netrace_egress_l3";
+pub const INGRESS_L3_PROGRAM: &str = "netrace_ingress_l3";
 /// Pod-side ingress: SYNs in the pods' own address space, for NAT correlation.
 pub const POD_INGRESS_PROGRAM: &str = "netrace_pod_ingress";
 /// The sock:inet_sock_set_state tracepoint program, for process attribution.

@@ -2,6 +2,8 @@
 
 use std::{ffi::CString, fs, path::Path};
 
+use netrace_common::parse::Link;
+
 /// The kernel's index for `name`, or `None` when no such interface exists (in this namespace).
 pub fn index(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
@@ -36,6 +38,49 @@ pub fn name(index: u32) -> Option<String> {
     // SAFETY: on success the buffer holds a NUL-terminated name.
     let s = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Some(s.to_string_lossy().into_owned())
+}
+
+/// What frames on interface `name` start with, from its kernel type
+/// (`/sys/class/net/NAME/type`); an error naming the type when netrace cannot parse them.
+pub fn link(name: &str) -> Result<Link, String> {
+    let path = Path::new("/sys/class/net").join(name).join("type");
+    let raw = fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "cannot read the link type of '{name}' ({}): {e}",
+            path.display()
+        )
+    })?;
+    let arphrd: u16 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{name}' has an unreadable link type '{}'", raw.trim()))?;
+    Link::from_arphrd(arphrd).ok_or_else(|| {
+        format!(
+            "interface '{name}' has link type {arphrd}{}, whose headers netrace cannot read \
+             (it reads Ethernet, and bare IP as on WireGuard, tun, ipip and ppp); watch the \
+             interface its packets leave through instead",
+            arphrd_name(arphrd)
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// Names of common link types netrace does not parse, for error messages.
+fn arphrd_name(arphrd: u16) -> Option<&'static str> {
+    Some(match arphrd {
+        32 => "infiniband",
+        776 => "sit",
+        778 => "gre",
+        780 => "ip6 in ip6",
+        783 => "irda",
+        801 => "ieee802.11",
+        803 => "ieee802.11 radiotap",
+        823 => "ip6gre",
+        824 => "netlink",
+        280 => "can",
+        _ => return None,
+    })
 }
 
 /// Every interface in this network namespace, sorted.
@@ -148,5 +193,14 @@ mod tests {
         assert!(index("nrt-no-such-if").is_none());
         let err = resolve(&["nrt-no-such-if".into()], Path::new("/proc"));
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn link_types() {
+        // Loopback carries a zeroed Ethernet header.
+        assert_eq!(link("lo"), Ok(Link::Ethernet));
+        assert!(link("nrt-no-such-if").is_err());
+        assert_eq!(arphrd_name(778), Some("gre"));
+        assert_eq!(Link::from_arphrd(778), None);
     }
 }

@@ -7,7 +7,9 @@ use aya::{programs::ProgramError, sys::SyscallError, TestRun as _, TestRunOption
 use netrace::{
     kernel::attach::Attachments,
     kernel::events::Event,
-    kernel::loader::{self, Maps, EGRESS_PROGRAM, INGRESS_PROGRAM},
+    kernel::loader::{
+        self, Maps, EGRESS_L3_PROGRAM, EGRESS_PROGRAM, INGRESS_L3_PROGRAM, INGRESS_PROGRAM,
+    },
     track::tracker::PendingMap as _,
 };
 use netrace_common::{Counter, FlowKey, KernelFilter, PendingSyn, FAMILY_V4, FAMILY_V6};
@@ -59,6 +61,17 @@ impl Bpf {
         self.run(INGRESS_PROGRAM, packet);
     }
 
+    /// Runs a bare IP `packet` (no Ethernet header: WireGuard, tun) through the egress
+    /// classifier for such interfaces.
+    pub fn egress_l3(&mut self, packet: &[u8]) {
+        self.run(EGRESS_L3_PROGRAM, packet);
+    }
+
+    /// Runs a bare IP `packet` through the ingress classifier for such interfaces.
+    pub fn ingress_l3(&mut self, packet: &[u8]) {
+        self.run(INGRESS_L3_PROGRAM, packet);
+    }
+
     /// Runs `packet` through egress (`true`) or ingress (`false`); `Err(errno)` when the
     /// kernel refuses to run the program on it at all (see [`Bpf::try_run`]).
     pub fn try_direction(&mut self, egress: bool, packet: &[u8]) -> Result<(), i32> {
@@ -89,12 +102,17 @@ impl Bpf {
     pub fn try_run(&mut self, program: &str, packet: &[u8]) -> Result<(), i32> {
         assert!(
             packet.len() >= 14,
-            "BPF_PROG_TEST_RUN needs at least an Ethernet header"
+            "BPF_PROG_TEST_RUN needs at least an Ethernet header's worth of bytes"
         );
         let prog = self
             .attachments
             .program(program)
             .unwrap_or_else(|e| panic!("{e:#}"));
+        if prog.fd().is_err() {
+            // The programs for interfaces without Ethernet load when first needed.
+            prog.load()
+                .unwrap_or_else(|e| panic!("the kernel refused {program}: {e:#}"));
+        }
         let mut out = vec![0u8; packet.len() + 256];
         let result = match prog.test_run(TestRunOptions {
             data_in: Some(packet),

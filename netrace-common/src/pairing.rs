@@ -1,0 +1,406 @@
+//! The SYN/answer pairing rules, one code path for the kernel (over its BPF maps and ring
+//! buffer) and user space (over a `HashMap` and a `Vec` of events, for `netrace analyze`).
+//!
+//! - An outbound SYN that passes the filter creates a pending entry keyed by its 4-tuple and
+//!   reports [`EventKind::Syn`]. The same ISN again is a retransmission: the entry's SYN count
+//!   and last time move, nothing is reported. Another ISN on the same 4-tuple replaces the
+//!   entry: the old one is reported [`EventKind::Superseded`], the new one [`EventKind::Syn`].
+//!   A full map is counted, never an eviction.
+//! - An inbound SYN-ACK or RST+ACK acknowledging `isn + 1` (or `isn + 1 + data`, for a SYN
+//!   that carried data: TCP Fast Open), or an ICMP error quoting the SYN's own sequence number,
+//!   removes the entry and reports its outcome. Whoever removes the entry reports it, so a
+//!   duplicated answer is reported once.
+//!
+//! *Lost* and *late* are decided in user space from time (the tracker), not here.
+
+use crate::{
+    parse::{Answer, Parsed},
+    Counter, EventKind, FlowKey, KernelFilter, PendingSyn,
+};
+
+/// The outcome of inserting a new pending entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Insert {
+    Inserted,
+    /// Another CPU inserted the same key a moment ago (it reported it).
+    Exists,
+    /// The map is full.
+    Full,
+}
+
+/// The pending-SYN map.
+pub trait PendingTable {
+    /// The entry for `key`, to update in place.
+    fn get_mut(&mut self, key: &FlowKey) -> Option<&mut PendingSyn>;
+    /// A copy of the entry for `key`.
+    fn get(&self, key: &FlowKey) -> Option<PendingSyn>;
+    /// Inserts an entry for a key that had none.
+    fn insert_new(&mut self, key: &FlowKey, value: &PendingSyn) -> Insert;
+    /// Removes the entry; `false` when it was not there (someone else removed it).
+    fn remove(&mut self, key: &FlowKey) -> bool;
+}
+
+/// A SYN or answer the rules left aside (already counted), with the values worth a debug line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Note {
+    /// A SYN outside `--filter-dst` / `--filter-dport` ([`Counter::Filtered`]).
+    Filtered { dst_port: u16 },
+    /// A SYN not tracked: the pending map is full ([`Counter::PendingMapFull`]).
+    PendingMapFull { src_port: u16 },
+    /// A SYN-ACK for a pending 4-tuple acknowledging `ack` instead of `expected` (`isn + 1`;
+    /// `isn + 1 + data_len` is accepted too) ([`Counter::SynAckMismatch`]).
+    SynAckMismatch {
+        src_port: u16,
+        ack: u32,
+        expected: u32,
+    },
+}
+
+/// Where the rules' effects go, and the facts they need from their surroundings.
+pub trait EventSink {
+    /// The current time in nanoseconds (`bpf_ktime_get_ns`, or a capture's timestamp).
+    fn now(&mut self) -> u64;
+    /// The interface the packet is on.
+    fn ifindex(&self) -> u32;
+    /// Adds one to `counter`.
+    fn count(&mut self, counter: Counter);
+    /// One SYN packet (first or retransmitted) left from source port `port`.
+    fn syn_port(&mut self, port: u16);
+    /// Why a SYN or answer was left aside, after it was counted (debug output; nothing by
+    /// default).
+    #[inline(always)]
+    fn note(&mut self, _note: Note) {}
+    /// Reports an event (the ring buffer's record).
+    fn emit(
+        &mut self,
+        kind: EventKind,
+        key: &FlowKey,
+        pending: &PendingSyn,
+        now: u64,
+        icmp_type: u8,
+        icmp_code: u8,
+    );
+}
+
+impl KernelFilter {
+    /// Whether `key`'s destination passes the filter.
+    #[inline(always)]
+    pub fn matches(&self, key: &FlowKey) -> bool {
+        if self.dst_port != 0 && self.dst_port != key.dst_port {
+            return false;
+        }
+        if self.dst_family == 0 {
+            return true;
+        }
+        if self.dst_family != key.family {
+            return false;
+        }
+        let mut bits = self.dst_prefix_len as u32;
+        let mut i = 0;
+        while i < 16 {
+            if bits == 0 {
+                break;
+            }
+            let mask: u8 = if bits >= 8 {
+                0xff
+            } else {
+                0xffu8 << (8 - bits)
+            };
+            if (key.dst_addr[i] ^ self.dst_net[i]) & mask != 0 {
+                return false;
+            }
+            bits = bits.saturating_sub(8);
+            i += 1;
+        }
+        true
+    }
+}
+
+/// Whether an answer carrying `ack` is the answer to `pending`: a SYN-ACK or RST acknowledges
+/// `isn + 1`, or `isn + 1 + data_len` when the SYN carried data (TCP Fast Open, the server took
+/// the data); an ICMP error quotes the SYN's own sequence number.
+#[inline(always)]
+pub fn acknowledges(pending: &PendingSyn, ack: u32, answer: Answer) -> bool {
+    match answer {
+        Answer::Unreachable { .. } => ack == pending.isn,
+        _ => {
+            let next = pending.isn.wrapping_add(1);
+            ack == next || ack == next.wrapping_add(pending.data_len)
+        }
+    }
+}
+
+/// The event kind and counter of an answer that resolved its SYN.
+#[inline(always)]
+pub const fn resolution(answer: Answer) -> (EventKind, Counter) {
+    match answer {
+        Answer::SynAck => (EventKind::Answered, Counter::SynAckMatched),
+        Answer::Rst => (EventKind::Refused, Counter::RstMatched),
+        Answer::Unreachable { .. } => (EventKind::Unreachable, Counter::IcmpMatched),
+    }
+}
+
+/// An outbound SYN on the uplink (see the module documentation).
+#[inline(always)]
+pub fn on_syn<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
+    table: &mut T,
+    sink: &mut S,
+    filter: Option<&KernelFilter>,
+    key: &FlowKey,
+    isn: u32,
+    data_len: u32,
+) {
+    if let Some(f) = filter {
+        if !f.matches(key) {
+            sink.count(Counter::Filtered);
+            sink.note(Note::Filtered {
+                dst_port: key.dst_port,
+            });
+            return;
+        }
+    }
+    sink.count(Counter::SynSeen);
+    sink.syn_port(key.src_port);
+    let now = sink.now();
+    if let Some(entry) = table.get_mut(key) {
+        let old = *entry;
+        if old.isn == isn {
+            entry.syns = old.syns.saturating_add(1);
+            entry.last_ns = now;
+            // A retransmitted Fast Open SYN usually carries no data; the first one's length
+            // stays acceptable.
+            if data_len > old.data_len {
+                entry.data_len = data_len;
+            }
+            sink.count(Counter::SynRetransmit);
+            return;
+        }
+        // Same 4-tuple, new ISN: the old attempt was abandoned without an answer.
+        let mut fresh = PendingSyn::first(now, isn, sink.ifindex());
+        fresh.data_len = data_len;
+        *entry = fresh;
+        sink.emit(EventKind::Superseded, key, &old, now, 0, 0);
+        sink.emit(EventKind::Syn, key, &fresh, now, 0, 0);
+        return;
+    }
+    let mut fresh = PendingSyn::first(now, isn, sink.ifindex());
+    fresh.data_len = data_len;
+    match table.insert_new(key, &fresh) {
+        Insert::Inserted => sink.emit(EventKind::Syn, key, &fresh, now, 0, 0),
+        Insert::Exists => {}
+        Insert::Full => {
+            sink.count(Counter::PendingMapFull);
+            sink.note(Note::PendingMapFull {
+                src_port: key.src_port,
+            });
+        }
+    }
+}
+
+/// An inbound answer on the uplink (see the module documentation).
+#[inline(always)]
+pub fn on_answer<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
+    table: &mut T,
+    sink: &mut S,
+    key: &FlowKey,
+    ack: u32,
+    answer: Answer,
+) {
+    let Some(pending) = table.get(key) else {
+        return;
+    };
+    if !acknowledges(&pending, ack, answer) {
+        if let Answer::SynAck = answer {
+            sink.count(Counter::SynAckMismatch);
+            sink.note(Note::SynAckMismatch {
+                src_port: key.src_port,
+                ack,
+                expected: pending.isn.wrapping_add(1),
+            });
+        }
+        return;
+    }
+    if !table.remove(key) {
+        return;
+    }
+    let now = sink.now();
+    let (kind, counter) = resolution(answer);
+    sink.count(counter);
+    let (icmp_type, icmp_code) = match answer {
+        Answer::Unreachable { icmp_type, code } => (icmp_type, code),
+        _ => (0, 0),
+    };
+    sink.emit(kind, key, &pending, now, icmp_type, icmp_code);
+}
+
+/// A SYN seen on a pod-side interface, in the pod's address space: reported for linking to its
+/// uplink twin by ISN, no pending entry.
+#[inline(always)]
+pub fn on_pod_syn<S: EventSink + ?Sized>(
+    sink: &mut S,
+    filter: Option<&KernelFilter>,
+    key: &FlowKey,
+    isn: u32,
+    data_len: u32,
+) {
+    if let Some(f) = filter {
+        if !f.matches(key) {
+            return;
+        }
+    }
+    sink.count(Counter::PodSynSeen);
+    let now = sink.now();
+    let mut seen = PendingSyn::first(now, isn, sink.ifindex());
+    seen.data_len = data_len;
+    sink.emit(EventKind::PodSyn, key, &seen, now, 0, 0);
+}
+
+/// A parsed packet on the uplink: a SYN on egress, an answer on ingress.
+#[inline(always)]
+pub fn on_packet<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
+    table: &mut T,
+    sink: &mut S,
+    filter: Option<&KernelFilter>,
+    parsed: &Parsed,
+) {
+    match *parsed {
+        Parsed::Syn { key, isn, data_len } => on_syn(table, sink, filter, &key, isn, data_len),
+        Parsed::Answer { key, ack, answer } => on_answer(table, sink, &key, ack, answer),
+    }
+}
+
+#[cfg(any(test, feature = "std"))]
+pub use memory::{MemorySink, MemoryTable};
+
+#[cfg(any(test, feature = "std"))]
+mod memory {
+    extern crate std;
+
+    use std::{collections::HashMap, vec::Vec};
+
+    use super::{EventSink, Insert, PendingTable};
+    use crate::{Counter, EventKind, FlowKey, OutcomeEvent, PendingSyn, COUNTER_SLOTS};
+
+    /// A pending map in memory, optionally bounded like the kernel's (`max_entries`).
+    #[derive(Clone, Debug, Default)]
+    pub struct MemoryTable {
+        pub map: HashMap<FlowKey, PendingSyn>,
+        /// Capacity; 0 for unbounded.
+        pub max_entries: usize,
+    }
+
+    impl PendingTable for MemoryTable {
+        fn get_mut(&mut self, key: &FlowKey) -> Option<&mut PendingSyn> {
+            self.map.get_mut(key)
+        }
+        fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
+            self.map.get(key).copied()
+        }
+        fn insert_new(&mut self, key: &FlowKey, value: &PendingSyn) -> Insert {
+            if self.map.contains_key(key) {
+                return Insert::Exists;
+            }
+            if self.max_entries != 0 && self.map.len() >= self.max_entries {
+                return Insert::Full;
+            }
+            self.map.insert(*key, *value);
+            Insert::Inserted
+        }
+        fn remove(&mut self, key: &FlowKey) -> bool {
+            self.map.remove(key).is_some()
+        }
+    }
+
+    /// The same rules over a bare `HashMap` (e.g. the one inside the tracker's in-memory map).
+    impl PendingTable for HashMap<FlowKey, PendingSyn> {
+        fn get_mut(&mut self, key: &FlowKey) -> Option<&mut PendingSyn> {
+            HashMap::get_mut(self, key)
+        }
+        fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
+            HashMap::get(self, key).copied()
+        }
+        fn insert_new(&mut self, key: &FlowKey, value: &PendingSyn) -> Insert {
+            if self.contains_key(key) {
+                return Insert::Exists;
+            }
+            self.insert(*key, *value);
+            Insert::Inserted
+        }
+        fn remove(&mut self, key: &FlowKey) -> bool {
+            HashMap::remove(self, key).is_some()
+        }
+    }
+
+    /// Collects what the rules report, as the kernel's ring buffer and counters would hold it.
+    /// Set `now` (capture time) and `ifindex` before each packet.
+    #[derive(Clone, Debug)]
+    pub struct MemorySink {
+        pub now: u64,
+        pub ifindex: u32,
+        /// Indexed by [`Counter`] number.
+        pub counters: [u64; COUNTER_SLOTS as usize],
+        /// SYN packets by source port.
+        pub syn_ports: HashMap<u16, u64>,
+        /// The ring buffer's records, in order; drain them with [`MemorySink::take_events`].
+        pub events: Vec<OutcomeEvent>,
+    }
+
+    impl Default for MemorySink {
+        fn default() -> Self {
+            Self {
+                now: 0,
+                ifindex: 0,
+                counters: [0; COUNTER_SLOTS as usize],
+                syn_ports: HashMap::new(),
+                events: Vec::new(),
+            }
+        }
+    }
+
+    impl MemorySink {
+        /// The value of `counter`.
+        pub fn counter(&self, counter: Counter) -> u64 {
+            self.counters[counter as usize]
+        }
+
+        /// The events reported so far, leaving none.
+        pub fn take_events(&mut self) -> Vec<OutcomeEvent> {
+            core::mem::take(&mut self.events)
+        }
+    }
+
+    impl EventSink for MemorySink {
+        fn now(&mut self) -> u64 {
+            self.now
+        }
+        fn ifindex(&self) -> u32 {
+            self.ifindex
+        }
+        fn count(&mut self, counter: Counter) {
+            self.counters[counter as usize] += 1;
+        }
+        fn syn_port(&mut self, port: u16) {
+            *self.syn_ports.entry(port).or_default() += 1;
+        }
+        fn emit(
+            &mut self,
+            kind: EventKind,
+            key: &FlowKey,
+            pending: &PendingSyn,
+            now: u64,
+            icmp_type: u8,
+            icmp_code: u8,
+        ) {
+            self.events.push(OutcomeEvent {
+                kind: kind as u32,
+                ifindex: self.ifindex,
+                key: *key,
+                pending: *pending,
+                ts_ns: now,
+                icmp_type,
+                icmp_code,
+                _pad: [0; 6],
+            });
+        }
+    }
+}
