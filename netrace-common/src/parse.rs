@@ -453,3 +453,43 @@ fn icmp6<P: Packet + ?Sized>(pkt: &P, off: usize) -> Result<Parsed, Skip> {
     dst.copy_from_slice(&h[24..40]);
     quoted_tcp(pkt, FAMILY_V6, src, dst, inner + 40, i[0], i[1])
 }
+
+/// A short name for an ICMP (`v6 == false`) or ICMPv6 error that ends an attempt, for reports:
+/// "port unreachable", "time exceeded in transit", ...
+pub fn icmp_name(v6: bool, icmp_type: u8, code: u8) -> &'static str {
+    if v6 {
+        return match (icmp_type, code) {
+            (ICMPV6_DEST_UNREACH, 0) => "no route to destination",
+            (ICMPV6_DEST_UNREACH, 1) => "administratively prohibited",
+            (ICMPV6_DEST_UNREACH, 2) => "beyond scope of source address",
+            (ICMPV6_DEST_UNREACH, 3) => "address unreachable",
+            (ICMPV6_DEST_UNREACH, 4) => "port unreachable",
+            (ICMPV6_DEST_UNREACH, 5) => "source address failed policy",
+            (ICMPV6_DEST_UNREACH, 6) => "reject route to destination",
+            (ICMPV6_DEST_UNREACH, _) => "destination unreachable",
+            (ICMPV6_PACKET_TOO_BIG, _) => "packet too big",
+            (ICMPV6_TIME_EXCEEDED, 0) => "hop limit exceeded in transit",
+            (ICMPV6_TIME_EXCEEDED, _) => "fragment reassembly time exceeded",
+            (ICMPV6_PARAMETER_PROBLEM, _) => "parameter problem",
+            _ => "ICMPv6 error",
+        };
+    }
+    match (icmp_type, code) {
+        (ICMP_DEST_UNREACH, 0) => "network unreachable",
+        (ICMP_DEST_UNREACH, 1) => "host unreachable",
+        (ICMP_DEST_UNREACH, 2) => "protocol unreachable",
+        (ICMP_DEST_UNREACH, 3) => "port unreachable",
+        (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) => "fragmentation needed",
+        (ICMP_DEST_UNREACH, 5) => "source route failed",
+        (ICMP_DEST_UNREACH, 6) => "destination network unknown",
+        (ICMP_DEST_UNREACH, 7) => "destination host unknown",
+        (ICMP_DEST_UNREACH, 9 | 10 | 13) => "administratively prohibited",
+        (ICMP_DEST_UNREACH, 11) => "network unreachable for type of service",
+        (ICMP_DEST_UNREACH, 12) => "host unreachable for type of service",
+        (ICMP_DEST_UNREACH, _) => "destination unreachable",
+        (ICMP_TIME_EXCEEDED, 0) => "time to live exceeded in transit",
+        (ICMP_TIME_EXCEEDED, _) => "fragment reassembly time exceeded",
+        (ICMP_PARAMETER_PROBLEM, _) => "parameter problem",
+        _ => "ICMP error",
+    }
+}

@@ -595,3 +595,14 @@ fn arphrd_types() {
     assert_eq!(Link::from_arphrd(778), None);
     assert_eq!(Link::from_arphrd(803), None);
 }
+
+#[test]
+fn icmp_names() {
+    use crate::parse::icmp_name;
+    assert_eq!(icmp_name(false, 3, 3), "port unreachable");
+    assert_eq!(icmp_name(false, 11, 0), "time to live exceeded in transit");
+    assert_eq!(icmp_name(false, 12, 0), "parameter problem");
+    assert_eq!(icmp_name(true, 1, 4), "port unreachable");
+    assert_eq!(icmp_name(true, 3, 0), "hop limit exceeded in transit");
+    assert_eq!(icmp_name(true, 4, 1), "parameter problem");
+}
