@@ -63,8 +63,8 @@ static TP_OFFSETS: Array<TpOffsets> = Array::with_max_entries(1, 0);
 
 const EEXIST: i32 = 17;
 
-/// The pending map as the shared pairing rules see it.
-struct KernelTable;
+/// The pending map as the shared pairing rules see it (for every program in this object).
+pub(crate) struct KernelTable;
 
 impl PendingTable for KernelTable {
     #[inline(always)]
@@ -98,10 +98,14 @@ impl PendingTable for KernelTable {
     }
 }
 
-/// The ring buffer, counters and clock as the shared pairing rules see them.
-struct KernelSink<'a>(&'a TcContext);
+/// The ring buffer, counters and clock as the shared pairing rules see them, for a packet on
+/// interface `ifindex` (for every program in this object: tc, or a device hook that reads the
+/// interface from the skb).
+pub(crate) struct KernelSink {
+    pub(crate) ifindex: u32,
+}
 
-impl EventSink for KernelSink<'_> {
+impl EventSink for KernelSink {
     #[inline(always)]
     fn now(&mut self) -> u64 {
         // SAFETY: a helper without arguments or side effects.
@@ -110,7 +114,7 @@ impl EventSink for KernelSink<'_> {
 
     #[inline(always)]
     fn ifindex(&self) -> u32 {
-        ifindex(self.0)
+        self.ifindex
     }
 
     #[inline(always)]
@@ -161,19 +165,17 @@ impl EventSink for KernelSink<'_> {
         icmp_type: u8,
         icmp_code: u8,
     ) {
-        emit(self.0, kind, key, pending, now, icmp_type, icmp_code);
+        emit(self.ifindex, kind, key, pending, now, icmp_type, icmp_code);
     }
 }
 
 #[inline(always)]
 fn uplink(ctx: &TcContext, link: Link, dir: Direction) {
     if let Some(parsed) = parse::parse(ctx, link, dir) {
-        on_packet(
-            &mut KernelTable,
-            &mut KernelSink(ctx),
-            FILTER.get(0),
-            &parsed,
-        );
+        let mut sink = KernelSink {
+            ifindex: ifindex(ctx),
+        };
+        on_packet(&mut KernelTable, &mut sink, FILTER.get(0), &parsed);
     }
 }
 
@@ -210,7 +212,10 @@ pub fn netrace_pod_ingress(ctx: TcContext) -> i32 {
     if let Some(Parsed::Syn { key, isn, data_len }) =
         parse::parse(&ctx, Link::Ethernet, Direction::Egress)
     {
-        on_pod_syn(&mut KernelSink(&ctx), FILTER.get(0), &key, isn, data_len);
+        let mut sink = KernelSink {
+            ifindex: ifindex(&ctx),
+        };
+        on_pod_syn(&mut sink, FILTER.get(0), &key, isn, data_len);
     }
     TC_ACT_UNSPEC
 }
@@ -238,7 +243,7 @@ fn ifindex(ctx: &TcContext) -> u32 {
 
 #[inline(always)]
 fn emit(
-    ctx: &TcContext,
+    ifindex: u32,
     kind: EventKind,
     key: &FlowKey,
     pending: &PendingSyn,
@@ -252,7 +257,7 @@ fn emit(
     };
     slot.write(OutcomeEvent {
         kind: kind as u32,
-        ifindex: ifindex(ctx),
+        ifindex,
         key: *key,
         pending: *pending,
         ts_ns: now,
