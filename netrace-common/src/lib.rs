@@ -100,6 +100,12 @@ pub enum EventKind {
     SockConnect = 7,
     /// A TCP socket left SYN_SENT: a [`SockEvent`] with the socket's final 4-tuple.
     SockLeftSynSent = 8,
+    /// A SYN-ACK for a 4-tuple with no pending entry (after the destination filters). `key` is
+    /// oriented as for a SYN (source = the connecting side, as the answer addresses it) and
+    /// `pending.isn` is the acknowledgement number minus one, the ISN it answers. User space
+    /// pairs it by (remote address, remote port, ISN) with a SYN seen under another source
+    /// (translated after netrace saw it), or counts it as a sign of translation out of sight.
+    UnmatchedSynAck = 9,
 }
 
 impl EventKind {
@@ -114,6 +120,7 @@ impl EventKind {
             6 => Some(Self::PodSyn),
             7 => Some(Self::SockConnect),
             8 => Some(Self::SockLeftSynSent),
+            9 => Some(Self::UnmatchedSynAck),
             _ => None,
         }
     }
@@ -186,6 +193,45 @@ pub struct TpOffsets {
     pub _pad: u16,
 }
 
+/// Byte offsets in the running kernel's `struct sk_buff`, `struct net_device` and `struct net`,
+/// read by user space from the kernel's BTF, for the device hook (the `net_dev_start_xmit`
+/// raw tracepoint), which reads the packet through the skb. All zero: the hook does nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SkbOffsets {
+    /// `sk_buff.len`: bytes in the packet (linear and paged).
+    pub skb_len: u16,
+    /// `sk_buff.data_len`: bytes in pages; the linear part is `len - data_len`.
+    pub skb_data_len: u16,
+    /// `sk_buff.data`: on transmit, the start of the link-layer header.
+    pub skb_data: u16,
+    /// `net_device.ifindex`.
+    pub dev_ifindex: u16,
+    /// `net_device.nd_net.net` (the device's network namespace); 0 without namespaces.
+    pub dev_net: u16,
+    /// `net.ns.inum`: the namespace's inode number, as `stat /proc/self/ns/net` shows it.
+    pub net_inum: u16,
+    pub _pad: u32,
+}
+
+/// A device the device hook watches, the value of its map keyed by interface index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct XmitIface {
+    /// Inode number of the device's network namespace (interface indexes repeat across
+    /// namespaces); ignored when [`SkbOffsets::dev_net`] is 0.
+    pub netns: u32,
+    /// What the frame starts with: [`XMIT_LINK_ETHERNET`] or [`XMIT_LINK_RAW_IP`].
+    pub link: u32,
+}
+
+/// [`XmitIface::link`]: an Ethernet header.
+pub const XMIT_LINK_ETHERNET: u32 = 0;
+/// [`XmitIface::link`]: the IP header itself (tun, WireGuard, ipip).
+pub const XMIT_LINK_RAW_IP: u32 = 1;
+/// How many devices the device hook can watch.
+pub const MAX_XMIT_IFACES: u32 = 256;
+
 /// Filters applied in the kernel before a SYN takes a slot in the pending map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -235,6 +281,8 @@ pub enum Counter {
     PodSynSeen = 13,
     /// Socket state changes reported by the tracepoint.
     SockEvents = 14,
+    /// SYN-ACKs (past the destination filters) for a 4-tuple with no pending entry.
+    SynAckUnmatched = 15,
 }
 
 /// Number of counters (size of the per-CPU counter array).
@@ -255,6 +303,10 @@ mod pod {
     unsafe impl aya::Pod for super::SockEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TpOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SkbOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::XmitIface {}
 }
 
 #[cfg(test)]
@@ -275,6 +327,8 @@ mod tests {
             4 + 4 + 40 + 8 + 8 + 8 + 16 + 4 + 4
         );
         assert_eq!(core::mem::size_of::<TpOffsets>(), 24);
+        assert_eq!(core::mem::size_of::<SkbOffsets>(), 16);
+        assert_eq!(core::mem::size_of::<XmitIface>(), 8);
     }
 
     #[test]
@@ -288,6 +342,7 @@ mod tests {
             EventKind::PodSyn,
             EventKind::SockConnect,
             EventKind::SockLeftSynSent,
+            EventKind::UnmatchedSynAck,
         ] {
             assert_eq!(EventKind::from_u32(k as u32), Some(k));
         }

@@ -70,6 +70,11 @@ pub trait EventSink {
     /// default).
     #[inline(always)]
     fn note(&mut self, _note: Note) {}
+    /// An answer for a 4-tuple with no pending entry. The kernel reports SYN-ACKs (for user
+    /// space to pair by remote address, remote port and ISN when a translation after the
+    /// egress hook changed the SYN's source); others ignore it.
+    #[inline(always)]
+    fn unmatched(&mut self, _key: &FlowKey, _ack: u32, _answer: Answer) {}
     /// Reports an event (the ring buffer's record).
     fn emit(
         &mut self,
@@ -207,6 +212,7 @@ pub fn on_answer<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
     answer: Answer,
 ) {
     let Some(pending) = table.get(key) else {
+        sink.unmatched(key, ack, answer);
         return;
     };
     if !acknowledges(&pending, ack, answer) {

@@ -17,6 +17,7 @@ mod parse;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 mod sock;
+mod xmit;
 
 use aya_ebpf::{
     bindings::{
@@ -33,7 +34,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use netrace_common::{
     pairing::{on_packet, on_pod_syn, EventSink, Insert, Note, PendingTable},
-    parse::{Direction, Link, Parsed},
+    parse::{Answer, Direction, Link, Parsed},
     Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent, PendingSyn, TpOffsets, COUNTER_SLOTS,
     DEFAULT_MAX_PENDING, DEFAULT_RINGBUF_BYTES, PORT_SLOTS,
 };
@@ -166,6 +167,50 @@ impl EventSink for KernelSink {
         icmp_code: u8,
     ) {
         emit(self.ifindex, kind, key, pending, now, icmp_type, icmp_code);
+    }
+
+    /// A SYN-ACK for a 4-tuple never seen leaving: reported with the ISN it acknowledges, so
+    /// user space can pair it with a SYN seen under another source (translated after netrace
+    /// saw it). Only SYN-ACKs: RST+ACK also ends established connections.
+    #[inline(always)]
+    fn unmatched(&mut self, key: &FlowKey, ack: u32, answer: Answer) {
+        if answer != Answer::SynAck || FILTER.get(0).is_some_and(|f| !f.matches(key)) {
+            return;
+        }
+        count(Counter::SynAckUnmatched);
+        let now = self.now();
+        let seen = PendingSyn::first(now, ack.wrapping_sub(1), self.ifindex);
+        emit(
+            self.ifindex,
+            EventKind::UnmatchedSynAck,
+            key,
+            &seen,
+            now,
+            0,
+            0,
+        );
+    }
+}
+
+/// An outbound packet the device hook (`xmit`) saw on watched interface `ifindex`: a SYN goes
+/// through the same parser and pairing rules as on tc egress, into the same pending map.
+#[inline(always)]
+pub(crate) fn xmit_packet(pkt: &xmit::SkbBytes, link: Link, ifindex: u32) {
+    match netrace_common::parse::parse(pkt, link, Direction::Egress) {
+        Ok(parsed @ Parsed::Syn { .. }) => {
+            on_packet(
+                &mut KernelTable,
+                &mut KernelSink { ifindex },
+                FILTER.get(0),
+                &parsed,
+            );
+        }
+        Ok(_) => {}
+        Err(skip) => {
+            if let Some(c) = skip.counter() {
+                count(c);
+            }
+        }
     }
 }
 

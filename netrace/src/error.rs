@@ -23,4 +23,7 @@ pub mod exit {
     pub const LOSS: u8 = 1;
     /// Bad arguments, missing privileges, or a failure while running.
     pub const ERROR: u8 = 2;
+    /// The run saw SYNs before a translation it could not follow (translation out of sight):
+    /// the loss was not judged; run again with `--egress-hook xmit`.
+    pub const OUT_OF_SIGHT: u8 = 3;
 }

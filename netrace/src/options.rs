@@ -43,6 +43,20 @@ pub enum Events {
     None,
 }
 
+/// Where outbound SYNs are observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EgressHook {
+    /// The device hook when another BPF program sits on the uplink's tc egress (it may
+    /// rewrite addresses after netrace's classifier, as Cilium and Calico eBPF do), else tc.
+    Auto,
+    /// A tc classifier on egress, first in line (after netfilter's SNAT, before other tc
+    /// programs).
+    Tc,
+    /// The net_dev_start_xmit tracepoint: as the packet reaches the driver, after every tc
+    /// program (needs the kernel's BTF).
+    Xmit,
+}
+
 /// A destination network to keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {

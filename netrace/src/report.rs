@@ -6,7 +6,9 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde::Serialize;
 
 use crate::{
+    judge::translation::TranslationSigns,
     judge::verdict::Verdict,
+    kernel::egress_hook::Hook,
     kernel::events::addrs,
     node::NodePorts,
     ports::PortRange,
@@ -35,6 +37,10 @@ pub struct ConnRecord {
     pub icmp_type: Option<u8>,
     pub icmp_code: Option<u8>,
     pub in_allowed_range: bool,
+    /// Where the answer came back to, when a translation after netrace's egress hook changed
+    /// the SYN's source (paired by remote address, remote port and ISN); null otherwise.
+    pub answered_src: Option<IpAddr>,
+    pub answered_src_port: Option<u16>,
     /// Pod-side tuple and process, when attribution is on (null otherwise).
     #[serde(flatten)]
     pub who: Attribution,
@@ -144,6 +150,8 @@ impl ConnRecord {
             icmp_type: o.icmp.map(|i| i.0),
             icmp_code: o.icmp.map(|i| i.1),
             in_allowed_range: allowed.contains(o.key.src_port),
+            answered_src: o.answered_as.map(|k| addrs(&k).0),
+            answered_src_port: o.answered_as.map(|k| k.src_port),
             who: Attribution::default(),
         }
     }
@@ -191,6 +199,11 @@ pub struct Report {
     pub nat: Option<NatReport>,
     /// Lost connections by pod, when attribution was on.
     pub lost_by_pod: Option<Vec<PodLoss>>,
+    /// Where outbound SYNs were observed, and why there.
+    pub egress_hook: Hook,
+    pub egress_hook_reason: String,
+    /// Signs of translation netrace could not follow (always reported; see `verdict`).
+    pub translation: TranslationSigns,
 }
 
 #[derive(Serialize)]
@@ -247,6 +260,8 @@ impl Report {
             "notes": self.notes,
             "nat": self.nat,
             "lost_by_pod": self.lost_by_pod,
+            "egress_hook": { "hook": self.egress_hook, "reason": self.egress_hook_reason },
+            "translation": self.translation,
         })
     }
 }

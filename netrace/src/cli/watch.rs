@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use netrace_common::DEFAULT_MAX_PENDING;
 
-use crate::options::{AttachMode, Events, OutputFormat};
+use crate::options::{AttachMode, EgressHook, Events, OutputFormat};
 
 #[derive(Args, Debug)]
 pub struct WatchArgs {
@@ -18,6 +18,11 @@ pub struct WatchArgs {
     /// Attachment: TCX links (kernel 6.6+) or legacy clsact filters.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto, help_heading = "Where")]
     pub attach: AttachMode,
+
+    /// Where outbound SYNs are seen: tc egress, or the device (after every tc program and any
+    /// BPF SNAT); auto picks the device when another program is on the uplink's egress.
+    #[arg(long, value_enum, default_value_t = EgressHook::Auto, help_heading = "Where")]
+    pub egress_hook: EgressHook,
 
     /// Source ports the outside firewall lets SYN-ACKs back into.
     #[arg(

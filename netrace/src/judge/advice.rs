@@ -18,6 +18,29 @@ const UNPRIVILEGED_START: u16 = 1024;
 /// A narrower local range than this runs out of ports under load.
 const MIN_LOCAL_PORTS: u32 = 4096;
 
+/// The live line's warning when the SYNs are seen before a translation (or not at all).
+pub const OUT_OF_SIGHT_LIVE: &str =
+    "translation out of sight: a program rewrites addresses after netrace sees the SYN; \
+     use --egress-hook xmit";
+
+/// The fix when the SYNs were seen before a translation, with the tc hook (`tc_hook`) or the
+/// device hook.
+pub fn out_of_sight(tc_hook: bool) -> Vec<String> {
+    if tc_hook {
+        vec![
+            "run netrace again with --egress-hook xmit: the device hook sees each SYN as it \
+             reaches the driver, after every tc program, with the port the firewall sees"
+                .into(),
+        ]
+    } else {
+        vec![
+            "check that every interface the node's traffic leaves through is watched \
+             (--iface, repeatable)"
+                .into(),
+        ]
+    }
+}
+
 /// `iptables` rule that makes SNAT pick ports only from `r`.
 pub fn masquerade_rule(r: PortRange) -> String {
     format!(

@@ -18,6 +18,8 @@ pub enum VerdictKind {
     NoRangeProblem,
     TooFew,
     NoTraffic,
+    /// SYNs were seen before a translation (or not at all): ports not judged.
+    TranslationOutOfSight,
 }
 
 #[derive(Clone, Debug, Serialize)]

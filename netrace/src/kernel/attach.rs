@@ -4,9 +4,10 @@
 use anyhow::{anyhow, Context as _};
 use aya::{
     programs::{
+        raw_trace_point::RawTracePointLinkId,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
         trace_point::TracePointLinkId,
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TracePoint,
+        LinkOrder, ProgramError, RawTracePoint, SchedClassifier, TcAttachType, TracePoint,
     },
     Ebpf,
 };
@@ -17,7 +18,7 @@ use crate::{
     error::UsageError,
     kernel::loader::{
         EGRESS_L3_PROGRAM, EGRESS_PROGRAM, INGRESS_L3_PROGRAM, INGRESS_PROGRAM,
-        POD_INGRESS_PROGRAM, SOCK_STATE_PROGRAM,
+        POD_INGRESS_PROGRAM, SOCK_STATE_PROGRAM, XMIT_PROGRAM, XMIT_TRACEPOINT,
     },
     kernel::netlink::{self, Hook},
     kernel::tracefs,
@@ -47,6 +48,10 @@ pub struct Attachments {
     created_qdiscs: Vec<String>,
     pub via: Option<Via>,
     tracepoint: Option<TracePointLinkId>,
+    /// The device hook, when outbound SYNs are taken at the device instead of tc egress.
+    xmit: Option<RawTracePointLinkId>,
+    /// Whether [`Attachments::attach`] puts a classifier on egress (false with the device hook).
+    pub tc_egress: bool,
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
@@ -71,6 +76,8 @@ impl Attachments {
             created_qdiscs: Vec::new(),
             via: None,
             tracepoint: None,
+            xmit: None,
+            tc_egress: true,
         })
     }
 
@@ -148,6 +155,32 @@ impl Attachments {
         }
     }
 
+    /// Loads and attaches the device hook (the `net_dev_start_xmit` raw tracepoint). Its
+    /// offsets and watched devices must be set first; until they are, it does nothing.
+    pub fn attach_xmit(&mut self) -> anyhow::Result<()> {
+        let tp: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(XMIT_PROGRAM)
+            .ok_or_else(|| anyhow!("the kernel object has no program {XMIT_PROGRAM}"))?
+            .try_into()?;
+        if tp.fd().is_err() {
+            tp.load()
+                .with_context(|| format!("the kernel refused program {XMIT_PROGRAM}"))?;
+        }
+        let id = tp
+            .attach(XMIT_TRACEPOINT)
+            .map_err(|e| describe_tp(e, XMIT_TRACEPOINT))?;
+        self.xmit = Some(id);
+        Ok(())
+    }
+
+    /// The device hook program, for its run-time statistics.
+    pub fn xmit_program(&mut self) -> Option<&mut RawTracePoint> {
+        self.ebpf
+            .program_mut(XMIT_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+    }
+
     /// Attaches the socket-state tracepoint (tracefs is found or privately mounted first).
     pub fn attach_tracepoint(&mut self) -> anyhow::Result<()> {
         tracefs::ensure()?;
@@ -185,12 +218,14 @@ impl Attachments {
 
     fn attach_tcx(&mut self, iface: &str, progs: Programs) -> anyhow::Result<()> {
         // First in line, so a program that redirects or drops cannot hide packets from us.
-        self.attach_one(
-            progs.0,
-            iface,
-            TcAttachType::Egress,
-            TcAttachOptions::TcxOrder(LinkOrder::first()),
-        )?;
+        if self.tc_egress {
+            self.attach_one(
+                progs.0,
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )?;
+        }
         self.attach_one(
             progs.1,
             iface,
@@ -211,12 +246,14 @@ impl Attachments {
         // First in line, as with TCX: a classic filter that matches ends the classification,
         // so one running before netrace's would hide packets from it (and every connection
         // would look lost). An unused priority below the others; never replace a filter.
-        self.attach_one(
-            progs.0,
-            iface,
-            TcAttachType::Egress,
-            TcAttachOptions::Netlink(first_in_line(iface, Hook::Egress)),
-        )?;
+        if self.tc_egress {
+            self.attach_one(
+                progs.0,
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(first_in_line(iface, Hook::Egress)),
+            )?;
+        }
         self.attach_one(
             progs.1,
             iface,
@@ -244,6 +281,13 @@ impl Attachments {
             if let Some(tp) = tp {
                 if let Err(e) = tp.detach(id) {
                     log::debug!("detaching the tracepoint: {e}");
+                }
+            }
+        }
+        if let Some(id) = self.xmit.take() {
+            if let Some(tp) = self.xmit_program() {
+                if let Err(e) = tp.detach(id) {
+                    log::debug!("detaching the device hook: {e}");
                 }
             }
         }
@@ -308,6 +352,13 @@ fn remove_qdisc_if_empty(iface: &str) {
     } else {
         log::debug!("the clsact qdisc on {iface} carries other filters now; left in place");
     }
+}
+
+fn describe_tp(e: ProgramError, tracepoint: &str) -> anyhow::Error {
+    let source = std::error::Error::source(&e)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default();
+    anyhow!("attaching to the {tracepoint} tracepoint: {e}{source}")
 }
 
 fn describe(e: ProgramError, iface: &str) -> anyhow::Error {

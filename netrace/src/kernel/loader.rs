@@ -5,7 +5,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
-use netrace_common::{Counter, FlowKey, KernelFilter, PendingSyn, TpOffsets};
+use netrace_common::{
+    Counter, FlowKey, KernelFilter, PendingSyn, SkbOffsets, TpOffsets, XmitIface,
+};
 
 use crate::track::tracker::PendingMap;
 
@@ -21,6 +23,11 @@ pub const INGRESS_L3_PROGRAM: &str = "netrace_ingress_l3";
 pub const POD_INGRESS_PROGRAM: &str = "netrace_pod_ingress";
 /// The sock:inet_sock_set_state tracepoint program, for process attribution.
 pub const SOCK_STATE_PROGRAM: &str = "netrace_sock_state";
+/// The device hook: the `net_dev_start_xmit` raw tracepoint (outbound SYNs after every tc
+/// program, so after any BPF SNAT).
+pub const XMIT_PROGRAM: &str = "netrace_xmit";
+/// The raw tracepoint the device hook attaches to.
+pub const XMIT_TRACEPOINT: &str = "net_dev_start_xmit";
 /// An empty classifier in the same object, the baseline for benchmarks.
 pub const NOOP_PROGRAM: &str = "netrace_noop";
 
@@ -37,6 +44,10 @@ pub struct Maps {
     pub tp_offsets: Array<MapData, TpOffsets>,
     /// The kernel programs' debug messages, when asked for (`-vv`).
     pub kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// `sk_buff` / `net_device` offsets for the device hook, set before it is attached.
+    pub skb_offsets: Array<MapData, SkbOffsets>,
+    /// The devices the device hook watches, by interface index.
+    pub xmit_ifaces: HashMap<MapData, u32, XmitIface>,
 }
 
 pub struct Pending(pub HashMap<MapData, FlowKey, PendingSyn>);
@@ -88,6 +99,8 @@ pub fn load(
         .set(0, filter, 0)
         .context("setting the destination filter")?;
     let tp_offsets = Array::try_from(take("TP_OFFSETS")?)?;
+    let skb_offsets = Array::try_from(take("SKB_OFFSETS")?)?;
+    let xmit_ifaces = HashMap::try_from(take("XMIT_IFACES")?)?;
     let kernel_log = if kernel_log == 0 {
         None
     } else {
@@ -109,12 +122,14 @@ pub fn load(
             filter: filter_map,
             tp_offsets,
             kernel_log,
+            skb_offsets,
+            xmit_ifaces,
         },
     ))
 }
 
 /// Every counter the kernel keeps, summed over CPUs, by name.
-pub const COUNTERS: [(Counter, &str); 15] = [
+pub const COUNTERS: [(Counter, &str); 16] = [
     (Counter::SynSeen, "syn_seen"),
     (Counter::SynRetransmit, "syn_retransmit"),
     (Counter::PendingMapFull, "pending_map_full"),
@@ -130,6 +145,7 @@ pub const COUNTERS: [(Counter, &str); 15] = [
     (Counter::Filtered, "filtered"),
     (Counter::PodSynSeen, "pod_syn_seen"),
     (Counter::SockEvents, "sock_events"),
+    (Counter::SynAckUnmatched, "synack_unmatched"),
 ];
 
 /// Read-only access to the counters and the per-port SYN tally.

@@ -10,6 +10,8 @@ use crate::{
 pub struct Live {
     enabled: bool,
     drawn: bool,
+    /// A warning shown after the counts (e.g. translation out of sight).
+    warning: Option<String>,
 }
 
 impl Live {
@@ -18,7 +20,13 @@ impl Live {
         Self {
             enabled: io::stderr().is_terminal(),
             drawn: false,
+            warning: None,
         }
+    }
+
+    /// Shows `warning` after the counts from the next redraw on.
+    pub fn warn(&mut self, warning: Option<String>) {
+        self.warning = warning;
     }
 
     pub fn draw(&mut self, h: &Histogram, waiting: usize, dropped: u64, elapsed_s: f64) {
@@ -39,6 +47,9 @@ impl Live {
             c.refused,
             c.unreachable
         );
+        if let Some(w) = &self.warning {
+            let _ = write!(e, "  | {w}");
+        }
         let _ = e.flush();
         self.drawn = true;
     }

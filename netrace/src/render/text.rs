@@ -21,6 +21,7 @@ pub fn write(w: &mut impl Write, r: &Report, list_lost: bool) -> io::Result<()> 
         "         {} answered, {} lost, {} refused, {} unreachable, {} late, {} still waiting at exit",
         t.answered, t.lost, t.refused, t.unreachable, t.late, r.pending_at_exit
     )?;
+    writeln!(w, "         {}", r.egress_hook_reason)?;
     writeln!(w)?;
     writeln!(
         w,

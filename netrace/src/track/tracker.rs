@@ -61,6 +61,9 @@ pub struct Outcome {
     /// First SYN to the answer, when there was one.
     pub rtt_ns: Option<u64>,
     pub icmp: Option<(u8, u8)>,
+    /// The 4-tuple the answer came back to, when it differs from the SYN's: paired by (remote
+    /// address, remote port, ISN) because something translated the SYN after netrace saw it.
+    pub answered_as: Option<FlowKey>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -86,6 +89,21 @@ pub struct TrackerStats {
     pub adopted: u64,
     /// SYNs retransmitted after their attempt had been answered (not counted again).
     pub repeated_syns: u64,
+    /// Answers paired with their SYN by (remote address, remote port, ISN) because they came
+    /// back to another local address or port: the SYN was translated after netrace saw it.
+    pub translated_answers: u64,
+    /// One such pair (the SYN's 4-tuple, the answer's), for the report.
+    pub translated_example: Option<(FlowKey, FlowKey)>,
+    /// SYN-ACKs for 4-tuples never seen leaving that no pending SYN explains.
+    pub unmatched_synacks: u64,
+}
+
+/// The key of the ISN index: family, remote address, remote port, ISN. Translation of the
+/// local side leaves all four unchanged.
+type IsnKey = (u8, [u8; 16], u16, u32);
+
+fn isn_key(key: &FlowKey, isn: u32) -> IsnKey {
+    (key.family, key.dst_addr, key.dst_port, isn)
 }
 
 /// How long an answered attempt is remembered, to recognise a retransmission of its SYN:
@@ -102,6 +120,12 @@ pub struct Tracker {
     /// retransmitted SYN of one is recognised as the same attempt.
     decided: HashMap<FlowKey, (u32, u64)>,
     decided_order: VecDeque<(u64, FlowKey)>,
+    /// SYNs by remote address, remote port and ISN, for answers that come back to another
+    /// 4-tuple. Stale entries are dropped by the sweep.
+    by_isn: HashMap<IsnKey, FlowKey>,
+    /// Kernel entries (with their ISN) of attempts decided here by the ISN index, removed from
+    /// the kernel map at the next sweep.
+    kernel_removals: Vec<(FlowKey, u32)>,
     pub stats: TrackerStats,
 }
 
@@ -114,6 +138,8 @@ impl Tracker {
             entries: HashMap::new(),
             decided: HashMap::new(),
             decided_order: VecDeque::new(),
+            by_isn: HashMap::new(),
+            kernel_removals: Vec::new(),
             stats: TrackerStats::default(),
         }
     }
@@ -157,6 +183,7 @@ impl Tracker {
                             pending: old.pending,
                             rtt_ns: None,
                             icmp: None,
+                            answered_as: None,
                         });
                     }
                 }
@@ -164,6 +191,7 @@ impl Tracker {
                 if repeat {
                     self.stats.repeated_syns += 1;
                 }
+                self.by_isn.insert(isn_key(&key, p.isn), key);
                 self.entries.insert(
                     key,
                     Tracked {
@@ -190,6 +218,7 @@ impl Tracker {
                         pending: p,
                         rtt_ns: None,
                         icmp: None,
+                        answered_as: None,
                     });
                 }
             }
@@ -221,16 +250,72 @@ impl Tracker {
                     pending: p,
                     rtt_ns: Some(ev.raw.ts_ns.saturating_sub(p.first_ns)),
                     icmp,
+                    answered_as: None,
                 });
             }
+            EventKind::UnmatchedSynAck => self.on_unmatched_synack(ev, out),
             // Not connection state: the correlator's business.
             EventKind::PodSyn | EventKind::SockConnect | EventKind::SockLeftSynSent => {}
         }
     }
 
+    /// A SYN-ACK for a 4-tuple with no kernel entry: the answer to a SYN seen under another
+    /// local address or port (translated after netrace saw it) if one waits with the same
+    /// remote address, remote port and ISN; else a sign that SYNs leave unseen.
+    fn on_unmatched_synack(&mut self, ev: &Event, out: &mut Vec<Outcome>) {
+        let answer_key = ev.raw.key;
+        let isn = ev.raw.pending.isn;
+        if self.is_decided(&answer_key, isn) {
+            return; // A repeated SYN-ACK of an answered connection.
+        }
+        let Some(&syn_key) = self.by_isn.get(&isn_key(&answer_key, isn)) else {
+            self.stats.unmatched_synacks += 1;
+            return;
+        };
+        if self.is_decided(&syn_key, isn) {
+            return; // A repeated SYN-ACK of a connection paired this way already.
+        }
+        let Some(t) = self
+            .entries
+            .get(&syn_key)
+            .copied()
+            .filter(|t| t.pending.isn == isn)
+        else {
+            self.stats.unmatched_synacks += 1;
+            return;
+        };
+        self.entries.remove(&syn_key);
+        self.kernel_removals.push((syn_key, isn));
+        self.remember_decided(syn_key, isn, ev.raw.ts_ns);
+        if t.repeat {
+            return;
+        }
+        self.stats.translated_answers += 1;
+        if self.stats.translated_example.is_none() {
+            self.stats.translated_example = Some((syn_key, answer_key));
+        }
+        out.push(Outcome {
+            kind: if t.lost_at.is_some() {
+                OutcomeKind::Late
+            } else {
+                OutcomeKind::Answered
+            },
+            key: syn_key,
+            pending: t.pending,
+            rtt_ns: Some(ev.raw.ts_ns.saturating_sub(t.pending.first_ns)),
+            icmp: None,
+            answered_as: Some(answer_key),
+        });
+    }
+
     /// Decides *lost* for entries older than the SYN timeout, and forgets lost entries once
     /// their late window has passed.
     pub fn sweep(&mut self, now_ns: u64, map: &mut impl PendingMap, out: &mut Vec<Outcome>) {
+        for (key, isn) in std::mem::take(&mut self.kernel_removals) {
+            if map.get(&key).is_some_and(|k| k.isn == isn) {
+                map.remove(&key);
+            }
+        }
         let mut expired = Vec::new();
         let mut due = Vec::new();
         for (key, t) in &self.entries {
@@ -274,6 +359,7 @@ impl Tracker {
                         pending,
                         rtt_ns: None,
                         icmp: None,
+                        answered_as: None,
                     });
                 }
                 Some(k) => {
@@ -284,6 +370,7 @@ impl Tracker {
                         pending: t.pending,
                         rtt_ns: None,
                         icmp: None,
+                        answered_as: None,
                     });
                     self.entries.insert(
                         key,
@@ -316,6 +403,13 @@ impl Tracker {
             if self.decided.get(&key).is_some_and(|(_, t)| *t == at) {
                 self.decided.remove(&key);
             }
+        }
+        if self.by_isn.len() > 2 * (self.entries.len() + self.decided.len()) + 64 {
+            let (entries, decided) = (&self.entries, &self.decided);
+            self.by_isn.retain(|(_, _, _, isn), key| {
+                entries.get(key).is_some_and(|t| t.pending.isn == *isn)
+                    || decided.get(key).is_some_and(|(i, _)| i == isn)
+            });
         }
     }
 
@@ -525,5 +619,74 @@ mod tests {
         assert_eq!(t.finish(S, &mut m, &mut out), 1);
         assert!(out.is_empty());
         assert!(m.0.is_empty());
+    }
+
+    #[test]
+    fn answer_to_a_translated_tuple_pairs_by_isn() {
+        let mut t = Tracker::new(3 * S, 60 * S);
+        let mut m = MemoryMap::default();
+        let mut out = Vec::new();
+        let pod = FlowKey {
+            src_addr: [198, 18, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst_addr: [198, 18, 3, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ..key(40001)
+        };
+        let node = FlowKey {
+            src_port: 8257,
+            src_addr: [198, 18, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ..pod
+        };
+        let p = pending(S, 77);
+        m.0.insert(pod, p);
+        t.on_event(&ev(EventKind::Syn, pod, p, S), &mut out);
+        t.on_event(
+            &ev(EventKind::UnmatchedSynAck, node, pending(S + 5, 77), S + 5),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].kind, OutcomeKind::Answered);
+        assert_eq!(out[0].key, pod);
+        assert_eq!(out[0].answered_as, Some(node));
+        assert_eq!(out[0].rtt_ns, Some(5));
+        assert_eq!(t.stats.translated_answers, 1);
+        assert_eq!(t.stats.translated_example, Some((pod, node)));
+        t.sweep(2 * S, &mut m, &mut out);
+        assert!(m.0.is_empty(), "the kernel entry goes with the answer");
+        assert_eq!(out.len(), 1);
+        // The server repeats its SYN-ACK: the same connection, nothing new.
+        t.on_event(
+            &ev(EventKind::UnmatchedSynAck, node, pending(S + 9, 77), S + 9),
+            &mut out,
+        );
+        assert_eq!((out.len(), t.stats.unmatched_synacks), (1, 0));
+        // A SYN-ACK no SYN explains (same remote, other ISN).
+        t.on_event(
+            &ev(EventKind::UnmatchedSynAck, node, pending(S + 9, 78), S + 9),
+            &mut out,
+        );
+        assert_eq!((out.len(), t.stats.unmatched_synacks), (1, 1));
+    }
+
+    #[test]
+    fn translated_answer_after_the_timeout_is_late() {
+        let mut t = Tracker::new(S, 60 * S);
+        let mut m = MemoryMap::default();
+        let mut out = Vec::new();
+        let pod = key(40001);
+        let node = key(8257);
+        let p = pending(0, 7);
+        m.0.insert(pod, p);
+        t.on_event(&ev(EventKind::Syn, pod, p, 0), &mut out);
+        t.sweep(2 * S, &mut m, &mut out);
+        assert_eq!(out[0].kind, OutcomeKind::Lost);
+        t.on_event(
+            &ev(EventKind::UnmatchedSynAck, node, pending(3 * S, 7), 3 * S),
+            &mut out,
+        );
+        assert_eq!(out[1].kind, OutcomeKind::Late);
+        assert_eq!(out[1].answered_as, Some(node));
+        t.sweep(4 * S, &mut m, &mut out);
+        assert!(m.0.is_empty());
+        assert_eq!(t.held(), 0);
     }
 }

@@ -17,7 +17,7 @@ use crate::{
     kernel::events::addr_bytes,
     metrics::Metrics,
     node::iface,
-    options::{AttachMode, Cidr, Events, OutputFormat},
+    options::{AttachMode, Cidr, EgressHook, Events, OutputFormat},
     ports::{parse_duration, PortRange},
     track::{stats::Histogram, tracker::Tracker},
 };
@@ -55,6 +55,7 @@ fn default_host_root() -> PathBuf {
 pub struct WatchConfig {
     pub ifaces: Vec<String>,
     pub attach: AttachMode,
+    pub egress_hook: EgressHook,
     pub allowed: PortRange,
     pub bucket_edges: Vec<u16>,
     pub syn_timeout: Duration,
@@ -183,6 +184,7 @@ impl WatchConfig {
         Ok(Self {
             ifaces,
             attach: args.attach,
+            egress_hook: args.egress_hook,
             allowed,
             bucket_edges,
             syn_timeout,

@@ -12,7 +12,10 @@ use super::{
 };
 use crate::{
     error::exit,
-    judge::verdict,
+    judge::{
+        translation::TranslationSigns,
+        verdict::{self, VerdictKind},
+    },
     node::NodePorts,
     options::OutputFormat,
     render,
@@ -43,8 +46,20 @@ pub fn report(pump: &mut Pump, kernel: &Kernel, node: NodePorts, pending_at_exit
         .as_ref()
         .filter(|_| !pump.cfg.pod_ifaces.is_empty())
         .map(|c| natmode::detect(c.pairs()));
-    let verdict = verdict::decide(&pump.histogram, &node, nat.as_ref());
-    let fix = verdict::fix(&verdict, pump.cfg.allowed, &node, nat.as_ref());
+    // SYNs seen before a translation (or not at all): the ports are not the firewall's, so the
+    // range is not judged.
+    let translation = TranslationSigns::new(pump.hook, &pump.tracker.stats);
+    let totals = pump.histogram.totals;
+    let (verdict, fix) = if translation.out_of_sight(totals.attempts) {
+        (
+            translation.verdict(&pump.cfg.ifaces, totals.attempts, totals.lost),
+            translation.fix(),
+        )
+    } else {
+        let verdict = verdict::decide(&pump.histogram, &node, nat.as_ref());
+        let fix = verdict::fix(&verdict, pump.cfg.allowed, &node, nat.as_ref());
+        (verdict, fix)
+    };
     let lost_by_pod = pump.correlator.as_ref().map(|_| PodLoss::group(&pump.lost));
     Report {
         interfaces: pump.cfg.ifaces.clone(),
@@ -63,6 +78,9 @@ pub fn report(pump: &mut Pump, kernel: &Kernel, node: NodePorts, pending_at_exit
         notes: std::mem::take(&mut pump.notes),
         nat,
         lost_by_pod,
+        egress_hook: pump.hook,
+        egress_hook_reason: pump.hook_reason.clone(),
+        translation,
     }
 }
 
@@ -94,9 +112,13 @@ pub fn write(pump: &Pump, report: &Report, end: End) -> anyhow::Result<u8> {
         );
         return Ok(exit::ERROR);
     }
-    Ok(if report.totals().lost > 0 {
-        exit::LOSS
-    } else {
-        exit::CLEAN
-    })
+    Ok(
+        if report.verdict.kind == VerdictKind::TranslationOutOfSight {
+            exit::OUT_OF_SIGHT
+        } else if report.totals().lost > 0 {
+            exit::LOSS
+        } else {
+            exit::CLEAN
+        },
+    )
 }

@@ -32,6 +32,8 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
         interfaces,
         notes,
         correlator,
+        hook,
+        hook_reason,
     } = setup::attach(&cfg, &metrics)?; // On this thread: its private mounts are this thread's.
 
     let mut pump = Pump::new(
@@ -41,6 +43,7 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<u8> {
         notes,
         metrics.clone(),
         node.clone(),
+        (hook, hook_reason),
     );
     let end = pump.run(&mut kernel, &mut signals).await?;
 

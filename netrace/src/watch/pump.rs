@@ -18,8 +18,13 @@ use tokio::{
 
 use super::{config::WatchConfig, interfaces::Interfaces, setup::Kernel};
 use crate::{
-    judge::verdict::{self, Verdict},
+    judge::{
+        advice,
+        translation::TranslationSigns,
+        verdict::{self, Verdict},
+    },
     kernel::{
+        egress_hook::Hook,
         events::{addrs, Record},
         loader,
     },
@@ -100,6 +105,9 @@ pub struct Pump {
     /// When the last `--interval` summary was written, and the totals then.
     interval_start: Instant,
     interval_totals: Tally,
+    /// Where outbound SYNs are observed, and the line that says why.
+    pub hook: Hook,
+    pub hook_reason: String,
 }
 
 impl Pump {
@@ -110,6 +118,7 @@ impl Pump {
         notes: Vec<String>,
         metrics: Metrics,
         node: NodePorts,
+        (hook, hook_reason): (Hook, String),
     ) -> Self {
         Self {
             started: Instant::now(),
@@ -132,6 +141,8 @@ impl Pump {
             last_judged: Instant::now(),
             interval_start: Instant::now(),
             interval_totals: Tally::default(),
+            hook,
+            hook_reason,
             cfg,
         }
     }
@@ -204,6 +215,10 @@ impl Pump {
                 .map(|(c, name)| (*name, kernel.counter(*c))),
             self.tracker.pending() as u64,
         );
+        let signs = TranslationSigns::new(self.hook, &self.tracker.stats);
+        if signs.out_of_sight(self.histogram.totals.attempts) {
+            self.live.warn(Some(advice::OUT_OF_SIGHT_LIVE.to_string()));
+        }
         if self.record().is_err() {
             return Some(End::BrokenPipe);
         }
@@ -280,6 +295,12 @@ impl Pump {
             .as_ref()
             .filter(|_| !self.cfg.pod_ifaces.is_empty())
             .map(|c| natmode::detect(c.pairs()));
+        // SYNs seen before a translation (or not at all): the ports are not the firewall's.
+        let signs = TranslationSigns::new(self.hook, &self.tracker.stats);
+        let t = self.histogram.totals;
+        if signs.out_of_sight(t.attempts) {
+            return (signs.verdict(&self.cfg.ifaces, t.attempts, t.lost), nat);
+        }
         (
             verdict::decide(&self.histogram, &self.node, nat.as_ref()),
             nat,

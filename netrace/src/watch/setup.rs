@@ -6,8 +6,8 @@
 use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::Context as _;
-use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use netrace_common::{Counter, KernelFilter, TpOffsets};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use netrace_common::{Counter, KernelFilter, SkbOffsets, TpOffsets, XmitIface};
 use tokio::io::{unix::AsyncFd, Interest};
 
 use super::{config::WatchConfig, interfaces::Interfaces};
@@ -15,12 +15,13 @@ use crate::{
     error::UsageError,
     kernel::{
         attach::{Attachments, Via},
+        egress_hook::{self, Hook},
         loader::{self, Maps, Pending},
         mounts, tracefs,
     },
     metrics::{self, Metrics},
     node::{cgroups, iface},
-    options::OutputFormat,
+    options::{EgressHook, OutputFormat},
     track::correlate::Correlator,
 };
 
@@ -91,6 +92,8 @@ pub struct Kernel {
     /// Held only so the maps outlive the programs that read them.
     _filter: Array<MapData, KernelFilter>,
     _tp_offsets: Array<MapData, TpOffsets>,
+    _skb_offsets: Array<MapData, SkbOffsets>,
+    _xmit_ifaces: HashMap<MapData, u32, XmitIface>,
 }
 
 impl Kernel {
@@ -121,6 +124,9 @@ pub struct Attached {
     pub notes: Vec<String>,
     /// Pod and process attribution, when asked for.
     pub correlator: Option<Correlator>,
+    /// Where outbound SYNs are observed, and the line that says why.
+    pub hook: Hook,
+    pub hook_reason: String,
 }
 
 /// Loads the programs, attaches them, writes the ready file and says what is watched.
@@ -134,11 +140,15 @@ pub fn attach(cfg: &WatchConfig, metrics: &Metrics) -> anyhow::Result<Attached> 
         filter,
         mut tp_offsets,
         kernel_log,
+        mut skb_offsets,
+        mut xmit_ifaces,
     } = maps;
     if let Some(logger) = kernel_log {
         forward_kernel_log(logger);
     }
     let mut attachments = Attachments::new(ebpf)?;
+    let (hook, hook_reason) =
+        egress_hook(cfg, &mut attachments, &mut skb_offsets, &mut xmit_ifaces)?;
     let interfaces = attach_interfaces(cfg, &mut attachments, metrics)?;
     let mut notes = Vec::new();
     if cfg.processes {
@@ -182,10 +192,14 @@ pub fn attach(cfg: &WatchConfig, metrics: &Metrics) -> anyhow::Result<Attached> 
             syn_ports,
             _filter: filter,
             _tp_offsets: tp_offsets,
+            _skb_offsets: skb_offsets,
+            _xmit_ifaces: xmit_ifaces,
         },
         interfaces,
         notes,
         correlator,
+        hook,
+        hook_reason,
     })
 }
 
@@ -210,6 +224,53 @@ fn forward_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
+}
+
+/// Chooses where outbound SYNs are observed and sets the device hook up when it is chosen (its
+/// offsets and watched devices first, then the tracepoint); the tc egress classifier is
+/// attached with the interfaces only for the tc hook. Says the choice on standard error unless
+/// it is the default case (auto, nothing else on egress: tc).
+fn egress_hook(
+    cfg: &WatchConfig,
+    attachments: &mut Attachments,
+    skb_offsets: &mut Array<MapData, SkbOffsets>,
+    xmit_ifaces: &mut HashMap<MapData, u32, XmitIface>,
+) -> anyhow::Result<(Hook, String)> {
+    let choice = egress_hook::choose(cfg.egress_hook, &cfg.ifaces)
+        .map_err(|e| UsageError(format!("{e:#}")))?;
+    let (mut hook, mut reason, mut quiet) = (choice.hook, choice.reason, choice.quiet);
+    if let Some(offsets) = choice.offsets {
+        let mut set_up = || -> anyhow::Result<()> {
+            skb_offsets
+                .set(0, offsets, 0)
+                .context("setting the device hook's offsets")?;
+            let netns = egress_hook::own_netns()?;
+            for name in &cfg.ifaces {
+                let idx = iface::index(name)
+                    .ok_or_else(|| anyhow::anyhow!("interface '{name}' went away"))?;
+                xmit_ifaces
+                    .insert(idx, egress_hook::xmit_iface(name, netns), 0)
+                    .context("setting the device hook's interfaces")?;
+            }
+            attachments.attach_xmit()
+        };
+        if let Err(e) = set_up() {
+            if cfg.egress_hook == EgressHook::Xmit {
+                return Err(UsageError(format!(
+                    "--egress-hook xmit: the device hook cannot run here: {e:#}"
+                ))
+                .into());
+            }
+            hook = Hook::Tc;
+            reason = format!("egress hook: tc; the device hook could not attach: {e:#}");
+            quiet = false;
+        }
+    }
+    attachments.tc_egress = hook == Hook::Tc;
+    if !quiet {
+        eprintln!("netrace: {reason}");
+    }
+    Ok((hook, reason))
 }
 
 /// Says `msg` on standard error and keeps it for the report.
