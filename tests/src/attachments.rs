@@ -400,7 +400,7 @@ pub fn bpftool_prog_ids() -> Option<Result<BTreeSet<u32>>> {
 // ---- a foreign TCX program ----
 
 /// One BPF instruction.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+pub(crate) fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
     let o = off.to_le_bytes();
     let i = imm.to_le_bytes();
     [code, (src << 4) | dst, o[0], o[1], i[0], i[1], i[2], i[3]]
@@ -508,54 +508,80 @@ impl ForeignTcx {
     /// (namespace `ns`), after whatever is there.
     pub fn drop_tcp_port(ns: &str, dev: &str, dir: Dir, port: u16) -> Result<Self> {
         let insns: Vec<u8> = drop_port_program(port).concat();
-        let license = CString::new("GPL")?;
-        let mut log = vec![0u8; 64 * 1024];
-        let mut name = [0u8; 16];
-        name[..FOREIGN_PROG_NAME.len()].copy_from_slice(FOREIGN_PROG_NAME.as_bytes());
-        let mut attr = Attr::new();
-        attr.u32(0, BPF_PROG_TYPE_SCHED_CLS)
-            .u32(4, (insns.len() / 8) as u32)
-            .u64(8, insns.as_ptr() as u64)
-            .u64(16, license.as_ptr() as u64)
-            .u32(24, 1)
-            .u32(28, log.len() as u32)
-            .u64(32, log.as_mut_ptr() as u64)
-            .bytes(48, &name);
-        let prog = match attr.call(BPF_PROG_LOAD) {
-            Ok(rc) => fd_from(rc)?,
-            Err(e) => {
-                let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-                bail!(
-                    "loading the foreign classifier: {e}\n{}",
-                    String::from_utf8_lossy(&log[..end])
-                );
-            }
-        };
-        let mut info = [0u8; 256];
-        let mut attr = Attr::new();
-        attr.u32(0, prog.as_raw_fd() as u32)
-            .u32(4, info.len() as u32)
-            .u64(8, info.as_mut_ptr() as u64);
-        attr.call(BPF_OBJ_GET_INFO_BY_FD)
-            .context("BPF_OBJ_GET_INFO_BY_FD")?;
-        let prog_id = u32::from_ne_bytes([info[4], info[5], info[6], info[7]]);
-        let prog_fd = prog.as_raw_fd() as u32;
-        let dev = dev.to_owned();
-        let link = in_ns(ns, move || {
-            let idx = ifindex(&dev)?;
-            let mut attr = Attr::new();
-            attr.u32(0, prog_fd).u32(4, idx).u32(8, dir.tcx());
-            let rc = attr
-                .call(BPF_LINK_CREATE)
-                .with_context(|| format!("BPF_LINK_CREATE tcx {} on {dev}", dir.tc()))?;
-            fd_from(rc)
-        })?;
+        let (prog, prog_id) = load_classifier(FOREIGN_PROG_NAME, &insns)?;
+        let link = link_tcx(ns, dev, dir, &prog, 0)?;
         Ok(Self {
             prog_id,
             _link: link,
             _prog: prog,
         })
     }
+}
+
+/// Loads a classifier assembled by a test (`insns`: 8-byte instructions), named `name` (at
+/// most 15 bytes); returns its fd and id. The verifier's log is in the error.
+pub(crate) fn load_classifier(name: &str, insns: &[u8]) -> Result<(OwnedFd, u32)> {
+    let license = CString::new("GPL")?;
+    let mut log = vec![0u8; 64 * 1024];
+    let mut prog_name = [0u8; 16];
+    let n = name.len().min(15);
+    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let mut attr = Attr::new();
+    attr.u32(0, BPF_PROG_TYPE_SCHED_CLS)
+        .u32(4, (insns.len() / 8) as u32)
+        .u64(8, insns.as_ptr() as u64)
+        .u64(16, license.as_ptr() as u64)
+        .u32(24, 1)
+        .u32(28, log.len() as u32)
+        .u64(32, log.as_mut_ptr() as u64)
+        .bytes(48, &prog_name);
+    let prog = match attr.call(BPF_PROG_LOAD) {
+        Ok(rc) => fd_from(rc)?,
+        Err(e) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            bail!(
+                "loading the test classifier {name}: {e}\n{}",
+                String::from_utf8_lossy(&log[..end])
+            );
+        }
+    };
+    let mut info = [0u8; 256];
+    let mut attr = Attr::new();
+    attr.u32(0, prog.as_raw_fd() as u32)
+        .u32(4, info.len() as u32)
+        .u64(8, info.as_mut_ptr() as u64);
+    attr.call(BPF_OBJ_GET_INFO_BY_FD)
+        .context("BPF_OBJ_GET_INFO_BY_FD")?;
+    let prog_id = u32::from_ne_bytes([info[4], info[5], info[6], info[7]]);
+    Ok((prog, prog_id))
+}
+
+/// `BPF_F_BEFORE`: with no relative program, first in line on the TCX hook.
+pub(crate) const BPF_F_BEFORE: u32 = 1 << 3;
+
+/// Links `prog` to the TCX hook of `dev` in `dir` (namespace `ns`): appended after whatever is
+/// there with `flags` 0, first in line with [`BPF_F_BEFORE`]. The link lives as long as its fd.
+pub(crate) fn link_tcx(
+    ns: &str,
+    dev: &str,
+    dir: Dir,
+    prog: &OwnedFd,
+    flags: u32,
+) -> Result<OwnedFd> {
+    let prog_fd = prog.as_raw_fd() as u32;
+    let dev = dev.to_owned();
+    in_ns(ns, move || {
+        let idx = ifindex(&dev)?;
+        let mut attr = Attr::new();
+        attr.u32(0, prog_fd)
+            .u32(4, idx)
+            .u32(8, dir.tcx())
+            .u32(12, flags);
+        let rc = attr
+            .call(BPF_LINK_CREATE)
+            .with_context(|| format!("BPF_LINK_CREATE tcx {} on {dev}", dir.tc()))?;
+        fd_from(rc)
+    })
 }
 
 #[cfg(test)]

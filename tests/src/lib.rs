@@ -13,6 +13,7 @@
 //! ```
 
 pub mod attachments;
+pub mod bpf_snat;
 pub mod client;
 pub mod cmd;
 pub mod extra_pod;
