@@ -151,10 +151,58 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
     writeln!(d)?;
 
     per_packet(&mut d, r)?;
+    xmit(&mut d, r)?;
     traffic(&mut d, r)?;
     scale(&mut d, r)?;
     loss(&mut d, r)?;
     Ok(d)
+}
+
+fn xmit(d: &mut String, r: &Value) -> anyhow::Result<()> {
+    let x = &r["xmit"];
+    if x.is_null() {
+        return Ok(());
+    }
+    writeln!(
+        d,
+        "### Device hook (`--egress-hook xmit`) next to the tc path\n"
+    )?;
+    writeln!(
+        d,
+        "`BPF_PROG_TEST_RUN` does not run tracepoints, so these figures are the kernel's own \
+         statistics (`BPF_ENABLE_STATS`: `run_time_ns` / `run_cnt` of each program, which \
+         include two clock reads per run) over {} s of short TCP connections (connect, 100 \
+         bytes, the server closes, one at a time) across a veth pair between two namespaces, netrace's \
+         object loaded afresh for each phase. tc hook: netrace's egress and ingress \
+         classifiers, the device hook running but the device not in its map (as for every \
+         other device of a node). Device hook: tc ingress and the device hook watching the \
+         device (every packet parsed through the skb with `bpf_probe_read_kernel`; each SYN \
+         inserted and reported as tc egress does). The empty classifier sits last on egress \
+         in both, as the floor. The device hook also runs for the server's packets (the other \
+         namespace, rejected); those runs are taken off at the first phase's cost.\n",
+        f(x, "/secs")
+    )?;
+    writeln!(
+        d,
+        "| egress hook | empty classifier | tc egress | device hook, watched device | device hook, other devices | connections |"
+    )?;
+    writeln!(d, "|---|---|---|---|---|---|")?;
+    writeln!(
+        d,
+        "| tc | {} | {} | - | {} | {} |",
+        ns(f(x, "/tc_hook/noop_ns")),
+        ns(f(x, "/tc_hook/egress_ns")),
+        ns(f(x, "/tc_hook/xmit_unwatched_ns")),
+        f(x, "/tc_hook/connections")
+    )?;
+    writeln!(
+        d,
+        "| xmit | {} | - | {} | - | {} |\n",
+        ns(f(x, "/xmit_hook/noop_ns")),
+        ns(f(x, "/xmit_hook/xmit_watched_ns")),
+        f(x, "/xmit_hook/connections")
+    )?;
+    Ok(())
 }
 
 fn per_packet(d: &mut String, r: &Value) -> anyhow::Result<()> {

@@ -98,6 +98,8 @@ pub fn run(debug_bin: &Path, quick: bool) -> anyhow::Result<()> {
     let traffic = traffic(&netrace, &plan, &scratch)?;
     super::step("1. per-packet cost (BPF_PROG_TEST_RUN)");
     let per_packet = probe_json(&probe, &[&["per-packet"], q].concat())?;
+    super::step("1b. per-packet cost of the device hook (kernel run-time statistics)");
+    let xmit = probe_json(&probe, &[&["xmit"], q].concat())?;
     super::step("4. scale: pending SYNs, memory, sweep");
     let mut scale = Vec::new();
     for n in plan.scale_levels {
@@ -116,6 +118,7 @@ pub fn run(debug_bin: &Path, quick: bool) -> anyhow::Result<()> {
         "measuring_s": (measuring.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "netrace_build": "release",
         "per_packet": per_packet,
+        "xmit": xmit,
         "traffic": traffic,
         "scale": scale,
         "loss": loss,

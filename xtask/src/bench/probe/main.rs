@@ -3,7 +3,7 @@
 //! package because it links the `netrace` library, whose build needs the BPF toolchain that
 //! `cargo xtask` itself installs: xtask proper must build without it.
 //!
-//! `bench_probe per-packet|loss [--quick]`, `bench_probe scale N`: one JSON object on standard
+//! `bench_probe per-packet|loss|xmit [--quick]`, `bench_probe scale N`: one JSON object on standard
 //! output; progress and errors on standard error. Needs root.
 
 mod frames;
@@ -12,6 +12,7 @@ mod loss;
 mod per_packet;
 mod scale;
 mod stats;
+mod xmit;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,7 @@ fn run() -> anyhow::Result<serde_json::Value> {
     match args.first().map(String::as_str) {
         Some("per-packet") => per_packet::run(quick),
         Some("loss") => loss::run(quick),
+        Some("xmit") => xmit::run(quick),
         Some("scale") => {
             let n = args
                 .get(1)
@@ -30,7 +32,7 @@ fn run() -> anyhow::Result<serde_json::Value> {
                 .ok_or_else(|| anyhow!("usage: bench_probe scale N"))?;
             scale::run(n)
         }
-        _ => bail!("usage: bench_probe per-packet|loss [--quick] | scale N"),
+        _ => bail!("usage: bench_probe per-packet|loss|xmit [--quick] | scale N"),
     }
 }
 
