@@ -240,7 +240,8 @@ fn ingress_synack_acknowledging_isn_plus_one_answers() {
     assert_eq!((ev[0].raw.icmp_type, ev[0].raw.icmp_code), (0, 0));
     bpf.assert_counters(&[(Counter::SynSeen, 1), (Counter::SynAckMatched, 1)]);
 
-    // A duplicated SYN-ACK finds nothing and reports nothing.
+    // A duplicated SYN-ACK finds no entry: it is reported as unmatched, with the ISN it
+    // acknowledges (user space knows the connection was answered and drops it).
     bpf.ingress(&answer4(
         LOCAL4,
         SPORT,
@@ -249,8 +250,16 @@ fn ingress_synack_acknowledging_isn_plus_one_answers() {
         TCP_SYN | TCP_ACK,
         ISN + 1,
     ));
-    bpf.assert_untouched();
-    bpf.assert_counters(&[(Counter::SynSeen, 1), (Counter::SynAckMatched, 1)]);
+    assert_eq!(bpf.pending_all(), Vec::new(), "pending entries");
+    let ev = bpf.events();
+    assert_eq!(ev.len(), 1, "events: {ev:?}");
+    assert_eq!(ev[0].kind, EventKind::UnmatchedSynAck);
+    assert_eq!((ev[0].raw.key, ev[0].raw.pending.isn), (key, ISN));
+    bpf.assert_counters(&[
+        (Counter::SynSeen, 1),
+        (Counter::SynAckMatched, 1),
+        (Counter::SynAckUnmatched, 1),
+    ]);
 }
 
 #[test]
@@ -339,9 +348,12 @@ fn ingress_synack_for_other_tuple_is_ignored() {
         TCP_SYN | TCP_ACK,
         ISN + 1,
     ));
+    // None is pending: each is reported as an unmatched SYN-ACK (for user space to pair by
+    // ISN or count), and the pending entry stays.
     assert!(bpf.pending(&key).is_some());
-    assert_eq!(bpf.events(), vec![]);
-    bpf.assert_counters(&[(Counter::SynSeen, 1)]);
+    let kinds: Vec<EventKind> = bpf.events().iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, vec![EventKind::UnmatchedSynAck; 5]);
+    bpf.assert_counters(&[(Counter::SynSeen, 1), (Counter::SynAckUnmatched, 5)]);
 }
 
 #[test]
