@@ -26,7 +26,10 @@ use aya::{
     programs::{tc::TcAttachOptions, LinkOrder, ProgramInfo, TcAttachType},
     sys::{enable_stats, Stats},
 };
-use netrace::{cli::AttachMode, egress_hook, loader::XMIT_PROGRAM as XMIT};
+use netrace::{
+    kernel::{egress_hook, loader::XMIT_PROGRAM as XMIT},
+    options::AttachMode,
+};
 use netrace_common::SkbOffsets;
 use serde_json::{json, Value};
 
@@ -176,8 +179,8 @@ fn phase(client_if: &str, offsets: SkbOffsets, watched: bool, secs: f64) -> anyh
     )?;
     k.maps.skb_offsets.set(0, offsets, 0)?;
     if watched {
-        let ifindex =
-            netrace::iface::index(client_if).ok_or_else(|| anyhow!("no interface {client_if}"))?;
+        let ifindex = netrace::node::iface::index(client_if)
+            .ok_or_else(|| anyhow!("no interface {client_if}"))?;
         let netns = egress_hook::own_netns()?;
         k.maps
             .xmit_ifaces
