@@ -1,9 +1,10 @@
 //! The node's SNAT done by a BPF program instead of netfilter, as Cilium's BPF masquerading,
 //! GKE Dataplane V2 and Calico's eBPF dataplane do it: two TCX classifiers on the node's
-//! uplink, assembled here (no compiler needed), that translate the pod's IPv4 TCP in place and
+//! uplink, assembled here (no compiler needed), that translate the pod's TCP in place and
 //! return `TC_ACT_OK` (`TCX_PASS`), a final verdict: no tc program after them runs.
 //!
-//! - egress: source `POD4:P` becomes `NODE_UP4:Q` with `Q = `[`translate`]`(P)`;
+//! - egress: source `POD4:P` becomes `NODE_UP4:Q` with `Q = `[`translate`]`(P)` (IPv6 alike:
+//!   `POD6` becomes `NODE_UP6`);
 //! - ingress: a packet from the server to `NODE_UP4:Q` becomes one to `POD4:P`.
 //!
 //! The mapping is stateless: an even pod port keeps its number, an odd one in 32768-65535 moves
@@ -83,18 +84,24 @@ const BPF_F_PSEUDO_HDR: i32 = 0x10;
 const TC_ACT_OK: i32 = 0;
 const TCX_NEXT: i32 = -1;
 
-/// Frame offsets for an untagged IPv4 packet without options (the lab's).
+/// Frame offsets for an untagged IPv4 packet without options, or an IPv6 packet without
+/// extension headers (the lab's).
 const IP: i32 = 14;
 const IP_CSUM: i32 = IP + 10;
-const IP_SRC: i32 = IP + 12;
-const IP_DST: i32 = IP + 16;
-const TCP_SPORT: i32 = IP + 20;
-const TCP_DPORT: i32 = IP + 22;
-const TCP_CSUM: i32 = IP + 20 + 16;
+const IP4_SRC: i32 = IP + 12;
+const IP4_DST: i32 = IP + 16;
+const IP6_SRC: i32 = IP + 8;
+const IP6_DST: i32 = IP + 24;
 
-/// Stack slots: 8 scratch bytes at fp-8, the IPv4 header at fp-32..fp-12.
+/// Stack slots: 8 scratch bytes at fp-8, the IP header at fp-56 (40 bytes for IPv6, 20 for
+/// IPv4), a new IPv6 address at fp-72.
 const SCRATCH: i16 = -8;
-const HDR: i16 = -32;
+const HDR: i16 = -56;
+const ADDR6: i16 = -72;
+
+/// `BPF_JMP32 | BPF_JNE | BPF_K`: compares the low 32 bits (an address word read with
+/// `LDX_W` is zero-extended, an immediate sign-extended).
+const JNE32_IMM: u8 = 0x56;
 
 /// A tiny assembler with forward labels.
 #[derive(Default)]
@@ -138,64 +145,97 @@ impl Asm {
     }
 }
 
-/// An IPv4 address as `LDX_W` reads it from the packet on this machine.
-fn raw4(a: std::net::Ipv4Addr) -> i32 {
-    i32::from_ne_bytes(a.octets())
+/// The 32-bit words of an address as `LDX_W` reads them from the packet on this machine.
+fn words(octets: &[u8]) -> Vec<i32> {
+    octets
+        .chunks(4)
+        .map(|w| i32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+        .collect()
 }
 
 fn raw16(v: u16) -> i32 {
     i32::from(u16::from_ne_bytes(v.to_be_bytes()))
 }
 
-/// The translating classifier for one direction.
-fn program(dir: Dir) -> Result<Vec<u8>> {
-    let mut a = Asm::default();
-    a.op(MOV64_REG, 6, 1, 0, 0); // r6 = ctx
-    a.load(12, SCRATCH, 2);
-    a.op(LDX_H, 2, 10, SCRATCH, 0);
-    a.jump(JNE_IMM, 2, raw16(0x0800), "pass");
-    a.load(IP, HDR, 20);
-    a.op(LDX_B, 2, 10, HDR, 0);
-    a.jump(JNE_IMM, 2, 0x45, "pass"); // IPv4 without options
-    a.op(LDX_B, 2, 10, HDR + 9, 0);
-    a.jump(JNE_IMM, 2, 6, "pass"); // TCP
-    let (port_off, addr_off, new_addr) = match dir {
+/// Jumps to `pass` unless the address at `hdr_off` in the saved header is `addr`.
+fn expect_addr(a: &mut Asm, hdr_off: i16, addr: &[u8]) {
+    for (i, w) in words(addr).into_iter().enumerate() {
+        a.op(LDX_W, 2, 10, hdr_off + 4 * i as i16, 0);
+        a.jump(JNE32_IMM, 2, w, "pass");
+    }
+}
+
+/// The translation of one family: checks, port, checksums, address; then `TC_ACT_OK`.
+fn family(a: &mut Asm, dir: Dir, v6: bool) {
+    let tcp = if v6 { IP + 40 } else { IP + 20 };
+    let tcp_csum = tcp + 16;
+    a.load(IP, HDR, if v6 { 40 } else { 20 });
+    if v6 {
+        a.op(LDX_B, 2, 10, HDR, 0);
+        a.op(AND64_IMM, 2, 0, 0, 0xf0);
+        a.jump(JNE_IMM, 2, 0x60, "pass");
+        a.op(LDX_B, 2, 10, HDR + 6, 0);
+        a.jump(JNE_IMM, 2, 6, "pass"); // TCP, no extension headers
+    } else {
+        a.op(LDX_B, 2, 10, HDR, 0);
+        a.jump(JNE_IMM, 2, 0x45, "pass"); // IPv4 without options
+        a.op(LDX_B, 2, 10, HDR + 9, 0);
+        a.jump(JNE_IMM, 2, 6, "pass"); // TCP
+    }
+    let (src_off, dst_off) = if v6 {
+        (HDR + 8, HDR + 24)
+    } else {
+        (HDR + 12, HDR + 16)
+    };
+    let (pod, node, srv): (Vec<u8>, Vec<u8>, Vec<u8>) = if v6 {
+        (
+            addr::POD6.octets().to_vec(),
+            addr::NODE_UP6.octets().to_vec(),
+            addr::SRV6.octets().to_vec(),
+        )
+    } else {
+        (
+            addr::POD4.octets().to_vec(),
+            addr::NODE_UP4.octets().to_vec(),
+            addr::SRV4.octets().to_vec(),
+        )
+    };
+    // (old address in the saved header, new address, where it goes in the frame, port)
+    let (old_off, new, addr_off, port_off) = match dir {
         Dir::Egress => {
-            a.op(LDX_W, 7, 10, HDR + 12, 0); // r7 = source address
-            a.jump(JNE_IMM, 7, raw4(addr::POD4), "pass");
-            (TCP_SPORT, IP_SRC, addr::NODE_UP4)
+            expect_addr(a, src_off, &pod);
+            (src_off, node, if v6 { IP6_SRC } else { IP4_SRC }, tcp)
         }
         Dir::Ingress => {
-            a.op(LDX_W, 2, 10, HDR + 12, 0);
-            a.jump(JNE_IMM, 2, raw4(addr::SRV4), "pass");
-            a.op(LDX_W, 7, 10, HDR + 16, 0); // r7 = destination address
-            a.jump(JNE_IMM, 7, raw4(addr::NODE_UP4), "pass");
-            (TCP_DPORT, IP_DST, addr::POD4)
+            expect_addr(a, src_off, &srv);
+            expect_addr(a, dst_off, &node);
+            (dst_off, pod, if v6 { IP6_DST } else { IP4_DST }, tcp + 2)
         }
     };
+    let address = if v6 { "address6" } else { "address4" };
     a.load(port_off, SCRATCH, 2);
     a.op(LDX_H, 8, 10, SCRATCH, 0); // r8 = port as in the packet
     a.op(MOV64_REG, 9, 8, 0, 0);
     a.op(TO_BE, 9, 0, 0, 16); // r9 = port number
     a.op(MOV64_REG, 2, 9, 0, 0);
     a.op(AND64_IMM, 2, 0, 0, 1);
-    a.jump(JEQ_IMM, 2, 0, "address"); // even ports keep their number
+    a.jump(JEQ_IMM, 2, 0, address); // even ports keep their number
     match dir {
         Dir::Egress => {
-            a.jump(JLT_IMM, 9, 32768, "address");
+            a.jump(JLT_IMM, 9, 32768, address);
             a.op(ADD64_IMM, 9, 0, 0, -i32::from(SHIFT));
         }
         Dir::Ingress => {
-            a.jump(JGE_IMM, 9, 32768, "address");
-            a.jump(JLT_IMM, 9, 1025, "address");
+            a.jump(JGE_IMM, 9, 32768, address);
+            a.jump(JLT_IMM, 9, 1025, address);
             a.op(ADD64_IMM, 9, 0, 0, i32::from(SHIFT));
         }
     }
     a.op(TO_BE, 9, 0, 0, 16);
     a.op(STX_H, 10, 9, SCRATCH, 0);
-    // l4_csum_replace(skb, TCP_CSUM, old port, new port, 2)
+    // l4_csum_replace(skb, tcp_csum, old port, new port, 2)
     a.op(MOV64_REG, 1, 6, 0, 0);
-    a.op(MOV64_IMM, 2, 0, 0, TCP_CSUM);
+    a.op(MOV64_IMM, 2, 0, 0, tcp_csum);
     a.op(MOV64_REG, 3, 8, 0, 0);
     a.op(MOV64_REG, 4, 9, 0, 0);
     a.op(MOV64_IMM, 5, 0, 0, 2);
@@ -208,35 +248,54 @@ fn program(dir: Dir) -> Result<Vec<u8>> {
     a.op(MOV64_IMM, 4, 0, 0, 2);
     a.op(MOV64_IMM, 5, 0, 0, 0);
     a.op(CALL, 0, 0, 0, SKB_STORE_BYTES);
-    a.label("address");
-    // l4_csum_replace(skb, TCP_CSUM, old, new, PSEUDO_HDR | 4): the address is in the
-    // pseudo-header the TCP checksum covers.
-    a.op(MOV64_REG, 1, 6, 0, 0);
-    a.op(MOV64_IMM, 2, 0, 0, TCP_CSUM);
-    a.op(MOV64_REG, 3, 7, 0, 0);
-    a.op(MOV64_IMM, 4, 0, 0, raw4(new_addr));
-    a.op(MOV64_IMM, 5, 0, 0, BPF_F_PSEUDO_HDR | 4);
-    a.op(CALL, 0, 0, 0, L4_CSUM_REPLACE);
-    // l3_csum_replace(skb, IP_CSUM, old, new, 4)
-    a.op(MOV64_REG, 1, 6, 0, 0);
-    a.op(MOV64_IMM, 2, 0, 0, IP_CSUM);
-    a.op(MOV64_REG, 3, 7, 0, 0);
-    a.op(MOV64_IMM, 4, 0, 0, raw4(new_addr));
-    a.op(MOV64_IMM, 5, 0, 0, 4);
-    a.op(CALL, 0, 0, 0, L3_CSUM_REPLACE);
-    // skb_store_bytes(skb, addr_off, fp-8, 4, 0)
-    a.op(MOV64_IMM, 2, 0, 0, raw4(new_addr));
-    a.op(STX_W, 10, 2, SCRATCH, 0);
+    a.label(address);
+    // The address is in the pseudo-header the TCP checksum covers, word by word; IPv4's
+    // header checksum covers it too.
+    let new_words = words(&new);
+    for (i, w) in new_words.iter().enumerate() {
+        a.op(MOV64_REG, 1, 6, 0, 0);
+        a.op(MOV64_IMM, 2, 0, 0, tcp_csum);
+        a.op(LDX_W, 3, 10, old_off + 4 * i as i16, 0);
+        a.op(MOV64_IMM, 4, 0, 0, *w);
+        a.op(MOV64_IMM, 5, 0, 0, BPF_F_PSEUDO_HDR | 4);
+        a.op(CALL, 0, 0, 0, L4_CSUM_REPLACE);
+        if !v6 {
+            a.op(MOV64_REG, 1, 6, 0, 0);
+            a.op(MOV64_IMM, 2, 0, 0, IP_CSUM);
+            a.op(LDX_W, 3, 10, old_off + 4 * i as i16, 0);
+            a.op(MOV64_IMM, 4, 0, 0, *w);
+            a.op(MOV64_IMM, 5, 0, 0, 4);
+            a.op(CALL, 0, 0, 0, L3_CSUM_REPLACE);
+        }
+    }
+    // skb_store_bytes(skb, addr_off, new address on the stack, len, 0)
+    for (i, w) in new_words.iter().enumerate() {
+        a.op(MOV64_IMM, 2, 0, 0, *w);
+        a.op(STX_W, 10, 2, ADDR6 + 4 * i as i16, 0);
+    }
     a.op(MOV64_REG, 1, 6, 0, 0);
     a.op(MOV64_IMM, 2, 0, 0, addr_off);
     a.op(MOV64_REG, 3, 10, 0, 0);
-    a.op(ADD64_IMM, 3, 0, 0, i32::from(SCRATCH));
-    a.op(MOV64_IMM, 4, 0, 0, 4);
+    a.op(ADD64_IMM, 3, 0, 0, i32::from(ADDR6));
+    a.op(MOV64_IMM, 4, 0, 0, 4 * new_words.len() as i32);
     a.op(MOV64_IMM, 5, 0, 0, 0);
     a.op(CALL, 0, 0, 0, SKB_STORE_BYTES);
     // A final verdict, as a CNI's datapath returns: nothing after this program runs.
     a.op(MOV64_IMM, 0, 0, 0, TC_ACT_OK);
     a.op(EXIT, 0, 0, 0, 0);
+}
+
+/// The translating classifier for one direction, IPv4 and IPv6.
+fn program(dir: Dir) -> Result<Vec<u8>> {
+    let mut a = Asm::default();
+    a.op(MOV64_REG, 6, 1, 0, 0); // r6 = ctx
+    a.load(12, SCRATCH, 2);
+    a.op(LDX_H, 2, 10, SCRATCH, 0);
+    a.jump(JEQ_IMM, 2, raw16(0x86dd), "v6");
+    a.jump(JNE_IMM, 2, raw16(0x0800), "pass");
+    family(&mut a, dir, false);
+    a.label("v6");
+    family(&mut a, dir, true);
     a.label("pass");
     a.op(MOV64_IMM, 0, 0, 0, TCX_NEXT);
     a.op(EXIT, 0, 0, 0, 0);
@@ -308,7 +367,7 @@ mod tests {
             let n = code.len() / 8;
             for i in 0..n {
                 let op = code[i * 8];
-                if matches!(op, JEQ_IMM | JNE_IMM | JLT_IMM | JGE_IMM) {
+                if matches!(op, JEQ_IMM | JNE_IMM | JLT_IMM | JGE_IMM | JNE32_IMM) {
                     let off = i16::from_le_bytes([code[i * 8 + 2], code[i * 8 + 3]]);
                     let to = i as i64 + 1 + i64::from(off);
                     assert!(to > i as i64 && to < n as i64, "jump at {i} to {to}");

@@ -13,14 +13,13 @@
 //!   no SYN at all (SNAT before it, final verdict): the report, the JSON and the exit status say
 //!   translation is out of sight instead of counting connections lost.
 //!
-//! IPv4 (the test SNAT translates IPv4 only). Needs root.
+//! IPv4, and IPv6 for the tc hook's detection. Needs root.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use netrace_lab::bpf_snat::{translate, BpfSnat, Order};
-use netrace_lab::lab::addr;
 use netrace_lab::truth;
 use netrace_lab::{
     is_root, netrace_bin, Family, Lab, LabOptions, NetraceOptions, NetraceOutput, NetraceRun,
@@ -41,10 +40,14 @@ fn require_root() {
     );
 }
 
-/// The seed lab without netfilter SNAT (the node routes the pod's address), IPv4.
-fn lab() -> Lab {
-    Lab::new(LabOptions::seed().snat_mode(SnatMode::None).ipv6(false))
-        .unwrap_or_else(|e| panic!("{e:#}"))
+/// The seed lab without netfilter SNAT (the node routes the pod's address).
+fn lab(family: Family) -> Lab {
+    Lab::new(
+        LabOptions::seed()
+            .snat_mode(SnatMode::None)
+            .ipv6(family == Family::V6),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn start(lab: &Lab, hook: &str) -> NetraceRun {
@@ -53,8 +56,8 @@ fn start(lab: &Lab, hook: &str) -> NetraceRun {
         .unwrap_or_else(|e| panic!("starting netrace: {e:#}"))
 }
 
-fn drive(lab: &Lab) -> Vec<TcpAttempt> {
-    let server = lab.server_addr(Family::V4);
+fn drive(lab: &Lab, family: Family) -> Vec<TcpAttempt> {
+    let server = lab.server_addr(family);
     let attempts = lab
         .client()
         .tcp(server, TCP, &|_, _| {})
@@ -88,19 +91,19 @@ fn translated(attempts: &[TcpAttempt], outcome: &TcpOutcome) -> BTreeSet<u16> {
 }
 
 /// The client's view, the firewall's and the server's agree, and the lab shows the failure.
-fn check_ground_truth(lab: &Lab, attempts: &[TcpAttempt]) {
+fn check_ground_truth(lab: &Lab, family: Family, attempts: &[TcpAttempt]) {
     let c = TcpCounts::of(attempts);
     assert_eq!(c.connected + c.timed_out, c.attempts, "{c:?}");
     assert!(c.timed_out > TCP / 4 && c.connected > TCP / 4, "{c:?}");
     let timed_out = translated(attempts, &TcpOutcome::TimedOut);
-    let dropped = truth::firewall_dropped_ports(lab, Family::V4).unwrap();
+    let dropped = truth::firewall_dropped_ports(lab, family).unwrap();
     assert_eq!(
         timed_out, dropped,
         "the firewall's dropped ports are not exactly the client's timed-out translated ports"
     );
     let accepted: BTreeSet<u16> = lab
         .server()
-        .map(|s| s.accepted_ports(false).into_iter().collect())
+        .map(|s| s.accepted_ports(family == Family::V6).into_iter().collect())
         .unwrap_or_default();
     assert_eq!(
         translated(attempts, &TcpOutcome::Connected),
@@ -111,20 +114,20 @@ fn check_ground_truth(lab: &Lab, attempts: &[TcpAttempt]) {
 
 /// The device hook sees translated ports: every outcome as the client had it, the ports the
 /// firewall saw, the seed's verdict and exit status.
-fn device_hook_case(order: Order, hook: &str) {
+fn device_hook_case(order: Order, hook: &str, family: Family) {
     require_root();
-    let lab = lab();
+    let lab = lab(family);
     // Attached before netrace starts, the SNAT ends up after netrace's programs (netrace goes
     // first in line); attached after, with `First`, it runs before them on egress.
     let early = (order == Order::Last).then(|| BpfSnat::attach(&lab, order).unwrap());
     let netrace = start(&lab, hook);
     let late = (order == Order::First).then(|| BpfSnat::attach(&lab, order).unwrap());
-    let attempts = drive(&lab);
+    let attempts = drive(&lab, family);
     netrace.settle();
     let out = netrace.stop().unwrap_or_else(|e| panic!("{e:#}"));
     drop((early, late));
     let ctx = out.describe();
-    check_ground_truth(&lab, &attempts);
+    check_ground_truth(&lab, family, &attempts);
     assert!(
         out.stderr.contains("egress hook: xmit"),
         "netrace did not say it used the device hook\n{ctx}"
@@ -133,7 +136,7 @@ fn device_hook_case(order: Order, hook: &str) {
     for c in out.connections() {
         assert_eq!(
             c.get("src").and_then(Value::as_str),
-            Some(addr::NODE_UP4.to_string().as_str()),
+            Some(lab.node_uplink_ip(family).to_string().as_str()),
             "a connection not from the node's translated address: {c}\n{ctx}"
         );
     }
@@ -188,28 +191,28 @@ fn device_hook_case(order: Order, hook: &str) {
 
 #[test]
 fn bpf_snat_after_netrace_auto_picks_the_device_hook() {
-    device_hook_case(Order::Last, "auto");
+    device_hook_case(Order::Last, "auto", Family::V4);
 }
 
 #[test]
 fn bpf_snat_before_netrace_device_hook_sees_translated_ports() {
-    device_hook_case(Order::First, "xmit");
+    device_hook_case(Order::First, "xmit", Family::V4);
 }
 
 /// With the hook forced to tc: translation out of sight, said in the report, the JSON and
 /// the exit status; never a range verdict from the wrong ports.
-fn tc_hook_case(order: Order) {
+fn tc_hook_case(order: Order, family: Family) {
     require_root();
-    let lab = lab();
+    let lab = lab(family);
     let early = (order == Order::Last).then(|| BpfSnat::attach(&lab, order).unwrap());
     let netrace = start(&lab, "tc");
     let late = (order == Order::First).then(|| BpfSnat::attach(&lab, order).unwrap());
-    let attempts = drive(&lab);
+    let attempts = drive(&lab, family);
     netrace.settle();
     let out = netrace.stop().unwrap_or_else(|e| panic!("{e:#}"));
     drop((early, late));
     let ctx = out.describe();
-    check_ground_truth(&lab, &attempts);
+    check_ground_truth(&lab, family, &attempts);
     assert_eq!(summary_str(&out, "/egress_hook/hook"), "tc", "{ctx}");
     assert_eq!(
         summary_str(&out, "/verdict/kind"),
@@ -245,19 +248,24 @@ fn tc_hook_case(order: Order) {
 
 #[test]
 fn bpf_snat_after_netrace_tc_hook_says_translation_out_of_sight() {
-    tc_hook_case(Order::Last);
+    tc_hook_case(Order::Last, Family::V4);
 }
 
 #[test]
 fn bpf_snat_before_netrace_tc_hook_says_translation_out_of_sight() {
-    tc_hook_case(Order::First);
+    tc_hook_case(Order::First, Family::V4);
+}
+
+#[test]
+fn bpf_snat_ipv6_after_netrace_tc_hook_says_translation_out_of_sight() {
+    tc_hook_case(Order::Last, Family::V6);
 }
 
 /// The text report says it too.
 #[test]
 fn tc_hook_text_report_names_the_problem_and_the_fix() {
     require_root();
-    let lab = lab();
+    let lab = lab(Family::V4);
     let snat = BpfSnat::attach(&lab, Order::Last).unwrap();
     let bin = netrace_bin().unwrap_or_else(|e| panic!("{e:#}"));
     let netrace = NetraceRun::start(
@@ -267,7 +275,7 @@ fn tc_hook_text_report_names_the_problem_and_the_fix() {
             .args(["--egress-hook", "tc"]),
     )
     .unwrap_or_else(|e| panic!("starting netrace: {e:#}"));
-    let attempts = drive(&lab);
+    let attempts = drive(&lab, Family::V4);
     netrace.settle();
     let out = netrace.stop().unwrap_or_else(|e| panic!("{e:#}"));
     drop(snat);

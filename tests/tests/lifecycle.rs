@@ -479,7 +479,9 @@ fn foreign_case_env(mode: &str, foreign_tc: bool, empty_env: bool) {
     assert_eq!(before.has_clsact(), foreign_tc);
     decisions(&s, foreign_tc);
 
-    let mut watch = spec(&s, &dev).args(["--attach", mode]);
+    // The tc egress hook explicitly: with a foreign program on egress, `auto` would watch
+    // SYNs at the device instead (after the foreign programs), and this is about tc.
+    let mut watch = spec(&s, &dev).args(["--attach", mode, "--egress-hook", "tc"]);
     if empty_env {
         watch = watch.empty_environment();
     }
