@@ -86,8 +86,13 @@ fn on_xmit(ctx: &RawTracePointContext) -> Option<()> {
             return None;
         }
     }
-    let len: u32 = field(skb, off.skb_len)?;
-    let data_len: u32 = field(skb, off.skb_data_len)?;
+    // `len` and `data_len` are neighbours in every kernel netrace knows: one read for both.
+    let (len, data_len) = if off.skb_data_len == off.skb_len + 4 {
+        let both: [u32; 2] = field(skb, off.skb_len)?;
+        (both[0], both[1])
+    } else {
+        (field(skb, off.skb_len)?, field(skb, off.skb_data_len)?)
+    };
     let data: *const u8 = field(skb, off.skb_data)?;
     let pkt = SkbBytes {
         data,
