@@ -13,7 +13,7 @@
 //!   no SYN at all (SNAT before it, final verdict): the report, the JSON and the exit status say
 //!   translation is out of sight instead of counting connections lost.
 //!
-//! IPv4, and IPv6 for the tc hook's detection. Needs root.
+//! IPv4 and IPv6. Needs root.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
@@ -197,6 +197,11 @@ fn bpf_snat_after_netrace_auto_picks_the_device_hook() {
 #[test]
 fn bpf_snat_before_netrace_device_hook_sees_translated_ports() {
     device_hook_case(Order::First, "xmit", Family::V4);
+}
+
+#[test]
+fn bpf_snat_ipv6_device_hook_sees_translated_ports() {
+    device_hook_case(Order::Last, "auto", Family::V6);
 }
 
 /// With the hook forced to tc: translation out of sight, said in the report, the JSON and
