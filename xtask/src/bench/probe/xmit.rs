@@ -117,6 +117,42 @@ fn enter(ns: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A private mount namespace with sysfs mounted afresh at /sys (for the current network
+/// namespace).
+fn own_sysfs() -> anyhow::Result<()> {
+    // SAFETY: plain system calls with constant, NUL-terminated arguments; they change only
+    // this (single-threaded) process's mount namespace.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNS)");
+        }
+        let root = c"/".as_ptr();
+        if libc::mount(
+            std::ptr::null(),
+            root,
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("making mounts private");
+        }
+        let sys = c"/sys".as_ptr();
+        let _ = libc::umount2(sys, libc::MNT_DETACH);
+        if libc::mount(
+            c"sysfs".as_ptr(),
+            sys,
+            c"sysfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("mounting sysfs");
+        }
+    }
+    Ok(())
+}
+
 /// Short TCP connections (connect, 100 bytes, the server closes first, so that TIME_WAIT
 /// stays on its side and the client's ports stay free) for `secs`, one at a time; returns
 /// how many.
@@ -227,6 +263,11 @@ pub fn run(quick: bool) -> anyhow::Result<Value> {
     let secs = if quick { 2.0 } else { 5.0 };
     let offsets = egress_hook::xmit_offsets().context("the device hook needs the kernel's BTF")?;
     let pair = Pair::new()?;
+    // This thread watches from the client's namespace, with a /sys of that namespace (netrace
+    // reads interface types there), as `ip netns exec` gives netrace; done before any other
+    // thread exists, which a new mount namespace requires.
+    enter(&pair.client_ns)?;
+    own_sysfs()?;
     let server_ns = pair.server_ns.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let stop_srv = Arc::clone(&stop);
@@ -249,8 +290,6 @@ pub fn run(quick: bool) -> anyhow::Result<Value> {
     ready_rx
         .recv_timeout(Duration::from_secs(5))
         .map_err(|_| anyhow!("the bench server did not start"))?;
-    // This thread watches from the client's namespace; the other end is another namespace.
-    enter(&pair.client_ns)?;
     let _stats = enable_stats(Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let tc = phase(&pair.client_if, offsets, false, secs)?;
     let xmit = phase(&pair.client_if, offsets, true, secs)?;
