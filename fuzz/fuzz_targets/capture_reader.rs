@@ -1,0 +1,47 @@
+//! The capture reader on arbitrary bytes, plain and gzip-wrapped: never panics, always ends,
+//! never reads past the input, every error is one line, and a gzip-compressed copy reads to
+//! the same frames and the same kind of ending.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use netrace::capture::{write, Capture, OwnedFrame};
+
+/// Frames read and how the reading ended (`None`: at the end of the capture).
+fn read(name: &str, bytes: Vec<u8>) -> (Vec<OwnedFrame>, Option<String>) {
+    let len = bytes.len();
+    let mut c = match Capture::from_bytes(name, bytes) {
+        Ok(c) => c,
+        Err(e) => return (Vec::new(), Some(e.to_string())),
+    };
+    let mut frames = Vec::new();
+    loop {
+        match c.next_frame() {
+            Ok(Some(f)) => {
+                // A frame's bytes come from the input, plus at most a made-up Ethernet header.
+                assert!(f.ethernet.len() <= len + 14);
+                assert!(f.captured_len as usize <= len);
+                frames.push(f.to_owned());
+            }
+            Ok(None) => return (frames, None),
+            Err(e) => return (frames, Some(e.to_string())),
+        }
+        assert!(frames.len() <= len / 12 + 1, "more frames than the input holds");
+        assert!(frames.iter().all(|f| f.iface < c.interfaces().len()));
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let (frames, end) = read("fuzz.pcap", data.to_vec());
+    if let Some(e) = &end {
+        assert!(!e.contains('\n'), "one line: {e}");
+        assert!(e.contains("fuzz.pcap"), "names the file: {e}");
+    }
+    // Gzip of a gzip file is another test; of a capture, the same capture.
+    if data.len() < 4096 && !data.starts_with(&[0x1f, 0x8b]) {
+        if let Ok(gz) = write::gzip(data) {
+            let (gz_frames, gz_end) = read("fuzz.pcap.gz", gz);
+            assert_eq!(frames, gz_frames, "gzip changed the frames");
+            assert_eq!(end.is_none(), gz_end.is_none(), "{end:?} vs {gz_end:?}");
+        }
+    }
+});
