@@ -24,6 +24,7 @@
 //!   no kernel). [`cli`] holds the clap structs only, [`options`] the types they share, and each
 //!   subcommand's `config` checks the arguments before anything runs.
 
+pub mod analyze;
 pub mod capture;
 pub mod cli;
 pub mod error;

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser};
 use netrace::{
+    analyze::AnalyzeConfig,
     cli::{Cli, Command},
     error::{exit, UsageError},
     probe::ProbeConfig,
@@ -89,6 +90,9 @@ fn main() -> ExitCode {
         Command::Probe(args) => ProbeConfig::from_args(&args)
             .map_err(anyhow::Error::new)
             .and_then(|cfg| netrace::probe::run(&cfg)),
+        Command::Analyze(args) => AnalyzeConfig::from_args(&args)
+            .map_err(anyhow::Error::new)
+            .and_then(netrace::analyze::run),
         Command::Watch(args) => match WatchConfig::from_args(&args) {
             Err(e) => Err(anyhow::Error::new(e)),
             Ok(cfg) => tokio::runtime::Builder::new_current_thread()

@@ -114,6 +114,14 @@ impl Clock {
         }
     }
 
+    /// For timestamps that are already nanoseconds since the Unix epoch (a capture's).
+    pub const fn unix_epoch() -> Self {
+        Self {
+            unix_ms_at_start: 0,
+            mono_ns_at_start: 0,
+        }
+    }
+
     pub fn unix_ms(&self, mono_ns: u64) -> u64 {
         let delta_ms = (mono_ns as i128 - self.mono_ns_at_start as i128) / 1_000_000;
         (self.unix_ms_at_start as i128 + delta_ms).max(0) as u64

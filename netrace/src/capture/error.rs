@@ -6,8 +6,8 @@ use std::io;
 /// A capture that cannot be read to the end. `analyze` exits with status 2 on any of these.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("cannot open {path}: {source}")]
-    Open { path: String, source: io::Error },
+    #[error("cannot open {path}: {error}")]
+    Open { path: String, error: io::Error },
 
     #[error("{path} is empty: no capture header")]
     Empty { path: String },
@@ -25,11 +25,11 @@ pub enum CaptureError {
         hint: String,
     },
 
-    #[error("reading {path}: {source} (at byte {offset} of the capture)")]
+    #[error("reading {path}: {error} (at byte {offset} of the capture)")]
     Read {
         path: String,
         offset: u64,
-        source: io::Error,
+        error: io::Error,
     },
 
     /// The file ends inside a record: a capture copied while still being written, or cut.

@@ -161,6 +161,7 @@ pub struct Capture {
     io_error: Arc<Mutex<Option<io::Error>>>,
     progress: Progress,
     done: bool,
+    current: Option<Meta>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -256,6 +257,7 @@ impl Capture {
             io_error: error,
             progress,
             done: false,
+            current: None,
         };
         match opened {
             Ok(r) => capture.reader = r,
@@ -328,15 +330,15 @@ impl Capture {
                         packets: self.packets,
                     }
                 }
-                Some(source) => CaptureError::Read {
+                Some(error) => CaptureError::Read {
                     path: self.path.clone(),
                     offset: self.offset(),
-                    source,
+                    error,
                 },
                 None => CaptureError::Read {
                     path: self.path.clone(),
                     offset: self.offset(),
-                    source: io::Error::other("read error"),
+                    error: io::Error::other("read error"),
                 },
             },
             PcapError::UnexpectedEof | PcapError::Incomplete(_) | PcapError::Eof => {
@@ -398,24 +400,41 @@ impl Capture {
 
     /// The next packet, `None` at the end of the capture.
     pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, CaptureError> {
+        if self.advance()? {
+            Ok(self.current())
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Reads the next packet into [`Capture::current`]; `false` at the end of the capture.
+    /// (Several captures are merged in time order by looking at each one's current packet.)
+    pub fn advance(&mut self) -> Result<bool, CaptureError> {
+        self.current = None;
         loop {
             match self.step()? {
-                None => return Ok(None),
+                None => return Ok(false),
                 Some(None) => continue,
                 Some(Some(m)) => {
                     self.packets += 1;
-                    return Ok(Some(Frame {
-                        ts_ns: m.ts_ns,
-                        iface: m.iface,
-                        link: m.link,
-                        orig_len: m.orig_len,
-                        captured_len: m.captured_len,
-                        cooked: m.cooked,
-                        ethernet: &self.frame,
-                    }));
+                    self.current = Some(m);
+                    return Ok(true);
                 }
             }
         }
+    }
+
+    /// The packet [`Capture::advance`] read last, until the next call.
+    pub fn current(&self) -> Option<Frame<'_>> {
+        self.current.map(|m| Frame {
+            ts_ns: m.ts_ns,
+            iface: m.iface,
+            link: m.link,
+            orig_len: m.orig_len,
+            captured_len: m.captured_len,
+            cooked: m.cooked,
+            ethernet: &self.frame,
+        })
     }
 
     /// Reads one block: `None` at the end, `Some(None)` for a block that is not a packet,

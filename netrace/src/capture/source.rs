@@ -112,9 +112,9 @@ pub(crate) fn open(path: &Path) -> Result<Input, CaptureError> {
     if path.as_os_str() == "-" {
         return from_reader(&name, Box::new(io::stdin()), None);
     }
-    let open_err = |source| CaptureError::Open {
+    let open_err = |error| CaptureError::Open {
         path: name.clone(),
-        source,
+        error,
     };
     let file = File::open(path).map_err(open_err)?;
     let meta = file.metadata().map_err(open_err)?;
@@ -139,10 +139,10 @@ pub(crate) fn from_reader(
         inner: raw,
         read: Arc::clone(&read),
     };
-    let read_err = |source| CaptureError::Read {
+    let read_err = |error| CaptureError::Read {
         path: name.to_string(),
         offset: 0,
-        source,
+        error,
     };
     let head = read_prefix(&mut counted, 4).map_err(read_err)?;
     if head.is_empty() {
@@ -175,7 +175,7 @@ pub(crate) fn from_reader(
             CaptureError::Read {
                 path: name.to_string(),
                 offset: 0,
-                source: io::Error::new(e.kind(), format!("not a readable gzip stream: {e}")),
+                error: io::Error::new(e.kind(), format!("not a readable gzip stream: {e}")),
             }
         } else {
             read_err(e)

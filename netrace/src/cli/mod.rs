@@ -2,6 +2,7 @@
 //! here looks at the system or imports a subcommand; `watch::config` and `probe::config` turn
 //! the arguments into checked configurations (every problem a usage error, exit 2).
 
+pub mod analyze;
 pub mod check;
 pub mod probe;
 pub mod watch;
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-pub use self::{check::CheckArgs, probe::ProbeArgs, watch::WatchArgs};
+pub use self::{analyze::AnalyzeArgs, check::CheckArgs, probe::ProbeArgs, watch::WatchArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,6 +46,8 @@ pub enum Command {
     /// Say whether this node can run `netrace watch`, and how (kernel, TCX, BTF, ring buffer,
     /// capabilities, tracefs, cgroups, default route, other programs on the uplink).
     Check(CheckArgs),
+    /// The same report as `watch`, from a packet capture (pcap, pcapng; no root needed).
+    Analyze(Box<AnalyzeArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]

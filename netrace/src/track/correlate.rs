@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// How far apart in time a pod-side SYN and its uplink twin may be.
-const JOIN_WINDOW_NS: u64 = 2_000_000_000;
+pub const JOIN_WINDOW_NS: u64 = 2_000_000_000;
 /// How long unmatched pod-side SYNs and socket owners are kept.
 const KEEP_NS: u64 = 180_000_000_000;
 /// Linked pairs kept for NAT mode detection.
@@ -142,6 +142,13 @@ impl Correlator {
                 self.early_uplink.insert(j, (key, ts_ns));
             }
         }
+    }
+
+    /// Links uplink connection `uplink` to its pod-side twin `pod`, found by the caller by the
+    /// same rule as [`Correlator::pod_syn`] (same ISN, destination and port, moments apart):
+    /// `analyze` finds twins as it reads, and needs to know which one came first.
+    pub fn linked(&mut self, uplink: FlowKey, pod: FlowKey) {
+        self.link(uplink, pod, LinkMethod::Isn);
     }
 
     pub fn sock(&mut self, r: &SockRecord) {

@@ -308,6 +308,20 @@ impl Tracker {
         });
     }
 
+    /// Forgets an attempt still waiting for its answer, without an outcome: it was not a
+    /// connection of the watched side after all (`analyze`: a SYN seen before its SNAT twin on
+    /// the uplink, which is the connection the report counts). `false` when no waiting attempt
+    /// of that ISN was held.
+    pub fn forget(&mut self, key: &FlowKey, isn: u32) -> bool {
+        match self.entries.get(key) {
+            Some(t) if t.pending.isn == isn && t.lost_at.is_none() && !t.repeat => {
+                self.entries.remove(key);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Decides *lost* for entries older than the SYN timeout, and forgets lost entries once
     /// their late window has passed.
     pub fn sweep(&mut self, now_ns: u64, map: &mut impl PendingMap, out: &mut Vec<Outcome>) {

@@ -113,10 +113,7 @@ impl WatchConfig {
         let filter_dport = args
             .filter_dport
             .as_deref()
-            .map(|p| match p.parse::<u16>() {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(format!("'{p}' is not a port (1-65535)")),
-            })
+            .map(parse_port)
             .transpose()
             .map_err(|e| usage("--filter-dport", e))?;
         if args.max_pending == 0 || args.max_pending > MAX_MAX_PENDING {
@@ -210,17 +207,7 @@ impl WatchConfig {
 
     /// What the kernel programs keep (`--filter-dst`, `--filter-dport`).
     pub fn kernel_filter(&self) -> KernelFilter {
-        let mut f = KernelFilter {
-            dst_port: self.filter_dport.unwrap_or(0),
-            ..Default::default()
-        };
-        if let Some(c) = self.filter_dst {
-            let (family, bytes) = addr_bytes(c.addr);
-            f.dst_family = family;
-            f.dst_prefix_len = c.prefix_len;
-            f.dst_net = bytes;
-        }
-        f
+        kernel_filter(self.filter_dst, self.filter_dport)
     }
 
     /// An empty histogram over the configured buckets.
@@ -255,17 +242,22 @@ impl WatchConfig {
 /// touched.
 fn check_output_dirs(args: &WatchArgs) -> Result<(), UsageError> {
     for (option, file) in [("--svg", &args.svg), ("--ready-file", &args.ready_file)] {
-        let dir = file
-            .as_deref()
-            .and_then(Path::parent)
-            .filter(|d| !d.as_os_str().is_empty());
-        if let Some(dir) = dir {
-            if !dir.is_dir() {
-                return Err(usage(
-                    option,
-                    format!("directory {} does not exist", dir.display()),
-                ));
-            }
+        check_dir_of(option, file.as_deref())?;
+    }
+    Ok(())
+}
+
+/// The directory an output file will be written into must exist.
+pub(crate) fn check_dir_of(option: &str, file: Option<&Path>) -> Result<(), UsageError> {
+    let dir = file
+        .and_then(Path::parent)
+        .filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        if !dir.is_dir() {
+            return Err(usage(
+                option,
+                format!("directory {} does not exist", dir.display()),
+            ));
         }
     }
     Ok(())
@@ -297,7 +289,32 @@ fn resolve_interfaces(
     Ok((ifaces, pod_ifaces))
 }
 
-fn parse_edges(s: &str) -> Result<Vec<u16>, String> {
+/// The destination filter for `--filter-dst` and `--filter-dport` (what the kernel keeps in
+/// `watch`, what the pairing rules keep in `analyze`).
+pub fn kernel_filter(filter_dst: Option<Cidr>, filter_dport: Option<u16>) -> KernelFilter {
+    let mut f = KernelFilter {
+        dst_port: filter_dport.unwrap_or(0),
+        ..Default::default()
+    };
+    if let Some(c) = filter_dst {
+        let (family, bytes) = addr_bytes(c.addr);
+        f.dst_family = family;
+        f.dst_prefix_len = c.prefix_len;
+        f.dst_net = bytes;
+    }
+    f
+}
+
+/// A port, 1-65535 (`--filter-dport`).
+pub(crate) fn parse_port(p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{p}' is not a port (1-65535)")),
+    }
+}
+
+/// Histogram bucket edges (`--buckets`), sorted, without repeats.
+pub(crate) fn parse_edges(s: &str) -> Result<Vec<u16>, String> {
     let mut edges = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.parse::<u16>() {
