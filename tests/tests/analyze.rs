@@ -51,10 +51,10 @@ impl Tcpdump {
     fn start(ns: &str, iface: &str, file: PathBuf) -> Self {
         let mut child = Command::new("ip")
             .args([
-                "netns", "exec", ns, "tcpdump", "-n", "-U", "-s", "0", "-i", iface, "-w",
+                "netns", "exec", ns, "tcpdump", "-n", "-B", "65536", "-s", "0", "-i", iface, "-w",
             ])
             .arg(&file)
-            .args(["tcp or icmp or icmp6"])
+            .args(["tcp or udp or icmp or icmp6"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -88,8 +88,18 @@ impl Tcpdump {
         // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped child.
         unsafe { libc::kill(pid, libc::SIGINT) };
         let status = self.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
         let said: Vec<String> = self.stderr.try_iter().collect();
         assert!(status.success(), "tcpdump ended with {status}: {said:?}");
+        let dropped: Vec<&String> = said
+            .iter()
+            .filter(|l| l.contains("dropped") && !l.starts_with("0 "))
+            .collect();
+        assert!(
+            dropped.is_empty(),
+            "tcpdump into {} dropped packets, the capture is incomplete: {said:?}",
+            self.file.display()
+        );
         self.file
     }
 }
@@ -318,10 +328,18 @@ fn capture_run(lab: &Lab, family: Family, tag: &str) -> Captured {
     let truth = truth::collect(lab, family, &attempts)
         .unwrap_or_else(|e| panic!("collecting ground truth: {e:#}"));
     watch.settle();
+    // A capture knows time only from its packets: one more (UDP, ignored by both) after the
+    // SYN timeout, as a capture left running sees, lets analyze decide the last lost ones.
+    lab.client()
+        .udp(server, 1, &|_, _| {})
+        .unwrap_or_else(|e| panic!("UDP client to {server}: {e:#}"));
     let syn_timeout = watch.syn_timeout();
     let watched = watch
         .stop()
         .unwrap_or_else(|e| panic!("stopping netrace: {e:#}"));
+    // libpcap hands packets over in blocks, at the latest after its 1 s buffer timeout: wait
+    // for the last block before stopping tcpdump, or the capture ends early.
+    std::thread::sleep(Duration::from_millis(1500));
     Captured {
         watched,
         truth,
@@ -429,7 +447,6 @@ fn analyze_one_direction_only() {
             lab.node_ns(),
             "tcpdump",
             "-n",
-            "-U",
             "-Q",
             "out",
             "-i",
@@ -454,6 +471,7 @@ fn analyze_one_direction_only() {
     }
     let server = lab.server_addr(Family::V4);
     lab.client().tcp(server, 20, &|_, _| {}).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
     // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped child.
     unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGINT) };
     assert!(child.wait().unwrap().success());

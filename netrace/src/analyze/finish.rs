@@ -75,7 +75,8 @@ fn notes(replay: &Replay, captures: &[&Capture], pending_at_exit: u64) -> Vec<St
     if pending_at_exit > 0 {
         notes.push(format!(
             "{pending_at_exit} connections were still waiting for an answer at the end of the \
-             capture (younger than --syn-timeout); they are not counted"
+             capture (younger than --syn-timeout); they are not counted: keep capturing at \
+             least --syn-timeout after the connections of interest"
         ));
     }
     notes
