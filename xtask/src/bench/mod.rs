@@ -9,6 +9,7 @@
 //! 4. Memory at 10 k, 100 k and 1 M pending SYNs, and the time to sweep them.
 //! 5. No silent loss: where a small ring buffer starts dropping, and that every drop is
 //!    counted.
+//! 6. `netrace analyze`: packets per second from a capture, against tshark with a SYN filter.
 //!
 //! 1, 4 and 5 run in the bench probe (`probe/main.rs`, an example of this package that links
 //! the netrace library; xtask itself must build before the BPF toolchain is installed); 2 and 3
@@ -16,6 +17,7 @@
 //! `docs/benchmarks.json`; `--quick` (under a minute) writes them under
 //! `target/netrace-bench/` instead. Needs root.
 
+mod analyze;
 mod doc;
 mod net;
 mod report;
@@ -108,6 +110,8 @@ pub fn run(debug_bin: &Path, quick: bool) -> anyhow::Result<()> {
     }
     super::step("5. no silent loss");
     let loss = probe_json(&probe, &[&["loss"], q].concat())?;
+    super::step("6. analyze: packets per second from a capture, against tshark");
+    let analyze = analyze::run(&netrace, &scratch, quick)?;
 
     let load_after = doc::loadavg();
     let results = json!({
@@ -122,6 +126,7 @@ pub fn run(debug_bin: &Path, quick: bool) -> anyhow::Result<()> {
         "traffic": traffic,
         "scale": scale,
         "loss": loss,
+        "analyze": analyze,
     });
     let rows = report::rows(&results)?;
     println!("\n{}", report::terminal_table(&rows));

@@ -93,7 +93,28 @@ pub fn rows(r: &Value) -> anyhow::Result<Vec<Row>> {
     traffic_rows(r, &mut rows)?;
     scale_rows(r, &mut rows)?;
     loss_rows(r, &mut rows)?;
+    analyze_rows(r, &mut rows)?;
     Ok(rows)
+}
+
+/// `netrace analyze` against tshark on the same capture (absent from older results).
+fn analyze_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    if r.pointer("/analyze").is_none() {
+        return Ok(());
+    }
+    let ours = num(r, "/analyze/netrace_pps/median")?;
+    let theirs = num(r, "/analyze/tshark_pps/median")?;
+    let packets = num(r, "/analyze/packets")?;
+    rows.push(Row {
+        section: "analyze",
+        figure: format!("netrace analyze, {} packet capture", count(packets)),
+        value: format!("{} packets", rate(ours)),
+        baseline: format!("tshark -Y syn {} packets", rate(theirs)),
+        ratio: times(ours / theirs),
+        target: "faster than tshark".into(),
+        met: Some(ours > theirs),
+    });
+    Ok(())
 }
 
 fn per_packet_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
