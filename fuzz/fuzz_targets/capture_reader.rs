@@ -1,10 +1,12 @@
 //! The capture reader on arbitrary bytes, plain and gzip-wrapped: never panics, always ends,
 //! never reads past the input, every error is one line, and a gzip-compressed copy reads to
-//! the same frames and the same kind of ending.
+//! the same frames and the same kind of ending. Every frame then goes through the packet
+//! parser both ways, as `analyze` sends it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use netrace::capture::{write, Capture, OwnedFrame};
+use netrace_common::parse::{parse, Direction, Link};
 
 /// Frames read and how the reading ended (`None`: at the end of the capture).
 fn read(name: &str, bytes: Vec<u8>) -> (Vec<OwnedFrame>, Option<String>) {
@@ -20,6 +22,9 @@ fn read(name: &str, bytes: Vec<u8>) -> (Vec<OwnedFrame>, Option<String>) {
                 // A frame's bytes come from the input, plus at most a made-up Ethernet header.
                 assert!(f.ethernet.len() <= len + 14);
                 assert!(f.captured_len as usize <= len);
+                for dir in [Direction::Egress, Direction::Ingress] {
+                    let _ = parse(f.ethernet, Link::Ethernet, dir);
+                }
                 frames.push(f.to_owned());
             }
             Ok(None) => return (frames, None),
