@@ -82,17 +82,16 @@ fn notes(replay: &Replay, captures: &[&Capture], pending_at_exit: u64) -> Vec<St
     notes
 }
 
-/// Judges, reports and returns the exit status.
-pub fn finish(
+/// Ends the replay and judges: the report `watch` would write. Errors only when standard
+/// output closed.
+pub fn report(
     cfg: &AnalyzeConfig,
-    mut replay: Replay,
-    captures: &[&Capture],
-) -> anyhow::Result<u8> {
-    let pending_at_exit = match replay.finish() {
-        Ok(n) => n,
-        Err(_) => return Ok(exit::CLEAN),
-    };
-    let notes = notes(&replay, captures, pending_at_exit);
+    replay: &mut Replay,
+    captures: &[Capture],
+) -> io::Result<Report> {
+    let pending_at_exit = replay.finish()?;
+    let refs: Vec<&Capture> = captures.iter().collect();
+    let notes = notes(replay, &refs, pending_at_exit);
     for n in &notes {
         if n.starts_with("no ") {
             eprintln!("netrace: {n}");
@@ -115,7 +114,7 @@ pub fn finish(
         interfaces = replay.names.clone();
     }
     let f = replay.facts;
-    let report = Report {
+    Ok(Report {
         interfaces,
         duration_s: f.last_ns.saturating_sub(f.first_ns.unwrap_or(f.last_ns)) as f64 / 1e9,
         syn_timeout_ms: cfg.syn_timeout.as_millis() as u64,
@@ -138,11 +137,16 @@ pub fn finish(
         notes,
         nat,
         lost_by_pod,
-    };
+    })
+}
+
+/// Writes the report (and the SVG); returns the exit status.
+pub fn write(cfg: &AnalyzeConfig, replay: &mut Replay, report: &Report) -> anyhow::Result<u8> {
     if let Some(path) = &cfg.svg {
-        std::fs::write(path, render::svg::render(&report))
+        std::fs::write(path, render::svg::render(report))
             .with_context(|| format!("writing --svg {}", path.display()))?;
     }
+    let f = replay.facts;
     let written = {
         let out = replay.out();
         let r = match cfg.output {
@@ -167,7 +171,7 @@ pub fn finish(
                     .map_err(io::Error::other)
                     .and_then(|()| writeln!(out))
             }
-            OutputFormat::Text => render::text::write(out, &report, cfg.list_lost),
+            OutputFormat::Text => render::text::write(out, report, cfg.list_lost),
         };
         r.and_then(|()| out.flush())
     };

@@ -9,6 +9,8 @@
 pub mod config;
 mod finish;
 mod replay;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 
@@ -45,21 +47,40 @@ impl Source {
 
 /// Runs `netrace analyze`; returns the exit status.
 pub fn run(cfg: AnalyzeConfig) -> anyhow::Result<u8> {
-    let mut sources = Vec::new();
+    let mut captures = Vec::new();
     for path in &cfg.files {
-        let capture = Capture::open(path)?;
         let label = path.file_name().map_or_else(
             || path.display().to_string(),
             |n| n.to_string_lossy().into(),
         );
-        sources.push(Source {
+        captures.push((label, Capture::open(path)?));
+    }
+    let mut replay = Replay::new(&cfg);
+    let Some(sources) = replay_all(&mut replay, captures)? else {
+        // Standard output closed (e.g. `| head`): end quietly.
+        return Ok(exit::CLEAN);
+    };
+    let Ok(report) = finish::report(&cfg, &mut replay, &sources) else {
+        return Ok(exit::CLEAN);
+    };
+    finish::write(&cfg, &mut replay, &report)
+}
+
+/// Feeds every frame of `captures` (label, capture) to `replay` in time order. `None` when
+/// standard output closed on the way.
+fn replay_all(
+    replay: &mut Replay,
+    captures: Vec<(String, Capture)>,
+) -> Result<Option<Vec<Capture>>, CaptureError> {
+    let several = captures.len() > 1;
+    let mut sources: Vec<Source> = captures
+        .into_iter()
+        .map(|(label, capture)| Source {
             capture,
             ifindex: HashMap::new(),
             label,
-        });
-    }
-    let several = sources.len() > 1;
-    let mut replay = Replay::new(&cfg);
+        })
+        .collect();
     let mut live: Vec<usize> = Vec::new();
     for (i, s) in sources.iter_mut().enumerate() {
         if s.capture.advance()? {
@@ -67,7 +88,6 @@ pub fn run(cfg: AnalyzeConfig) -> anyhow::Result<u8> {
         }
     }
     // Merge in time order: the earliest current frame next.
-    let mut closed = false;
     while !live.is_empty() {
         let pos = (0..live.len())
             .min_by_key(|&p| {
@@ -82,25 +102,15 @@ pub fn run(cfg: AnalyzeConfig) -> anyhow::Result<u8> {
             live.remove(pos);
             continue;
         };
-        let ifindex = s.ifindex(iface, &mut replay, several);
+        let ifindex = s.ifindex(iface, replay, several);
         if let Some(frame) = s.capture.current() {
             if replay.frame(&frame, ifindex).is_err() {
-                closed = true;
-                break;
+                return Ok(None);
             }
         }
-        if !next(s)? {
+        if !s.capture.advance()? {
             live.remove(pos);
         }
     }
-    if closed {
-        // Standard output closed (e.g. `| head`): end quietly.
-        return Ok(exit::CLEAN);
-    }
-    let captures: Vec<&Capture> = sources.iter().map(|s| &s.capture).collect();
-    finish::finish(&cfg, replay, &captures)
-}
-
-fn next(s: &mut Source) -> Result<bool, CaptureError> {
-    s.capture.advance()
+    Ok(Some(sources.into_iter().map(|s| s.capture).collect()))
 }

@@ -246,8 +246,14 @@ impl Replay {
                         *n = n.saturating_sub(1);
                     }
                 }
-                if self.table.0.get(&earlier).is_some_and(|p| p.isn == isn) {
+                if let Some(p) = self.table.0.get(&earlier).copied().filter(|p| p.isn == isn) {
                     self.table.0.remove(&earlier);
+                    if let Some(n) = self
+                        .syns_by_iface
+                        .get_mut((p.ifindex as usize).wrapping_sub(1))
+                    {
+                        *n = n.saturating_sub(1);
+                    }
                 }
                 self.pod_side.insert(earlier, isn);
                 self.correlator.linked(key, earlier);
