@@ -25,7 +25,8 @@ pub use self::{analyze::AnalyzeArgs, check::CheckArgs, probe::ProbeArgs, watch::
                   Exit status: 0 no connection lost, 1 connections lost, 2 error.",
     after_help = "Examples:\n  sudo netrace watch                         # the default-route interface, until Ctrl-C\n  \
                   sudo netrace watch --iface eth0 --duration 5m --list-lost\n  \
-                  sudo netrace watch --output json | jq 'select(.outcome==\"lost\")'"
+                  sudo netrace watch --output json | jq 'select(.outcome==\"lost\")'\n  \
+                  netrace analyze uplink.pcap                # the same report from a tcpdump capture"
 )]
 pub struct Cli {
     #[command(subcommand)]
