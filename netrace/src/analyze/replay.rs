@@ -2,8 +2,9 @@
 //! SYN/answer pairing rules as the kernel programs (`netrace_common::parse`, `::pairing`, over an
 //! in-memory pending map), into the same tracker as `watch`, on capture time.
 //!
-//! Direction. A cooked (`-i any`) capture says which packets the host sent: SYNs sent are
-//! tracked, answers received are paired, as on a tc egress and ingress hook. Other captures
+//! Direction. A cooked (`-i any`) capture, and a pcapng with `epb_flags` (dumpcap), say which
+//! packets the host sent: SYNs sent are tracked, answers received are paired, as on a tc egress
+//! and ingress hook. Other captures
 //! hold both directions without saying: a SYN without ACK is taken as outbound from its
 //! source, a SYN-ACK, RST or ICMP error as an answer.
 //!
@@ -27,7 +28,7 @@ use netrace_common::{
 
 use super::config::AnalyzeConfig;
 use crate::{
-    capture::{link::PACKET_OUTGOING, Frame},
+    capture::Frame,
     kernel::events::Event,
     options::OutputFormat,
     report::{Clock, ConnRecord},
@@ -166,7 +167,7 @@ impl Replay {
         self.sink.now = self.now;
         self.sink.ifindex = ifindex;
         let bytes = frame.ethernet;
-        let sent = frame.cooked.map(|c| c.packet_type == PACKET_OUTGOING);
+        let sent = frame.outbound;
         let (parsed, tracked) = match sent {
             // A cooked capture says which way: SYNs sent are attempts, answers received are
             // answers; SYNs received are the pod side (or someone connecting to this host).

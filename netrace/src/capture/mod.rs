@@ -80,6 +80,9 @@ pub struct Frame<'a> {
     pub captured_len: u32,
     /// Packet type and interface index, for cooked (`-i any`) captures.
     pub cooked: Option<Cooked>,
+    /// Whether the capturing host sent the packet (`true`) or received it (`false`), when the
+    /// capture says: the packet type of a cooked capture, or a pcapng packet's `epb_flags`.
+    pub outbound: Option<bool>,
     /// The packet as an Ethernet frame: the captured bytes for Ethernet links, else the
     /// network-layer bytes behind a made-up header (zero addresses, the EtherType the link
     /// layer gave, or the one the IP version implies, or 0 when neither).
@@ -109,6 +112,7 @@ impl Frame<'_> {
             orig_len: self.orig_len,
             captured_len: self.captured_len,
             cooked: self.cooked,
+            outbound: self.outbound,
             ethernet: self.ethernet.to_vec(),
         }
     }
@@ -123,6 +127,7 @@ pub struct OwnedFrame {
     pub orig_len: u32,
     pub captured_len: u32,
     pub cooked: Option<Cooked>,
+    pub outbound: Option<bool>,
     pub ethernet: Vec<u8>,
 }
 
@@ -135,6 +140,7 @@ struct Meta {
     orig_len: u32,
     captured_len: u32,
     cooked: Option<Cooked>,
+    outbound: Option<bool>,
 }
 
 /// A capture file being read, one frame at a time.
@@ -433,6 +439,7 @@ impl Capture {
             orig_len: m.orig_len,
             captured_len: m.captured_len,
             cooked: m.cooked,
+            outbound: m.outbound,
             ethernet: &self.frame,
         })
     }
@@ -485,6 +492,7 @@ impl Capture {
                                 .saturating_add(u64::from(b.ts_usec) * self.legacy_frac_ns);
                             let cooked = link::to_ethernet(link, b.data, &mut self.frame);
                             Some(Meta {
+                                outbound: cooked.map(|c| c.packet_type == link::PACKET_OUTGOING),
                                 ts_ns,
                                 iface: 0,
                                 link,
@@ -539,7 +547,11 @@ impl Capture {
                             let ts_ns = units_to_ns(units, iface.ts_per_second, iface.ts_offset_s);
                             let data = epb.data.get(..epb.caplen as usize).unwrap_or(epb.data);
                             let cooked = link::to_ethernet(link, data, &mut self.frame);
+                            let flags = epb_direction(&epb.options, self.big_endian);
                             Some(Meta {
+                                outbound: cooked
+                                    .map(|c| c.packet_type == link::PACKET_OUTGOING)
+                                    .or(flags),
                                 ts_ns,
                                 iface: index,
                                 link,
@@ -566,6 +578,7 @@ impl Capture {
                             let cooked = link::to_ethernet(link, data, &mut self.frame);
                             // A simple packet block has no timestamp.
                             Some(Meta {
+                                outbound: cooked.map(|c| c.packet_type == link::PACKET_OUTGOING),
                                 ts_ns: 0,
                                 iface: index,
                                 link,
@@ -711,6 +724,26 @@ impl Capture {
                 }
             }
         })
+    }
+}
+
+/// The direction bits of a pcapng packet's `epb_flags` option (code 2): `Some(false)` inbound,
+/// `Some(true)` outbound, `None` when not given.
+fn epb_direction(
+    options: &[pcap_parser::pcapng::PcapNGOption<'_>],
+    big_endian: bool,
+) -> Option<bool> {
+    let opt = options.iter().find(|o| o.code.0 == 2)?;
+    let bytes: [u8; 4] = opt.value.get(..4)?.try_into().ok()?;
+    let flags = if big_endian {
+        u32::from_be_bytes(bytes)
+    } else {
+        u32::from_le_bytes(bytes)
+    };
+    match flags & 0b11 {
+        1 => Some(false),
+        2 => Some(true),
+        _ => None,
     }
 }
 

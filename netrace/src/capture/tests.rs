@@ -488,3 +488,29 @@ fn open_files_from_disk() {
     ));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn pcapng_direction_flags() {
+    for big_endian in [false, true] {
+        let mut ng = write::PcapNg::new(big_endian);
+        ng.interface(1, 0, Some("eth0"), None)
+            .packet_with_flags(0, 1, &eth4(1), 2)
+            .packet_with_flags(0, 2, &eth4(2), 1)
+            .packet_with_flags(0, 3, &eth4(3), 0)
+            .packet(0, 4, &eth4(4), 60);
+        let got = frames(ng.bytes);
+        let dirs: Vec<Option<bool>> = got.iter().map(|f| f.outbound).collect();
+        assert_eq!(
+            dirs,
+            [Some(true), Some(false), None, None],
+            "be {big_endian}"
+        );
+        assert_eq!(got[0].ethernet, eth4(1));
+    }
+    // Cooked captures say it in their packet type.
+    let mut sll = vec![0, 4, 0, 1, 0, 6, 1, 2, 3, 4, 5, 6, 0, 0, 0x08, 0x00];
+    sll.extend_from_slice(&eth4(1)[14..]);
+    let mut p = write::Pcap::new(113, 0, false, false);
+    p.packet(T0, &sll, sll.len() as u32);
+    assert_eq!(frames(p.bytes)[0].outbound, Some(true));
+}

@@ -168,6 +168,23 @@ impl PcapNg {
         self
     }
 
+    /// An enhanced packet block with an `epb_flags` option (direction: 1 inbound, 2 outbound).
+    pub fn packet_with_flags(&mut self, iface: u32, ts: u64, data: &[u8], flags: u32) -> &mut Self {
+        let be = self.big_endian;
+        let mut body = Vec::new();
+        body.extend_from_slice(&Self::u32(iface, be));
+        body.extend_from_slice(&Self::u32((ts >> 32) as u32, be));
+        body.extend_from_slice(&Self::u32(ts as u32, be));
+        body.extend_from_slice(&Self::u32(data.len() as u32, be));
+        body.extend_from_slice(&Self::u32(data.len() as u32, be));
+        body.extend_from_slice(data);
+        body.resize(body.len().div_ceil(4) * 4, 0);
+        Self::option(&mut body, 2, &Self::u32(flags, be), be);
+        Self::option(&mut body, 0, &[], be);
+        self.block(6, &body);
+        self
+    }
+
     /// A simple packet block (interface 0, no timestamp).
     pub fn simple_packet(&mut self, data: &[u8]) -> &mut Self {
         let be = self.big_endian;
