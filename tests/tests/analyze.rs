@@ -404,6 +404,9 @@ fn seed(family: Family) {
     assert!(status.success());
     let zipped = analyze(&[&gz], t, &[]);
     assert_same_answer("gzip capture", &zipped, &run.watched, &run.truth);
+    for f in [&run.uplink, &run.pod_side, &run.any, &merged, &gz] {
+        let _ = std::fs::remove_file(f);
+    }
     lab.teardown().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
@@ -431,6 +434,9 @@ fn analyze_control_open_firewall() {
     assert_eq!(uplink.code(), Some(0));
     let any = analyze(&[&run.any], run.syn_timeout, &[]);
     assert_same_answer("control, -i any", &any, &run.watched, &run.truth);
+    for f in [&run.uplink, &run.pod_side, &run.any] {
+        let _ = std::fs::remove_file(f);
+    }
     lab.teardown().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
@@ -481,5 +487,6 @@ fn analyze_one_direction_only() {
         "{}",
         out.describe()
     );
+    let _ = std::fs::remove_file(&file);
     lab.teardown().unwrap_or_else(|e| panic!("{e:#}"));
 }
