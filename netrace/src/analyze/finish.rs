@@ -11,7 +11,8 @@ use super::{config::AnalyzeConfig, replay::Replay};
 use crate::{
     capture::Capture,
     error::exit,
-    judge::verdict,
+    judge::{translation::TranslationSigns, verdict},
+    kernel::egress_hook::Hook,
     kernel::loader::COUNTERS,
     node::NodePorts,
     options::OutputFormat,
@@ -100,8 +101,20 @@ pub fn report(
     let node = NodePorts::default();
     let linked = replay.facts.linked > 0;
     let nat = linked.then(|| natmode::detect(replay.correlator.pairs()));
-    let verdict = verdict::decide(&replay.histogram, &node, nat.as_ref());
-    let fix = verdict::fix(&verdict, cfg.allowed, &node, nat.as_ref());
+    // The same judge as watch's: SYNs seen before a translation (answers back to another
+    // tuple, SYN-ACKs for SYNs never seen) make the ports not the firewall's.
+    let translation = TranslationSigns::new(Hook::Tc, replay.tracker_stats());
+    let totals = replay.histogram.totals;
+    let (verdict, fix) = if translation.out_of_sight(totals.attempts) {
+        (
+            translation.verdict(&replay.names, totals.attempts, totals.lost),
+            translation.fix(),
+        )
+    } else {
+        let verdict = verdict::decide(&replay.histogram, &node, nat.as_ref());
+        let fix = verdict::fix(&verdict, cfg.allowed, &node, nat.as_ref());
+        (verdict, fix)
+    };
     let lost_by_pod = linked.then(|| PodLoss::group(&replay.lost));
     let mut interfaces: Vec<String> = replay
         .names
@@ -137,13 +150,16 @@ pub fn report(
         notes,
         nat,
         lost_by_pod,
+        egress_hook: Hook::Tc,
+        egress_hook_reason: "a packet capture: SYNs and answers as the capture saw them".into(),
+        translation,
     })
 }
 
 /// Writes the report (and the SVG); returns the exit status.
 pub fn write(cfg: &AnalyzeConfig, replay: &mut Replay, report: &Report) -> anyhow::Result<u8> {
     if let Some(path) = &cfg.svg {
-        std::fs::write(path, render::svg::render(report))
+        crate::files::write_new(path, render::svg::render(report).as_bytes())
             .with_context(|| format!("writing --svg {}", path.display()))?;
     }
     let f = replay.facts;

@@ -137,6 +137,11 @@ impl Replay {
         self.tracker.stats.answered_unseen
     }
 
+    /// What the tracker noticed besides outcomes (translated answers, unmatched SYN-ACKs).
+    pub fn tracker_stats(&self) -> &crate::track::tracker::TrackerStats {
+        &self.tracker.stats
+    }
+
     /// SYN packets by source port, sorted.
     pub fn syn_ports(&self) -> Vec<(u16, u64)> {
         let mut v: Vec<(u16, u64)> = self
