@@ -183,7 +183,7 @@ fn test(long: bool) -> anyhow::Result<()> {
     )?;
     run(
         "example alert rules (promtool check rules)",
-        Command::new("promtool").args(["check", "rules", "deploy/prometheus-rules.yaml"]),
+        Command::new("promtool").args(["check", "rules", "deploy/prometheus/rules.yaml"]),
     )?;
     build_static()?;
     let nextest = has_nextest();
