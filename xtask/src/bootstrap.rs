@@ -9,9 +9,10 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-/// Debian packages: the compiler with library source for the kernel crate, LLVM 22 for
-/// bpf-linker, and the tools the tests drive.
-pub const PACKAGES: &[&str] = &[
+/// Debian packages that build netrace: the compiler with library source for the kernel crate,
+/// and LLVM 22 for bpf-linker. The container image's build stage installs these alone
+/// (`cargo xtask setup --build-only`).
+pub const BUILD_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
     "rust-web-clippy",
@@ -19,17 +20,50 @@ pub const PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+];
+
+/// Debian packages the tests drive.
+pub const TOOL_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "nftables",
     "conntrack",
     "tcpdump",
-    // promtool, to check the metrics and the example alert rules.
+    // promtool (the metrics, the rules and their unit tests) and the Prometheus server the
+    // fleet end-to-end test runs.
     "prometheus",
+    // A virtual environment for the manifest validator (Debian's Python refuses a global pip
+    // install).
+    "python3-venv",
 ];
 
-/// Python packages (PyPI): offline validation of the Kubernetes manifests.
+/// `kubectl kustomize` renders the kustomizations for validation. Debian's kubectl is in
+/// `kubernetes-client`; installed only when no kubectl is on PATH (another one will do).
+const KUBECTL_PACKAGE: &str = "kubernetes-client";
+
+/// Python packages (PyPI), installed in [`venv_dir`]: offline validation of the Kubernetes
+/// manifests (the schemas ship inside the package).
 const PYTHON_PACKAGES: &[(&str, &str)] = &[("kubernetes_validate", "kubernetes-validate")];
+
+/// The virtual environment for [`PYTHON_PACKAGES`], under the workspace's target directory.
+pub fn venv_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        .join("target")
+        .join("xtask-venv")
+}
+
+/// The virtual environment's Python.
+pub fn venv_python() -> PathBuf {
+    venv_dir().join("bin").join("python3")
+}
+
+/// Whether `name` is an executable file in a PATH directory.
+pub fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+}
 
 /// Where the Debian compiler (the kernel crate's toolchain) lives.
 pub const EBPF_TOOLCHAIN: &str = "/usr";
@@ -56,14 +90,14 @@ pub fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
+fn missing_packages(wanted: &[&'static str]) -> anyhow::Result<Vec<&'static str>> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${db:Status-Status}\n"])
-        .args(PACKAGES)
+        .args(wanted)
         .output()
         .context("running dpkg-query (is this a Debian machine?)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(PACKAGES
+    Ok(wanted
         .iter()
         .copied()
         .filter(|p| !text.lines().any(|l| l == format!("{p} installed")))
@@ -103,44 +137,92 @@ fn run(cmd: &mut Command, what: &str, fix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks and installs; idempotent.
+/// Checks and installs everything; idempotent.
 pub fn ensure() -> anyhow::Result<()> {
-    let started = Instant::now();
-    let missing = missing_packages()?;
-    if !missing.is_empty() {
-        let list = missing.join(" ");
-        let fix = format!("apt-get update && apt-get install -y {list}");
-        if !is_root() {
-            bail!("missing Debian packages {list} and not root to install them: {fix}");
-        }
-        say(&format!("installing Debian packages: {list}"));
+    ensure_with(true)
+}
+
+/// Checks and installs what building netrace needs (the container image's build stage).
+pub fn ensure_build() -> anyhow::Result<()> {
+    ensure_with(false)
+}
+
+fn install_debian(missing: &[&str]) -> anyhow::Result<()> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    let fix = format!("apt-get update && apt-get install -y {list}");
+    if !is_root() {
+        bail!("missing Debian packages {list} and not root to install them: {fix}");
+    }
+    say(&format!("installing Debian packages: {list}"));
+    run(
+        Command::new("apt-get").args(["update", "-q"]),
+        "apt-get update (is the package registry reachable?)",
+        &fix,
+    )?;
+    run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install",
+        &fix,
+    )
+}
+
+/// The manifest validator in its own virtual environment (works on a stock Debian 12, whose
+/// system Python refuses `pip install`).
+fn ensure_python_packages() -> anyhow::Result<()> {
+    let venv = venv_dir();
+    let python = venv_python();
+    if !python.exists() {
+        say(&format!(
+            "creating a Python virtual environment in {}",
+            venv.display()
+        ));
         run(
-            Command::new("apt-get").args(["update", "-q"]),
-            "apt-get update (is the package registry reachable?)",
-            &fix,
-        )?;
-        run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-            "apt-get install",
-            &fix,
+            Command::new("python3").arg("-m").arg("venv").arg(&venv),
+            "python3 -m venv",
+            &format!(
+                "apt-get install python3-venv && python3 -m venv {}",
+                venv.display()
+            ),
         )?;
     }
     for (module, package) in PYTHON_PACKAGES {
-        let present = Command::new("python3")
+        let present = Command::new(&python)
             .args(["-c", &format!("import {module}")])
             .output()
             .is_ok_and(|o| o.status.success());
         if !present {
-            say(&format!("installing Python package {package} (pip)"));
+            say(&format!(
+                "installing Python package {package} (pip, in {})",
+                venv.display()
+            ));
             run(
-                Command::new("python3").args(["-m", "pip", "install", "-q", package]),
+                Command::new(&python).args(["-m", "pip", "install", "-q", package]),
                 "pip install",
-                &format!("python3 -m pip install {package}"),
+                &format!("{} -m pip install {package}", python.display()),
             )?;
         }
+    }
+    Ok(())
+}
+
+fn ensure_with(tools: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut wanted: Vec<&'static str> = BUILD_PACKAGES.to_vec();
+    if tools {
+        wanted.extend_from_slice(TOOL_PACKAGES);
+        if !on_path("kubectl") {
+            wanted.push(KUBECTL_PACKAGE);
+        }
+    }
+    install_debian(&missing_packages(&wanted)?)?;
+    if tools {
+        ensure_python_packages()?;
     }
     if !Path::new(LIBRARY_SOURCE).is_dir() {
         bail!(
@@ -171,7 +253,7 @@ pub fn ensure() -> anyhow::Result<()> {
     }
     say(&format!(
         "toolchain ready ({} Debian packages, bpf-linker with LLVM 22) in {:.2} s",
-        PACKAGES.len(),
+        wanted.len(),
         started.elapsed().as_secs_f64()
     ));
     Ok(())

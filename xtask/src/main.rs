@@ -5,6 +5,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod deploy;
 
 use std::{
     path::{Path, PathBuf},
@@ -27,12 +28,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what is missing (Debian packages, bpf-linker) and nothing else.
-    Setup,
+    Setup {
+        /// Only what building netrace needs (the container image's build stage).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Set up, build, and run netrace on the built-in lab: the seed failure, then its fix.
     Demo,
     /// Build a statically linked netrace into target/static/netrace (for the container image).
     Static,
-    /// Set up, build, and run every check: fmt, clippy (both sides), unit and end-to-end tests.
+    /// Write deploy/prometheus/prometheusrule.yaml from deploy/prometheus/rules.yaml.
+    SyncRules,
+    /// Set up, build, and run every check: fmt, clippy (both sides), deploy files, unit and
+    /// end-to-end tests.
     Test {
         /// Also run the slow tests (a 10-minute run, a million-SYN flood).
         #[arg(long)]
@@ -171,20 +179,7 @@ fn test(long: bool) -> anyhow::Result<()> {
         "clippy -D warnings: kernel crate (bpfel-unknown-none)",
         kernel_cargo("clippy").args(["--", "-D", "warnings"]),
     )?;
-    run(
-        "deploy manifests validate offline (kubernetes-validate --strict)",
-        Command::new("python3").args([
-            "-m",
-            "kubernetes_validate",
-            "--strict",
-            "deploy/daemonset.yaml",
-            "deploy/debug-pod.yaml",
-        ]),
-    )?;
-    run(
-        "example alert rules (promtool check rules)",
-        Command::new("promtool").args(["check", "rules", "deploy/prometheus/rules.yaml"]),
-    )?;
+    deploy::check()?;
     build_static()?;
     let nextest = has_nextest();
     let mut unit = cargo();
@@ -214,17 +209,31 @@ fn test(long: bool) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Task::SyncRules = cli.task {
+        return match deploy::sync_rules() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("xtask: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let name = match cli.task {
-        Task::Setup => "setup",
+        Task::Setup { .. } => "setup",
+        Task::SyncRules => "sync-rules",
         Task::Demo => "demo",
         Task::Test { .. } => "test",
         Task::Bench { .. } => "bench",
         Task::Static => "static",
     };
     let result = bootstrap::require_root(name)
-        .and_then(|()| bootstrap::ensure())
         .and_then(|()| match cli.task {
-            Task::Setup => Ok(()),
+            // The image's build stage: the compiler side only.
+            Task::Setup { build_only: true } | Task::Static => bootstrap::ensure_build(),
+            _ => bootstrap::ensure(),
+        })
+        .and_then(|()| match cli.task {
+            Task::Setup { .. } | Task::SyncRules => Ok(()),
             Task::Demo => build_netrace().and_then(|bin| demo::run(&bin)),
             Task::Test { long } => test(long),
             Task::Bench { quick } => build_netrace().and_then(|bin| bench::run(&bin, quick)),
