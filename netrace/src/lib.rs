@@ -21,14 +21,16 @@
 //!   names) and the `netrace check` preflight. [`files`]: files written without following
 //!   symlinks.
 //! - Subcommands wire the steps: [`watch`] (live, from the kernel) and [`probe`] (from outside,
-//!   no kernel). [`cli`] holds the clap structs only, [`options`] the types they share, and each
-//!   subcommand's `config` checks the arguments before anything runs.
+//!   no kernel); [`fleet`] reads every node's metrics back from Prometheus. [`cli`] holds the
+//!   clap structs only, [`options`] the types they share, and each subcommand's `config` checks
+//!   the arguments before anything runs.
 
 pub mod analyze;
 pub mod capture;
 pub mod cli;
 pub mod error;
 pub mod files;
+pub mod fleet;
 pub mod judge;
 pub mod kernel;
 pub mod metrics;

@@ -93,6 +93,7 @@ fn main() -> ExitCode {
         Command::Analyze(args) => AnalyzeConfig::from_args(&args)
             .map_err(anyhow::Error::new)
             .and_then(netrace::analyze::run),
+        Command::Fleet(args) => netrace::fleet::run(&args),
         Command::Watch(args) => match WatchConfig::from_args(&args) {
             Err(e) => Err(anyhow::Error::new(e)),
             Ok(cfg) => tokio::runtime::Builder::new_current_thread()

@@ -23,6 +23,7 @@ pub mod names;
 pub mod netns;
 pub mod netrace_run;
 pub mod probe_lab;
+pub mod prometheus;
 pub mod server;
 pub mod star;
 pub mod synflood;

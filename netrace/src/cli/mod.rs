@@ -4,6 +4,7 @@
 
 pub mod analyze;
 pub mod check;
+pub mod fleet;
 pub mod probe;
 pub mod watch;
 
@@ -11,7 +12,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-pub use self::{analyze::AnalyzeArgs, check::CheckArgs, probe::ProbeArgs, watch::WatchArgs};
+pub use self::{
+    analyze::AnalyzeArgs, check::CheckArgs, fleet::FleetArgs, probe::ProbeArgs, watch::WatchArgs,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,6 +52,8 @@ pub enum Command {
     Check(CheckArgs),
     /// The same report as `watch`, from a packet capture (pcap, pcapng; no root needed).
     Analyze(Box<AnalyzeArgs>),
+    /// The fleet's verdict from Prometheus: which nodes lose SYN-ACKs, from which ports, the fix.
+    Fleet(Box<FleetArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
