@@ -26,6 +26,16 @@ pub const CONTRACT: &str = "netrace/metrics.txt";
 /// The image placeholder the manifests carry until the kustomization sets a real one.
 pub const IMAGE_PLACEHOLDER: &str = "REGISTRY/netrace:TAG";
 
+/// A user's overlay setting the image (kustomize wants its base relative:
+/// target/deploy-check/overlay -> deploy).
+const OVERLAY: &str = "resources:
+  - ../../../deploy
+images:
+  - name: REGISTRY/netrace
+    newName: registry.example.com/team/netrace
+    newTag: 0.1.0
+";
+
 /// Series Prometheus itself makes, which the dashboard may query.
 const PROMETHEUS_BUILTINS: [&str; 3] = ["ALERTS", "ALERTS_FOR_STATE", "up"];
 
@@ -568,6 +578,63 @@ pub fn check_policy(rendered: &[Value], debug_pod: &[Value]) -> anyhow::Result<(
     Ok(())
 }
 
+/// The Prometheus Operator side (no schema offline for its custom resources): the PodMonitor
+/// selects the DaemonSet's pods and their metrics port, in their namespace, and labels series
+/// with `node`; the dashboard ConfigMap carries the dashboard file.
+pub fn check_monitoring(app: &[Value], prom: &[Value], dashboard: &str) -> anyhow::Result<()> {
+    let ds = find(app, "DaemonSet", "netrace")?;
+    let pm = find(prom, "PodMonitor", "netrace")?;
+    let pod_labels = &ds["spec"]["template"]["metadata"]["labels"];
+    let selector = pm["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .context("the PodMonitor has no matchLabels")?;
+    for (k, v) in selector {
+        ensure!(
+            &pod_labels[k] == v,
+            "the PodMonitor selects {k}={v}, which the DaemonSet's pods do not carry"
+        );
+    }
+    let ns = ds["metadata"]["namespace"].as_str().unwrap_or("default");
+    ensure!(
+        pm["metadata"]["namespace"] == ns
+            || pm["spec"]["namespaceSelector"]["matchNames"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|n| n == ns)),
+        "the PodMonitor does not look in namespace {ns}"
+    );
+    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+    let port = endpoint["port"].as_str().context("no endpoint port name")?;
+    let ports = ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    ensure!(
+        ports.clone().any(|p| p["name"] == port),
+        "the PodMonitor scrapes port {port:?}, which the container does not name"
+    );
+    ensure!(
+        endpoint["relabelings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["targetLabel"] == "node"
+                && r["sourceLabels"] == serde_json::json!(["__meta_kubernetes_pod_node_name"])),
+        "the PodMonitor does not set the `node` label the rules group by"
+    );
+    let cm = find(prom, "ConfigMap", "netrace-dashboard")?;
+    let shipped: Value = serde_json::from_str(dashboard)?;
+    let carried = cm["data"]
+        .as_object()
+        .and_then(|d| d.values().next())
+        .and_then(Value::as_str)
+        .context("the dashboard ConfigMap carries no file")?;
+    ensure!(
+        serde_json::from_str::<Value>(carried)? == shipped,
+        "the dashboard ConfigMap does not carry grafana-dashboard.json"
+    );
+    Ok(())
+}
+
 /// The manifests under deploy/ (not the kustomizations or the rule files).
 fn manifests(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -615,13 +682,7 @@ pub fn check() -> anyhow::Result<()> {
     // replacing the placeholder.
     let overlay = scratch.join("overlay");
     std::fs::create_dir_all(&overlay)?;
-    std::fs::write(
-        overlay.join("kustomization.yaml"),
-        format!(
-            "resources:\n  - {}\nimages:\n  - name: REGISTRY/netrace\n    newName: registry.example.com/team/netrace\n    newTag: 0.1.0\n",
-            root.join("deploy").display()
-        ),
-    )?;
+    std::fs::write(overlay.join("kustomization.yaml"), OVERLAY)?;
     let set = scratch.join("kustomize-overlay.yaml");
     kustomize(&overlay, &set)?;
     let set_text = std::fs::read_to_string(&set)?;
@@ -650,15 +711,12 @@ pub fn check() -> anyhow::Result<()> {
         &yaml_to_json(&app)?,
         &yaml_to_json(&root.join("deploy/debug-pod.yaml"))?,
     )?;
+    step(
+        "deploy: the PodMonitor scrapes the DaemonSet's pods; the ConfigMap carries the dashboard",
+    );
     let prom_docs = yaml_to_json(&prom)?;
-    for (kind, name) in [
-        ("PodMonitor", "netrace"),
-        ("PrometheusRule", "netrace"),
-        ("ConfigMap", "netrace-dashboard"),
-    ] {
-        find(&prom_docs, kind, name)
-            .with_context(|| format!("in the output of {}", "deploy/prometheus"))?;
-    }
+    find(&prom_docs, "PrometheusRule", "netrace")?;
+    check_monitoring(&yaml_to_json(&app)?, &prom_docs, &read(DASHBOARD)?)?;
 
     let prom_dir = root.join("deploy/prometheus");
     let mut rule_files = Vec::new();

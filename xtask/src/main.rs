@@ -39,6 +39,8 @@ enum Task {
     Static,
     /// Write deploy/prometheus/prometheusrule.yaml from deploy/prometheus/rules.yaml.
     SyncRules,
+    /// Set up, and check the files under deploy/ offline (part of `test`).
+    CheckDeploy,
     /// Set up, build, and run every check: fmt, clippy (both sides), deploy files, unit and
     /// end-to-end tests.
     Test {
@@ -221,6 +223,7 @@ fn main() -> ExitCode {
     let name = match cli.task {
         Task::Setup { .. } => "setup",
         Task::SyncRules => "sync-rules",
+        Task::CheckDeploy => "check-deploy",
         Task::Demo => "demo",
         Task::Test { .. } => "test",
         Task::Bench { .. } => "bench",
@@ -234,6 +237,7 @@ fn main() -> ExitCode {
         })
         .and_then(|()| match cli.task {
             Task::Setup { .. } | Task::SyncRules => Ok(()),
+            Task::CheckDeploy => deploy::check(),
             Task::Demo => build_netrace().and_then(|bin| demo::run(&bin)),
             Task::Test { long } => test(long),
             Task::Bench { quick } => build_netrace().and_then(|bin| bench::run(&bin, quick)),
