@@ -14,7 +14,7 @@ use crate::ports::PortRange;
 const MIN_LOST: f64 = 3.0;
 /// Fewer attempts than this cannot support a conclusion (as `judge::verdict::decide`).
 const MIN_ATTEMPTS: f64 = 10.0;
-/// Standard errors between the two loss rates (two-proportion z-test, as `verdict::decide`).
+/// Standard errors between the two loss rates (two-proportion z-test, as `judge::verdict::decide`).
 const Z_REQUIRED: f64 = 3.0;
 /// A bucket outside the allowed range losing at least this share is named as losing.
 const LOSSY_BUCKET: f64 = 0.5;
