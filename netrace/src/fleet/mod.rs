@@ -124,6 +124,31 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<u8> {
 mod tests {
     use super::*;
 
+    /// netrace's metric names (the contract with the rules, the dashboard and this module).
+    const CONTRACT: &str = include_str!("../../metrics.txt");
+
+    #[test]
+    fn queries_use_only_the_contracts_metrics() {
+        let names: Vec<&str> = CONTRACT
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        for (what, q) in queries("", Duration::from_secs(60)) {
+            let used: Vec<&str> = q
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("netrace_"))
+                .collect();
+            assert!(!used.is_empty(), "{what}: {q}");
+            for name in used {
+                assert!(
+                    names.contains(&name),
+                    "{what} queries {name}, not in metrics.txt"
+                );
+            }
+        }
+    }
+
     #[test]
     fn queries_carry_the_selector_and_window() {
         let q = queries("job=\"netrace\"", Duration::from_secs(600));
