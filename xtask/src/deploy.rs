@@ -646,7 +646,11 @@ fn manifests(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
-            let skip = name == "kustomization.yaml" || is_rule_file(&path) || is_rule_test(&path);
+            // Kubernetes objects only: not the kustomizations, rule files or Prometheus's own
+            // configuration.
+            let object = std::fs::read_to_string(&path)
+                .is_ok_and(|t| t.lines().any(|l| l.starts_with("apiVersion:")));
+            let skip = name == "kustomization.yaml" || !object;
             if yaml && !skip {
                 out.push(path);
             }
