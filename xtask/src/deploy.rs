@@ -27,8 +27,9 @@ pub const CONTRACT: &str = "netrace/metrics.txt";
 pub const IMAGE_PLACEHOLDER: &str = "REGISTRY/netrace:TAG";
 
 /// A user's overlay setting the image (kustomize wants its base relative:
-/// target/deploy-check/overlay -> deploy).
-const OVERLAY: &str = "resources:
+/// target/deploy-check/overlay -> deploy). `bases:`, not `resources:`, for the kustomize inside
+/// Debian 12's kubectl (1.20), which takes only files as resources; newer ones warn and accept.
+const OVERLAY: &str = "bases:
   - ../../../deploy
 images:
   - name: REGISTRY/netrace
