@@ -159,15 +159,30 @@ fn prometheus_rules_alert_on_the_bad_node_only_and_fleet_names_it() {
         })
         .collect();
     assert!(exported.len() >= 7, "{exported:?}");
+    // Prometheus keys its metadata by metric family: an OpenMetrics counter's family has no
+    // `_total` (its samples do).
+    let family = |contract_name: &str, kind: &str| {
+        if kind == "counter" {
+            contract_name
+                .strip_suffix("_total")
+                .unwrap_or(contract_name)
+                .to_string()
+        } else {
+            contract_name.to_string()
+        }
+    };
+    let exported_as = |n: &str, k: &str, name: &str| n == name || family(n, k) == name;
     for (name, kind) in &exported {
         assert!(
-            contract.iter().any(|(n, k)| n == name && k == kind),
+            contract
+                .iter()
+                .any(|(n, k)| exported_as(n, k, name) && k == kind),
             "netrace exports {name} ({kind}), which netrace/metrics.txt does not list so"
         );
     }
     let missing: Vec<&str> = contract
         .iter()
-        .filter(|(n, _)| !exported.iter().any(|(e, _)| e == n))
+        .filter(|(n, k)| !exported.iter().any(|(e, _)| exported_as(n, k, e)))
         .map(|(n, _)| n.as_str())
         .collect();
     if !missing.is_empty() {
@@ -282,9 +297,12 @@ fn prometheus_rules_alert_on_the_bad_node_only_and_fleet_names_it() {
             "the seed node's learned lower edge is near 32768: {edge}"
         );
         assert!(
-            stdout.contains(&format!("from {edge:.0} up (learned edge)")),
-            "{stdout}"
+            stdout.contains(&format!(
+                "(estimate {edge:.0}), as --allowed-ports 32768-65535 says"
+            )),
+            "the seed firewall's edge, 32768, lies in the learned bracket: {stdout}"
         );
+        assert!(stdout.contains("--to-ports 32768-65535"), "{stdout}");
     } else {
         eprintln!(
             "note: netrace exports no netrace_allowed_range_edge yet; the edge is not checked"

@@ -296,6 +296,9 @@ pub struct Group {
     pub lossy_ports: Vec<PortRange>,
     /// The learned lower edge's estimate, when the nodes learned one.
     pub lower_edge: Option<u16>,
+    /// The bracket the edge lies in: the narrowest the group's nodes agree on (the highest
+    /// `min`, the lowest `max`).
+    pub lower_bracket: Option<(u16, u16)>,
     pub nodes: Vec<String>,
     pub pools: Vec<String>,
     /// Whether a node of the group saw SNAT keeping the pods' own ports.
@@ -322,6 +325,7 @@ pub fn groups(nodes: &[NodeView]) -> Vec<Group> {
                     judgement: j,
                     lossy_ports: n.lossy_ports.clone(),
                     lower_edge: edge,
+                    lower_bracket: None,
                     nodes: Vec::new(),
                     pools: Vec::new(),
                     keeps_ports: false,
@@ -330,6 +334,15 @@ pub fn groups(nodes: &[NodeView]) -> Vec<Group> {
                 &mut out[last]
             }
         };
+        if let (Some(lo), Some(hi)) = (
+            n.lower_edge.min.and_then(port),
+            n.lower_edge.max.and_then(port),
+        ) {
+            g.lower_bracket = Some(match g.lower_bracket {
+                Some((a, b)) => (a.max(lo), b.min(hi)),
+                None => (lo, hi),
+            });
+        }
         g.nodes.push(n.node.clone());
         if !n.pool.is_empty() && !g.pools.contains(&n.pool) {
             g.pools.push(n.pool.clone());

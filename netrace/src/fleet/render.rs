@@ -63,11 +63,13 @@ fn own_words(v: &NodeView) -> String {
         .map_or_else(|| "-".to_string(), |s| s.replace('_', " "))
 }
 
-/// The range the group's SYN-ACKs come back to: the learned lower edge up to 65535 when the
-/// nodes learned one, else `--allowed-ports`.
+/// The range to restrict SNAT to: `--allowed-ports` when the learned edge's bracket holds
+/// its start (the evidence agrees with it), else from the learned estimate up; `--allowed-ports`
+/// when nothing was learned.
 fn fix_range(g: &Group, allowed: PortRange) -> PortRange {
-    match g.lower_edge {
-        Some(e) if e > 1 => PortRange::new(e, 65535),
+    match (g.lower_bracket, g.lower_edge) {
+        (Some((lo, hi)), _) if (lo..=hi).contains(&allowed.start) => allowed,
+        (_, Some(e)) if e > 1 && e <= allowed.end => PortRange::new(e, allowed.end),
         _ => allowed,
     }
 }
@@ -132,9 +134,20 @@ fn group_headline(g: &Group, allowed: PortRange) -> String {
     let names = g.nodes.join(", ");
     match g.judgement {
         Judgement::RangeProblem => {
-            let edge = match g.lower_edge {
-                Some(e) => format!("they come back to ports from {e} up (learned edge)"),
-                None => format!(
+            let edge = match (g.lower_edge, g.lower_bracket) {
+                (Some(e), Some((lo, hi))) => {
+                    let fits = if (lo..=hi).contains(&allowed.start) {
+                        format!("as --allowed-ports {allowed} says")
+                    } else {
+                        format!("not where --allowed-ports {allowed} puts it")
+                    };
+                    format!(
+                        "they come back above a learned edge between {lo} and {hi} (estimate \
+                         {e}), {fits}"
+                    )
+                }
+                (Some(e), None) => format!("they come back from port {e} up (learned edge)"),
+                _ => format!(
                     "the firewall lets them back only into {allowed} (--allowed-ports; no \
                      edge learned)"
                 ),
@@ -236,6 +249,8 @@ pub fn json(r: &Report<'_>) -> String {
                 "pools": g.pools,
                 "losing_ports": g.lossy_ports.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "lower_edge": g.lower_edge,
+                "lower_edge_bracket": g.lower_bracket,
+                "fix_range": fix_range(g, r.allowed).to_string(),
                 "fix": fix(g, r.allowed, r.nodes),
             })
         })
@@ -267,4 +282,38 @@ pub fn json(r: &Report<'_>) -> String {
         "groups": groups,
     });
     format!("{v}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(edge: Option<u16>, bracket: Option<(u16, u16)>) -> Group {
+        Group {
+            judgement: Judgement::RangeProblem,
+            lossy_ports: vec![PortRange::new(1024, 32767)],
+            lower_edge: edge,
+            lower_bracket: bracket,
+            nodes: vec!["n".into()],
+            pools: Vec::new(),
+            keeps_ports: false,
+        }
+    }
+
+    #[test]
+    fn the_fix_follows_the_learned_edge_only_where_it_contradicts_the_configured_range() {
+        let allowed = PortRange::new(32768, 65535);
+        let agrees = group(Some(32853), Some((32738, 32853)));
+        assert_eq!(fix_range(&agrees, allowed), allowed);
+        let differs = group(Some(40000), Some((39950, 40000)));
+        assert_eq!(fix_range(&differs, allowed), PortRange::new(40000, 65535));
+        assert_eq!(fix_range(&group(None, None), allowed), allowed);
+        let steps = fix(&differs, allowed, &[]);
+        assert!(steps[0].contains("--to-ports 40000-65535"), "{steps:?}");
+        let head = group_headline(&agrees, allowed);
+        assert!(
+            head.contains("between 32738 and 32853 (estimate 32853), as --allowed-ports"),
+            "{head}"
+        );
+    }
 }
