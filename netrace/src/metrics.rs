@@ -773,6 +773,47 @@ mod tests {
         assert_eq!(s[10], ("other".to_string(), [0, 15, 0, 0, 0, 0]));
     }
 
+    /// The metric names the rules, the dashboard and `netrace fleet` rely on.
+    const CONTRACT: &str = include_str!("../metrics.txt");
+
+    #[test]
+    fn the_exposition_is_the_contract() {
+        let m = Metrics::new(
+            vec![PortRange::new(1, 32767), PortRange::new(32768, 65535)],
+            PortRange::new(32768, 65535),
+            &["eth0".to_string()],
+        );
+        m.outcome("eth0", OutcomeKind::Lost, 2000, dst(2), None);
+        m.set_range_edge(Edge::Lower, Some((32768, 32700, 32800)));
+        m.set_attached("eth0", "egress", true);
+        let t = m.render_prometheus();
+        let exported: Vec<(&str, &str)> = t
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .collect();
+        let contract: Vec<(&str, &str)> = CONTRACT
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some((f.next()?, f.next()?))
+            })
+            .collect();
+        for e in &exported {
+            assert!(
+                contract.contains(e),
+                "{e:?} is exported but not in metrics.txt"
+            );
+        }
+        for c in &contract {
+            assert!(
+                exported.contains(c),
+                "metrics.txt lists {c:?}, not exported:\n{t}"
+            );
+        }
+    }
+
     #[test]
     fn range_edges_appear_and_go() {
         let m = Metrics::new(vec![], PortRange::new(32768, 65535), &[]);
