@@ -14,8 +14,11 @@
 //!   decodes ring-buffer records (`events`); `tracefs` and `mounts` serve the tracepoint;
 //!   `netlink` makes every netlink request (tc filters, the clsact qdisc, conntrack).
 //! - [`track`]: events in, outcomes out (`tracker`), the histogram by port range (`stats`),
-//!   pods and processes behind connections (`correlate`), what SNAT does to ports (`natmode`).
-//! - [`judge`]: the verdict, and the fix text (`advice`, the one place for it).
+//!   outcomes by destination (`destinations`), pods and processes behind connections
+//!   (`correlate`), what SNAT does to ports (`natmode`).
+//! - [`judge`]: the verdict from the evidence (`evidence`: the learned edge, `edge`; dead
+//!   destinations; the stratified test, `exact`), and the fix text (`advice`, the one place
+//!   for it).
 //! - [`report`]: the finished results; [`render`] writes them, [`metrics`] exports them.
 //! - [`node`]: facts about the node (port settings, interfaces, privileges, cgroups, pod
 //!   names) and the `netrace check` preflight. [`files`]: files written without following

@@ -13,9 +13,10 @@ use crate::{
     node::NodePorts,
     ports::PortRange,
     track::correlate::Attribution,
+    track::destinations::DestinationRow,
     track::natmode::NatReport,
     track::stats::{Bucket, Counts, Histogram},
-    track::tracker::{Outcome, OutcomeKind},
+    track::tracker::{Outcome, OutcomeKind, TrackerStats},
 };
 
 /// One connection outcome, as printed (`--list-lost`, JSON lines).
@@ -176,6 +177,10 @@ pub struct Drops {
     pub decode_errors: u64,
     /// Connections answered whose outcome event was lost (known not lost, kind unknown).
     pub answered_unseen: u64,
+    /// Connections whose every event was lost (ring buffer full), answered since their kernel
+    /// entry is gone: source ports the kernel tallied SYNs for that netrace never heard of.
+    /// Counted as answered; their destination is unknown.
+    pub answered_invisible: u64,
 }
 
 impl Drops {
@@ -191,6 +196,10 @@ pub struct Report {
     pub duration_s: f64,
     pub syn_timeout_ms: u64,
     pub histogram: Histogram,
+    /// Outcomes by destination: the top ones by attempts, then "other".
+    pub by_destination: Vec<DestinationRow>,
+    /// What the tracker noticed besides outcomes.
+    pub tracker: TrackerStats,
     pub verdict: Verdict,
     pub fix: Vec<String>,
     pub node: NodePorts,
@@ -255,6 +264,13 @@ impl Report {
             "syn_timeout_ms": self.syn_timeout_ms,
             "totals": Totals { counts: self.totals(), pending_at_exit: self.pending_at_exit },
             "buckets": buckets,
+            "by_destination": self.by_destination.iter().map(|r| serde_json::json!({
+                "destination": r.label(),
+                "attempts": r.counts.attempts, "answered": r.counts.answered,
+                "lost": r.counts.lost, "refused": r.counts.refused,
+                "unreachable": r.counts.unreachable, "late": r.counts.late,
+                "loss_pct": r.counts.loss_pct(),
+            })).collect::<Vec<_>>(),
             "verdict": self.verdict,
             "fix": self.fix,
             "node": {
@@ -263,6 +279,12 @@ impl Report {
                 "local_range_inside_allowed": self.node.local_range().map(|l| allowed.covers(&l)),
             },
             "drops": self.drops,
+            "tracker": {
+                "syns_after_lost": self.tracker.syns_after_lost,
+                "lost_memory_overflow": self.tracker.lost_memory_overflow,
+                "repeated_syns": self.tracker.repeated_syns,
+                "adopted": self.tracker.adopted,
+            },
             "counters": self.counters,
             "syn_packets_by_port": self.syn_packets_by_port,
             "notes": self.notes,

@@ -63,7 +63,16 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Give up waiting for a UDP echo after this long (default 1 s).
     pub udp_timeout: Duration,
+    /// IP TTL / IPv6 hop limit of the TCP SYNs (default: the system's).
+    pub ttl: Option<u32>,
+    /// TCP Fast Open: the SYN carries [`TFO_PAYLOAD`] (`sendto` with `MSG_FASTOPEN`; the pod
+    /// needs `net.ipv4.tcp_fastopen` with client and no-cookie bits, see
+    /// [`crate::LabOptions::tcp_fastopen`]). Default false.
+    pub fast_open: bool,
 }
+
+/// What a Fast Open SYN carries.
+pub const TFO_PAYLOAD: &[u8] = b"netrace-lab tfo";
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -71,6 +80,8 @@ impl Default for ClientOptions {
             workers: 32,
             connect_timeout: Duration::from_secs(1),
             udp_timeout: Duration::from_secs(1),
+            ttl: None,
+            fast_open: false,
         }
     }
 }
@@ -301,11 +312,31 @@ impl Client {
 
     fn tcp_once(&self, index: usize, server: SocketAddr) -> Result<TcpAttempt> {
         let (socket, pod_port) = self.tcp_socket(server)?;
+        if let Some(ttl) = self.opts.ttl {
+            match server {
+                SocketAddr::V4(_) => socket.set_ttl_v4(ttl),
+                SocketAddr::V6(_) => socket.set_unicast_hops_v6(ttl),
+            }
+            .context("setting the TTL")?;
+        }
         let started = SystemTime::now();
         let clock = Instant::now();
-        let outcome = match socket.connect_timeout(&server.into(), self.opts.connect_timeout) {
-            Ok(()) => TcpOutcome::Connected,
-            Err(e) => classify(&e),
+        let outcome = if self.opts.fast_open {
+            // A blocking sendto with MSG_FASTOPEN sends the SYN with the data and waits for
+            // the handshake like connect (bounded by the send timeout).
+            socket
+                .set_write_timeout(Some(self.opts.connect_timeout))
+                .context("SO_SNDTIMEO")?;
+            match socket.send_to_with_flags(TFO_PAYLOAD, &server.into(), libc::MSG_FASTOPEN) {
+                Ok(_) => TcpOutcome::Connected,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => TcpOutcome::TimedOut,
+                Err(e) => classify(&e),
+            }
+        } else {
+            match socket.connect_timeout(&server.into(), self.opts.connect_timeout) {
+                Ok(()) => TcpOutcome::Connected,
+                Err(e) => classify(&e),
+            }
         };
         let elapsed = clock.elapsed();
         drop(socket);

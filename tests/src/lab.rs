@@ -69,6 +69,19 @@ pub struct LabOptions {
     /// The firewall drops TCP towards the node whose destination port is below this
     /// (default 32768; 1024 lets every SNAT port through, 0 disables the rule).
     pub firewall_min_port: u16,
+    /// The firewall also drops TCP towards the node whose destination port is above this
+    /// (default 65535: no such rule). Drops are recorded in the same set and counter.
+    pub firewall_max_port: u16,
+    /// The firewall silently drops every TCP packet towards [`addr::DEAD4`] /
+    /// [`addr::DEAD6`], a destination that never answers (default false).
+    pub dead_destination: bool,
+    /// TCP Fast Open without cookies: the pod's SYNs may carry data, the server accepts it
+    /// on every listener (`net.ipv4.tcp_fastopen` 5 in the pod, 0x602 in the server; default
+    /// false).
+    pub tcp_fastopen: bool,
+    /// SNAT only the pod's subnet (`-s 198.18.1.0/24`, iptables backend), so the node's own
+    /// connections leave with their own ports, as on a Kubernetes node (default false).
+    pub snat_pods_only: bool,
     /// SNAT `--to-ports` range (default 1024-65535).
     pub snat_ports: (u16, u16),
     /// SNAT mode (default `RandomFully`).
@@ -85,6 +98,10 @@ impl Default for LabOptions {
     fn default() -> Self {
         Self {
             firewall_min_port: 32768,
+            firewall_max_port: 65535,
+            dead_destination: false,
+            snat_pods_only: false,
+            tcp_fastopen: false,
             snat_ports: (1024, 65535),
             snat_mode: SnatMode::RandomFully,
             snat_backend: SnatBackend::Iptables,
@@ -102,6 +119,26 @@ impl LabOptions {
     /// Sets [`LabOptions::firewall_min_port`].
     pub fn firewall_min_port(mut self, port: u16) -> Self {
         self.firewall_min_port = port;
+        self
+    }
+    /// Sets [`LabOptions::firewall_max_port`].
+    pub fn firewall_max_port(mut self, port: u16) -> Self {
+        self.firewall_max_port = port;
+        self
+    }
+    /// Sets [`LabOptions::dead_destination`].
+    pub fn dead_destination(mut self, on: bool) -> Self {
+        self.dead_destination = on;
+        self
+    }
+    /// Sets [`LabOptions::tcp_fastopen`].
+    pub fn tcp_fastopen(mut self, on: bool) -> Self {
+        self.tcp_fastopen = on;
+        self
+    }
+    /// Sets [`LabOptions::snat_pods_only`].
+    pub fn snat_pods_only(mut self, on: bool) -> Self {
+        self.snat_pods_only = on;
         self
     }
     /// Sets [`LabOptions::snat_ports`].
@@ -163,6 +200,10 @@ pub mod addr {
     pub const FW_SRV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 1);
     /// Server.
     pub const SRV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 2);
+    /// A destination behind the firewall that never answers (with `dead_destination`).
+    pub const DEAD4: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 9);
+    /// A destination behind the firewall that never answers (with `dead_destination`).
+    pub const DEAD6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 9);
 }
 
 /// Serialises `ip netns add/del` within the process: the first `ip netns add` on a machine
@@ -241,6 +282,14 @@ impl Lab {
             if ns == n.server {
                 settings.push("net.core.somaxconn=4096");
                 settings.push("net.ipv4.tcp_max_syn_backlog=4096");
+                if self.opts.tcp_fastopen {
+                    // Server enabled, no cookie required, on every listener.
+                    settings.push("net.ipv4.tcp_fastopen=1538");
+                }
+            }
+            if ns == n.pod && self.opts.tcp_fastopen {
+                // Client enabled, data in the SYN without a cookie.
+                settings.push("net.ipv4.tcp_fastopen=5");
             }
             if ns == n.node || ns == n.firewall {
                 settings.push("net.ipv4.ip_forward=1");
@@ -343,6 +392,7 @@ impl Lab {
             workers: 1,
             connect_timeout: Duration::from_millis(500),
             udp_timeout: Duration::from_millis(500),
+            ..ClientOptions::default()
         });
         let families: &[Family] = if self.opts.ipv6 {
             &[Family::V4, Family::V6]
@@ -397,14 +447,23 @@ impl Lab {
                             &n.node_uplink,
                             "-p",
                             proto,
-                            "-j",
-                            "MASQUERADE",
-                            "--to-ports",
-                            &range,
                         ]
                         .iter()
                         .map(|a| a.to_string())
                         .collect();
+                        if self.opts.snat_pods_only {
+                            let pods = if *tool == "iptables" {
+                                "198.18.1.0/24"
+                            } else {
+                                "2001:db8:1::/64"
+                            };
+                            args.extend(["-s".to_string(), pods.to_string()]);
+                        }
+                        args.extend(
+                            ["-j", "MASQUERADE", "--to-ports", &range]
+                                .iter()
+                                .map(|a| a.to_string()),
+                        );
                         if random {
                             args.push("--random-fully".into());
                         }
@@ -493,21 +552,33 @@ impl Lab {
     fn install_firewall(&self) -> Result<()> {
         let n = &self.names;
         let min = self.opts.firewall_min_port;
-        let rules = if min == 0 {
-            String::new()
-        } else {
-            let mut r = String::new();
-            for (v, nf) in [("4", "ipv4"), ("6", "ipv6")] {
-                r.push_str(&format!(
-                    "    iifname \"{srv}\" oifname \"{node}\" meta nfproto {nf} tcp dport < {min} add @dropped{v} {{ tcp dport }} counter name drops{v} drop\n",
+        let max = self.opts.firewall_max_port;
+        let mut rules = String::new();
+        for (v, nf) in [("4", "ipv4"), ("6", "ipv6")] {
+            let mut conds = Vec::new();
+            if min != 0 {
+                conds.push(format!("tcp dport < {min}"));
+            }
+            if max != 65535 {
+                conds.push(format!("tcp dport > {max}"));
+            }
+            for cond in conds {
+                rules.push_str(&format!(
+                    "    iifname \"{srv}\" oifname \"{node}\" meta nfproto {nf} {cond} add @dropped{v} {{ tcp dport }} counter name drops{v} drop\n",
                     srv = n.fw_server_if,
                     node = n.fw_node_if,
                 ));
             }
-            r
-        };
+        }
+        if self.opts.dead_destination {
+            rules.push_str(&format!(
+                "    ip daddr {} meta l4proto tcp counter name deaddrops drop\n    ip6 daddr {} meta l4proto tcp counter name deaddrops drop\n",
+                addr::DEAD4,
+                addr::DEAD6
+            ));
+        }
         let ruleset = format!(
-            "table inet {FIREWALL_TABLE} {{\n  counter drops4 {{ }}\n  counter drops6 {{ }}\n  set dropped4 {{ type inet_service; flags dynamic; size 65536; }}\n  set dropped6 {{ type inet_service; flags dynamic; size 65536; }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{rules}  }}\n}}\n"
+            "table inet {FIREWALL_TABLE} {{\n  counter drops4 {{ }}\n  counter drops6 {{ }}\n  counter deaddrops {{ }}\n  set dropped4 {{ type inet_service; flags dynamic; size 65536; }}\n  set dropped6 {{ type inet_service; flags dynamic; size 65536; }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{rules}  }}\n}}\n"
         );
         cmd::ns_exec_with_input(&n.firewall, &["nft", "-f", "-"], Some(&ruleset))?;
         Ok(())
@@ -579,6 +650,26 @@ impl Lab {
             Family::V6 => addr::SRV6.into(),
         };
         SocketAddr::new(ip, self.opts.server_port)
+    }
+
+    /// The destination that never answers (with [`LabOptions::dead_destination`]), at the
+    /// server's port.
+    pub fn dead_addr(&self, family: Family) -> SocketAddr {
+        let ip: IpAddr = match family {
+            Family::V4 => addr::DEAD4.into(),
+            Family::V6 => addr::DEAD6.into(),
+        };
+        SocketAddr::new(ip, self.opts.server_port)
+    }
+
+    /// A client in the node's own namespace (the node's own connections, not a pod's), with
+    /// source ports from the node's ephemeral range 32768-60999.
+    pub fn node_client(&self, opts: ClientOptions) -> Client {
+        Client::new(
+            &self.names.node,
+            Arc::new(PortAllocator::new(32768, 60999)),
+            opts,
+        )
     }
 
     /// The running server.

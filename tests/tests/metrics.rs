@@ -178,6 +178,50 @@ fn metrics_pass_promtool_and_match_the_summary() {
             "labels must never carry addresses: {line}"
         );
     }
+    // The verdict, the learned edge and the destination, as the summary says.
+    let server = lab.server_addr(Family::V4);
+    assert_eq!(
+        sample(
+            &body,
+            &format!(
+                "netrace_destination_connections_total{{destination=\"{server}\",outcome=\"lost\"}}"
+            )
+        ),
+        total("lost"),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            &format!(
+                "netrace_destination_connections_total{{destination=\"{server}\",outcome=\"answered\"}}"
+            )
+        ),
+        total("answered"),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "netrace_verdict{verdict=\"range_problem\"}"),
+        1,
+        "{body}"
+    );
+    assert_eq!(sample(&body, "netrace_verdict{verdict=\"no_problem\"}"), 0);
+    let lo = sample(
+        &body,
+        "netrace_allowed_range_edge{edge=\"lower\",bound=\"min\"}",
+    );
+    let hi = sample(
+        &body,
+        "netrace_allowed_range_edge{edge=\"lower\",bound=\"max\"}",
+    );
+    assert!(
+        lo <= 32768 && 32768 <= hi,
+        "the seed's edge 32768 outside [{lo}, {hi}]"
+    );
+    assert_eq!(
+        summary["verdict"]["learned"]["lower"]["first_answered"].as_u64(),
+        Some(hi)
+    );
 }
 
 // ---- readiness and an abused metrics port ----

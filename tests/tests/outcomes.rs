@@ -392,11 +392,28 @@ fn outcomes_case(family: Family) {
         (count("unreachable")..=2 * count("unreachable")).contains(&icmp),
         "icmp_matched {icmp}\n{ctx}"
     );
+    // Every attempt to the SYN-ACK-less server is lost, from ports inside the allowed range,
+    // while the others are answered there: a destination problem, not a range problem.
     let kind = out.summary_at("/verdict/kind").and_then(Value::as_str);
     assert_eq!(
         kind,
-        Some("no_range_problem"),
-        "loss inside the allowed range\n{ctx}"
+        Some("destination_problem"),
+        "a destination that never answers\n{ctx}"
+    );
+    let headline = out
+        .summary_at("/verdict/headline")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    assert!(
+        headline.contains(&format!("{server_ip}:{LOST}"))
+            || headline.contains(&format!("]:{LOST}")),
+        "the dead destination is not named: {headline}"
+    );
+    assert!(
+        out.summary_at("/fix")
+            .and_then(Value::as_array)
+            .is_some_and(|f| f.is_empty()),
+        "no fix for a destination problem\n{ctx}"
     );
     let details = out.summary_at("/verdict/details").unwrap().to_string();
     assert!(

@@ -186,6 +186,7 @@ mod tests {
         let node = NodePorts {
             ip_local_port_range: Some((32768, 60999)),
             ip_local_reserved_ports: String::new(),
+            tcp_syn_retries: Some(6),
         };
         let watch = for_node(allowed, &node, None);
         let probe = for_probed_host(allowed, &node);

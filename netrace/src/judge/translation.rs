@@ -20,6 +20,7 @@ use crate::{
         verdict::{Verdict, VerdictKind},
     },
     kernel::{egress_hook::Hook, events::addrs},
+    ports::PortRange,
     track::tracker::TrackerStats,
 };
 
@@ -77,7 +78,13 @@ impl TranslationSigns {
     }
 
     /// The verdict when [`TranslationSigns::out_of_sight`] holds.
-    pub fn verdict(&self, ifaces: &[String], attempts: u64, lost: u64) -> Verdict {
+    pub fn verdict(
+        &self,
+        ifaces: &[String],
+        allowed: PortRange,
+        attempts: u64,
+        lost: u64,
+    ) -> Verdict {
         let iface = ifaces.join(", ");
         let headline = match self.hook {
             Hook::Tc => format!(
@@ -106,16 +113,13 @@ impl TranslationSigns {
                     .into(),
             );
         }
-        Verdict {
-            kind: VerdictKind::TranslationOutOfSight,
+        Verdict::not_judged(
+            VerdictKind::TranslationOutOfSight,
             headline,
             details,
-            attempts_inside: 0,
-            lost_inside: 0,
-            attempts_outside: 0,
-            lost_outside: 0,
-            snat_suspected: true,
-        }
+            allowed,
+            true,
+        )
     }
 
     /// The fix for the report.

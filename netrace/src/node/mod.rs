@@ -19,6 +19,8 @@ pub struct NodePorts {
     pub ip_local_port_range: Option<(u16, u16)>,
     /// `net.ipv4.ip_local_reserved_ports`, verbatim (comma-separated ports and ranges).
     pub ip_local_reserved_ports: String,
+    /// `net.ipv4.tcp_syn_retries`: how long a client keeps retrying a connect (also IPv6).
+    pub tcp_syn_retries: Option<u32>,
 }
 
 impl NodePorts {
@@ -30,9 +32,13 @@ impl NodePorts {
         let reserved = fs::read_to_string(dir.join("ip_local_reserved_ports"))
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
+        let retries = fs::read_to_string(dir.join("tcp_syn_retries"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         Self {
             ip_local_port_range: range,
             ip_local_reserved_ports: reserved,
+            tcp_syn_retries: retries,
         }
     }
 
@@ -64,5 +70,6 @@ mod tests {
     fn reads_this_machine() {
         let n = NodePorts::read(Path::new("/proc"));
         assert!(n.ip_local_port_range.is_some());
+        assert!(n.tcp_syn_retries.is_some());
     }
 }

@@ -35,8 +35,13 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        r##"<text x="{LEFT}" y="40" fill="#555">allowed return ports {}; green = inside, red = outside</text>"##,
-        r.histogram.allowed
+        r##"<text x="{LEFT}" y="40" fill="#555">allowed return ports {}; green = inside, red = outside{}</text>"##,
+        r.histogram.allowed,
+        if r.verdict.contradicted {
+            format!("; the evidence says {}", r.verdict.allowed)
+        } else {
+            String::new()
+        }
     );
     for pct in [0u32, 25, 50, 75, 100] {
         let y = BOTTOM - (BOTTOM - TOP) * f64::from(pct) / 100.0;
@@ -84,6 +89,37 @@ pub fn render(r: &Report) -> String {
             b.end,
             BOTTOM + 30.0,
             b.counts.attempts
+        );
+    }
+    // The learned edges: a dashed line at the bucket holding the bracket, labelled with it.
+    let v = &r.verdict;
+    let edges = [
+        v.learned.lower.map(|l| {
+            (
+                l.first_answered,
+                format!("edge {}-{}", l.last_lost, l.first_answered),
+            )
+        }),
+        v.learned.upper.map(|u| {
+            (
+                u.last_answered,
+                format!("edge {}-{}", u.last_answered, u.first_lost),
+            )
+        }),
+    ];
+    for (port, label) in edges.into_iter().flatten() {
+        let Some(i) = buckets.iter().position(|b| b.range().contains(port)) else {
+            continue;
+        };
+        let b = &buckets[i];
+        let within = f64::from(port - b.start) / (f64::from(b.end - b.start) + 1.0);
+        let x = LEFT + slot * (i as f64 + within);
+        let _ = writeln!(
+            s,
+            r##"<line class="learned-edge" x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{BOTTOM}" stroke="#1f4e9c" stroke-width="2" stroke-dasharray="5,3"/><text x="{:.1}" y="{:.1}" fill="#1f4e9c" font-size="10">{}</text>"##,
+            x + 3.0,
+            TOP + 10.0,
+            esc(&label)
         );
     }
     let _ = writeln!(

@@ -22,6 +22,14 @@ pub fn write(w: &mut impl Write, r: &Report, list_lost: bool) -> io::Result<()> 
         t.answered, t.lost, t.refused, t.unreachable, t.late, r.pending_at_exit
     )?;
     writeln!(w, "         {}", r.egress_hook_reason)?;
+    let v = &r.verdict;
+    if v.contradicted {
+        writeln!(
+            w,
+            "         the evidence says SYN-ACKs come back to ports {}, not {allowed} (see the verdict)",
+            v.allowed
+        )?;
+    }
     writeln!(w)?;
     writeln!(
         w,
@@ -53,12 +61,62 @@ pub fn write(w: &mut impl Write, r: &Report, list_lost: bool) -> io::Result<()> 
         )?;
     }
     writeln!(w)?;
-    writeln!(w, "verdict: {}", r.verdict.headline)?;
-    for d in &r.verdict.details {
+    if let Some(l) = v.learned.lower {
+        writeln!(
+            w,
+            "learned lower edge: between port {} (lost) and port {} (answered){}",
+            l.last_lost,
+            l.first_answered,
+            if v.allowed.start == l.estimate && v.contradicted {
+                format!("; the fix uses {}", l.estimate)
+            } else {
+                String::new()
+            }
+        )?;
+    }
+    if let Some(u) = v.learned.upper {
+        writeln!(
+            w,
+            "learned upper edge: between port {} (answered) and port {} (lost){}",
+            u.last_answered,
+            u.first_lost,
+            if v.allowed.end == u.estimate && v.contradicted {
+                format!("; the fix uses {}", u.estimate)
+            } else {
+                String::new()
+            }
+        )?;
+    }
+    writeln!(w, "verdict: {}", v.headline)?;
+    for d in &v.details {
         writeln!(w, "  - {d}")?;
     }
     if let Some(nat) = &r.nat {
         writeln!(w, "  - NAT: {}", nat.summary)?;
+    }
+    if !r.by_destination.is_empty() {
+        writeln!(w)?;
+        writeln!(w, "by destination:")?;
+        writeln!(
+            w,
+            "  {:<45} {:>8} {:>8} {:>7} {:>7}",
+            "destination", "attempts", "answered", "lost", "loss %"
+        )?;
+        for row in &r.by_destination {
+            let c = row.counts;
+            let pct = c
+                .loss_pct()
+                .map_or_else(|| "-".to_string(), |p| format!("{p:.1}%"));
+            writeln!(
+                w,
+                "  {:<45} {:>8} {:>8} {:>7} {:>7}",
+                row.label(),
+                c.attempts,
+                c.answered,
+                c.lost,
+                pct
+            )?;
+        }
     }
     if let Some(groups) = r.lost_by_pod.as_ref().filter(|g| !g.is_empty()) {
         writeln!(w)?;

@@ -28,6 +28,9 @@ pub struct NatReport {
     /// The range the post-SNAT ports come from, snapped to common bounds when the samples
     /// are close to them.
     pub range: Option<PortRange>,
+    /// Whether `range` ends where the samples say for sure; when false, the range is known to
+    /// reach at least that far and may be wider.
+    pub range_sure: bool,
     /// Whether `range` is narrower than the default 1024-65535, i.e. `--to-ports` is in use.
     pub to_ports: bool,
     pub summary: String,
@@ -44,23 +47,73 @@ pub struct Pair {
 
 const MIN_PAIRS: usize = 10;
 /// Bounds SNAT ranges usually have (the kernel's default, the ephemeral range, NodePorts').
+/// 1 only when a port below 1024 was seen: MASQUERADE maps ports >= 1024 into 1024-65535.
 const COMMON_LOW: [u16; 4] = [1, 1024, 30000, 32768];
 const COMMON_HIGH: [u16; 3] = [32767, 60999, 65535];
+/// A bound is plausible when the samples could fall this short of it by chance: for n
+/// uniform samples over a span, missing an edge by g has a chance of about e^(-n g / span);
+/// e^-10 is under 1 in 20 000.
+const PLAUSIBLE: f64 = 10.0;
 
-fn snap(observed: u16, candidates: &[u16], tolerance: u32, below: bool) -> u16 {
+/// The common bounds the samples `lo..=hi` (n of them) could plausibly come from on one side:
+/// `below` for the start (candidates at or below `lo`), else the end.
+fn plausible(lo: u16, hi: u16, n: usize, candidates: &[u16], below: bool) -> Vec<u16> {
     candidates
         .iter()
         .copied()
         .filter(|c| {
-            let (c32, o32) = (u32::from(*c), u32::from(observed));
-            if below {
-                c32 <= o32 && o32 - c32 <= tolerance
+            let (c, lo, hi) = (f64::from(*c), f64::from(lo), f64::from(hi));
+            let (gap, span) = if below {
+                (lo - c, hi - c)
             } else {
-                c32 >= o32 && c32 - o32 <= tolerance
-            }
+                (c - hi, c - lo)
+            };
+            gap >= 0.0 && span > 0.0 && n as f64 * gap / span <= PLAUSIBLE
         })
-        .min_by_key(|c| (i64::from(*c) - i64::from(observed)).unsigned_abs())
-        .unwrap_or(observed)
+        .collect()
+}
+
+/// How much likelier the nearest plausible bound must be than any other plausible one
+/// (likelihood ratio e^4, about 55): uniform samples over a wider span are less likely by
+/// (narrow span / wide span)^n.
+const LIKELIER: f64 = 4.0;
+
+/// One side's bound: the nearest plausible common bound when it is clearly the likeliest,
+/// else the observed sample (then the range is only known to reach at least that far).
+fn snap(lo: u16, hi: u16, n: usize, below: bool) -> (u16, bool) {
+    let candidates: Vec<u16> = if below {
+        COMMON_LOW
+            .iter()
+            .copied()
+            .filter(|c| *c != 1 || lo < 1024)
+            .collect()
+    } else {
+        COMMON_HIGH.to_vec()
+    };
+    let mut fits = plausible(lo, hi, n, &candidates, below);
+    let observed = if below { lo } else { hi };
+    let span = |c: u16| -> f64 {
+        let (c, lo, hi) = (f64::from(c), f64::from(lo), f64::from(hi));
+        if below {
+            hi - c + 1.0
+        } else {
+            c - lo + 1.0
+        }
+    };
+    fits.sort_by(|a, b| span(*a).total_cmp(&span(*b)));
+    match fits.as_slice() {
+        [] => (observed, false),
+        [best, rest @ ..] => {
+            let clear = rest
+                .iter()
+                .all(|c| n as f64 * (span(*c) / span(*best)).ln() >= LIKELIER);
+            if clear {
+                (*best, true)
+            } else {
+                (observed, false)
+            }
+        }
+    }
 }
 
 pub fn detect(pairs: &[Pair]) -> NatReport {
@@ -70,6 +123,7 @@ pub fn detect(pairs: &[Pair]) -> NatReport {
             mode: NatMode::Unknown,
             pairs: n,
             range: None,
+            range_sure: false,
             to_ports: false,
             summary: format!("too few linked connections ({n}) to tell what SNAT does"),
         };
@@ -97,29 +151,34 @@ pub fn detect(pairs: &[Pair]) -> NatReport {
             mode,
             pairs: n,
             range: None,
+            range_sure: false,
             to_ports: false,
             summary,
         };
     }
-    // Uniform samples: the gap to the true edge is about range/n; a gap ten times that has a
-    // chance of e^-10 (under 1 in 20 000), so a miss by six gaps (e^-6, 1 in 400) still snaps.
-    let tolerance = (u32::from(hi - lo) / n as u32).saturating_mul(10).max(64);
-    let start = snap(lo, &COMMON_LOW, tolerance, true);
-    let end = snap(hi, &COMMON_HIGH, tolerance, false);
+    let (start, start_sure) = snap(lo, hi, n, true);
+    let (end, end_sure) = snap(lo, hi, n, false);
     let range = PortRange::new(start.max(1), end.max(start.max(1)));
-    let to_ports = range.start > 1024 || range.end < 65535;
+    let sure = start_sure && end_sure;
+    let to_ports = sure && (range.start > 1024 || range.end < 65535);
     let flag = if to_ports {
         format!(" --to-ports {range}")
     } else {
         String::new()
     };
+    let over = if sure {
+        format!("about {range}")
+    } else {
+        format!("at least {range} (too few connections to tell where it ends; watch longer)")
+    };
     NatReport {
         mode: NatMode::RandomFully,
         pairs: n,
         range: Some(range),
+        range_sure: sure,
         to_ports,
         summary: format!(
-            "SNAT randomises every source port over about {range} ({} of {n} changed): \
+            "SNAT randomises every source port over {over} ({} of {n} changed): \
              MASQUERADE --random-fully{flag} (or --random, which the kernel randomises alike)",
             n - same_port
         ),
@@ -191,6 +250,69 @@ mod tests {
             rep.summary
         );
         assert!(!rep.to_ports);
+    }
+
+    /// n uniform samples over `range` from a small deterministic generator.
+    fn uniform(seed: u64, n: usize, range: PortRange) -> Vec<Pair> {
+        let mut x = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407)
+            | 1;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let port = u32::from(range.start) + (x % u64::from(range.count())) as u32;
+                pair(33000 + i as u16, port as u16, true)
+            })
+            .collect()
+    }
+
+    /// At 10, 20 and 50 connections over 1024-65535 the estimate never claims 60999 (about
+    /// half of 10-sample runs have their highest port below it); when unsure it says "at
+    /// least", and with more connections it is sure more often.
+    #[test]
+    fn few_samples_never_snap_to_the_wrong_edge() {
+        let r = PortRange::new(1024, 65535);
+        for (n, min_sure) in [(10, 30), (20, 60), (50, 90)] {
+            let mut sure = 0;
+            for seed in 0..200 {
+                let rep = detect(&uniform(seed, n, r));
+                assert_eq!(rep.mode, NatMode::RandomFully);
+                let got = rep.range.unwrap_or(PortRange::new(1, 1));
+                if rep.range_sure {
+                    sure += 1;
+                    assert_eq!(got, r, "n={n} seed={seed}: {}", rep.summary);
+                } else {
+                    assert!(r.covers(&got), "n={n} seed={seed}: {}", rep.summary);
+                    assert!(rep.summary.contains("at least"), "{}", rep.summary);
+                    assert!(!rep.to_ports, "{}", rep.summary);
+                }
+                assert_ne!(got.end, 60999, "n={n} seed={seed}: {}", rep.summary);
+            }
+            assert!(
+                sure * 100 >= min_sure * 200,
+                "n={n}: sure in {sure} of 200 runs"
+            );
+        }
+    }
+
+    /// A --to-ports 32768-60999 range is never mistaken for 65535 either.
+    #[test]
+    fn to_ports_ending_at_60999() {
+        let r = PortRange::new(32768, 60999);
+        for seed in 0..100 {
+            let rep = detect(&uniform(seed, 50, r));
+            let got = rep.range.unwrap_or(PortRange::new(1, 1));
+            assert!(got.end <= 60999, "seed={seed}: {}", rep.summary);
+            if rep.range_sure {
+                assert_eq!(got, r, "seed={seed}: {}", rep.summary);
+            }
+        }
+        let rep = detect(&uniform(7, 400, r));
+        assert!(rep.range_sure, "{}", rep.summary);
+        assert_eq!(rep.range, Some(r));
     }
 
     #[test]

@@ -89,6 +89,12 @@ pub struct TrackerStats {
     pub adopted: u64,
     /// SYNs retransmitted after their attempt had been answered (not counted again).
     pub repeated_syns: u64,
+    /// SYNs of an attempt already reported lost, seen after its kernel entry was cleared
+    /// (the client kept retrying, `tcp_syn_retries`): the same attempt, not counted again.
+    pub syns_after_lost: u64,
+    /// Lost attempts forgotten before their retry horizon because the memory of lost
+    /// attempts was full (a later SYN of theirs would count as a new attempt).
+    pub lost_memory_overflow: u64,
     /// Answers paired with their SYN by (remote address, remote port, ISN) because they came
     /// back to another local address or port: the SYN was translated after netrace saw it.
     pub translated_answers: u64,
@@ -111,6 +117,20 @@ fn isn_key(key: &FlowKey, isn: u32) -> IsnKey {
 /// connection costs memory for this long.
 const REPEAT_WINDOW_NS: u64 = 10_000_000_000;
 
+/// At most this many lost attempts are remembered after their late window (about 5 MiB).
+pub const MAX_LOST_MEMORY: usize = 65_536;
+/// At most this many keys of answers whose events were dropped wait to be collected.
+const MAX_UNSEEN: usize = 65_536;
+
+/// How long a client keeps sending SYNs for one connect, from its first SYN, plus a little:
+/// Linux's timeouts double from 1 s, so `retries` retransmissions give up after
+/// 2^(retries+1) - 1 s (127 s for the default 6). Linear timeouts
+/// (`tcp_syn_linear_timeouts`) only shorten it.
+pub fn retry_horizon_ns(tcp_syn_retries: u32) -> u64 {
+    let retries = tcp_syn_retries.min(20);
+    ((1u64 << (retries + 1)) - 1 + 3) * 1_000_000_000
+}
+
 pub struct Tracker {
     syn_timeout_ns: u64,
     late_window_ns: u64,
@@ -126,6 +146,15 @@ pub struct Tracker {
     /// Kernel entries (with their ISN) of attempts decided here by the ISN index, removed from
     /// the kernel map at the next sweep.
     kernel_removals: Vec<(FlowKey, u32)>,
+    /// Lost attempts whose kernel entry was cleared after the late window: ISN and until
+    /// when a SYN or an answer of theirs still belongs to them (their retry horizon).
+    lost_memory: HashMap<FlowKey, (u32, u64)>,
+    lost_order: VecDeque<(u64, FlowKey)>,
+    retry_horizon_ns: u64,
+    max_lost_memory: usize,
+    /// Attempts answered whose outcome event was dropped, for the caller to count as
+    /// answered ([`Tracker::take_unseen_answers`]).
+    unseen_answers: Vec<(FlowKey, PendingSyn)>,
     pub stats: TrackerStats,
 }
 
@@ -140,8 +169,56 @@ impl Tracker {
             decided_order: VecDeque::new(),
             by_isn: HashMap::new(),
             kernel_removals: Vec::new(),
+            lost_memory: HashMap::new(),
+            lost_order: VecDeque::new(),
+            retry_horizon_ns: 0,
+            max_lost_memory: MAX_LOST_MEMORY,
+            unseen_answers: Vec::new(),
             stats: TrackerStats::default(),
         }
+    }
+
+    /// Remembers each lost attempt until `horizon_ns` after its first SYN (see
+    /// [`retry_horizon_ns`]), at most `max` of them: a SYN retransmitted after its kernel
+    /// entry was cleared is then the same attempt, and an answer to it is *late*.
+    pub fn with_retry_horizon(mut self, horizon_ns: u64, max: usize) -> Self {
+        self.retry_horizon_ns = horizon_ns;
+        self.max_lost_memory = max;
+        self
+    }
+
+    /// Lost attempts remembered beyond their late window.
+    pub fn lost_remembered(&self) -> usize {
+        self.lost_memory.len()
+    }
+
+    fn is_remembered_lost(&self, key: &FlowKey, isn: u32) -> bool {
+        self.lost_memory.get(key).is_some_and(|(i, _)| *i == isn)
+    }
+
+    fn remember_lost(&mut self, key: FlowKey, isn: u32, until_ns: u64) {
+        if let Some(e) = self.lost_memory.get_mut(&key) {
+            *e = (isn, until_ns);
+            self.lost_order.push_back((until_ns, key));
+            return;
+        }
+        while self.lost_memory.len() >= self.max_lost_memory.max(1) {
+            let Some((at, old)) = self.lost_order.pop_front() else {
+                break;
+            };
+            if self.lost_memory.get(&old).is_some_and(|(_, u)| *u == at) {
+                self.lost_memory.remove(&old);
+                self.stats.lost_memory_overflow += 1;
+            }
+        }
+        self.lost_memory.insert(key, (isn, until_ns));
+        self.lost_order.push_back((until_ns, key));
+    }
+
+    /// Keys of attempts answered whose outcome event was dropped since the last call: they
+    /// count as answered attempts (their kind and RTT are unknown).
+    pub fn take_unseen_answers(&mut self) -> Vec<(FlowKey, PendingSyn)> {
+        std::mem::take(&mut self.unseen_answers)
     }
 
     fn is_decided(&self, key: &FlowKey, isn: u32) -> bool {
@@ -166,6 +243,11 @@ impl Tracker {
         self.entries.len()
     }
 
+    /// Source ports of every entry held (waiting, lost within the late window, repeats).
+    pub fn held_ports(&self) -> Vec<u16> {
+        self.entries.keys().map(|k| k.src_port).collect()
+    }
+
     pub fn on_event(&mut self, ev: &Event, out: &mut Vec<Outcome>) {
         let key = ev.raw.key;
         let p = ev.raw.pending;
@@ -187,6 +269,19 @@ impl Tracker {
                         });
                     }
                 }
+                if self.is_remembered_lost(&key, p.isn) {
+                    // The same connection, still retrying after it was reported lost.
+                    self.stats.syns_after_lost += 1;
+                    self.entries.insert(
+                        key,
+                        Tracked {
+                            pending: p,
+                            lost_at: Some(ev.raw.ts_ns),
+                            repeat: false,
+                        },
+                    );
+                    return;
+                }
                 let repeat = self.is_decided(&key, p.isn);
                 if repeat {
                     self.stats.repeated_syns += 1;
@@ -204,7 +299,7 @@ impl Tracker {
             EventKind::Superseded => {
                 let reported = match self.entries.get(&key) {
                     Some(t) if t.pending.isn == p.isn => t.lost_at.is_some() || t.repeat,
-                    _ => self.is_decided(&key, p.isn),
+                    _ => self.is_decided(&key, p.isn) || self.is_remembered_lost(&key, p.isn),
                 };
                 if let Some(t) = self.entries.get(&key) {
                     if t.pending.isn == p.isn {
@@ -229,7 +324,10 @@ impl Tracker {
                         self.entries.remove(&key);
                         seen
                     }
-                    _ => (false, self.is_decided(&key, p.isn)),
+                    _ => (
+                        self.is_remembered_lost(&key, p.isn),
+                        self.is_decided(&key, p.isn),
+                    ),
                 };
                 if repeat {
                     // This attempt's outcome was reported at its first answer.
@@ -397,8 +495,12 @@ impl Tracker {
                 }
                 None => {
                     // Only an answer removes a kernel entry: the outcome event was dropped.
+                    // Still an answered attempt: not counting it would inflate the loss rate.
                     self.entries.remove(&key);
                     self.stats.answered_unseen += 1;
+                    if self.unseen_answers.len() < MAX_UNSEEN {
+                        self.unseen_answers.push((key, t.pending));
+                    }
                 }
             }
         }
@@ -407,6 +509,19 @@ impl Tracker {
                 if map.get(&key).is_some_and(|k| k.isn == t.pending.isn) {
                     map.remove(&key);
                 }
+                let until = t.pending.first_ns.saturating_add(self.retry_horizon_ns);
+                if until > now_ns && !self.is_remembered_lost(&key, t.pending.isn) {
+                    self.remember_lost(key, t.pending.isn, until);
+                }
+            }
+        }
+        while let Some(&(until, key)) = self.lost_order.front() {
+            if until > now_ns {
+                break;
+            }
+            self.lost_order.pop_front();
+            if self.lost_memory.get(&key).is_some_and(|(_, u)| *u == until) {
+                self.lost_memory.remove(&key);
             }
         }
         while let Some(&(at, key)) = self.decided_order.front() {
@@ -431,10 +546,13 @@ impl Tracker {
     pub fn adopt(&mut self, map: &impl PendingMap) {
         for (key, p) in map.scan() {
             let repeat = self.is_decided(&key, p.isn);
+            let lost_at = self
+                .is_remembered_lost(&key, p.isn)
+                .then_some(p.last_ns.max(p.first_ns));
             if let std::collections::hash_map::Entry::Vacant(v) = self.entries.entry(key) {
                 v.insert(Tracked {
                     pending: p,
-                    lost_at: None,
+                    lost_at,
                     repeat,
                 });
                 self.stats.adopted += 1;
@@ -587,6 +705,12 @@ mod tests {
         t.sweep(2 * S, &mut m, &mut out);
         assert!(out.is_empty());
         assert_eq!(t.stats.answered_unseen, 1);
+        assert_eq!(
+            t.take_unseen_answers(),
+            vec![(k, pending(0, 1))],
+            "still an answered attempt"
+        );
+        assert!(t.take_unseen_answers().is_empty());
     }
 
     #[test]
@@ -620,6 +744,76 @@ mod tests {
         m.0.remove(&k);
         t.on_event(&ev(EventKind::Answered, k, new, S), &mut out);
         assert_eq!(out[1].kind, OutcomeKind::Answered);
+    }
+
+    /// A client with tcp_syn_retries = 6 sends SYNs at 0, 1, 3, 7, 15, 31 and 63 s. The kernel
+    /// entry is cleared after the 60 s late window; the SYN at 63 s (same ISN) is still the
+    /// same attempt, and an answer to it is late, not a second connection.
+    #[test]
+    fn syn_after_the_late_window_is_the_same_attempt() {
+        let mut t = Tracker::new(3 * S, 60 * S).with_retry_horizon(retry_horizon_ns(6), 10);
+        let mut m = MemoryMap::default();
+        let mut out = Vec::new();
+        let k = key(2000);
+        let p = pending(0, 42);
+        m.0.insert(k, p);
+        t.on_event(&ev(EventKind::Syn, k, p, 0), &mut out);
+        for s in [1, 3, 7, 15, 31] {
+            if let Some(e) = m.0.get_mut(&k) {
+                e.syns += 1;
+                e.last_ns = s * S;
+            }
+            t.sweep(s * S + 1, &mut m, &mut out);
+        }
+        t.sweep(62 * S, &mut m, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].kind, OutcomeKind::Lost);
+        assert_eq!(
+            out[0].pending.syns, 3,
+            "lost at the SYN timeout, after three SYNs"
+        );
+        assert!(
+            m.0.is_empty(),
+            "the kernel entry is cleared after the late window"
+        );
+        assert_eq!(t.lost_remembered(), 1);
+        // The seventh SYN recreates the kernel entry.
+        let p7 = pending(63 * S, 42);
+        m.0.insert(k, p7);
+        t.on_event(&ev(EventKind::Syn, k, p7, 63 * S), &mut out);
+        assert_eq!(t.pending(), 0, "not a new attempt waiting");
+        t.sweep(70 * S, &mut m, &mut out);
+        assert_eq!(out.len(), 1, "not reported lost a second time");
+        assert_eq!(t.stats.syns_after_lost, 1);
+        // Its SYN-ACK makes the attempt late.
+        m.0.remove(&k);
+        t.on_event(&ev(EventKind::Answered, k, p7, 71 * S), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].kind, OutcomeKind::Late);
+        // After the horizon, the memory is gone; a new ISN is a new attempt anyway.
+        t.sweep(200 * S, &mut m, &mut out);
+        assert_eq!(t.lost_remembered(), 0);
+        let p2 = pending(201 * S, 43);
+        t.on_event(&ev(EventKind::Syn, k, p2, 201 * S), &mut out);
+        assert_eq!(t.pending(), 1);
+    }
+
+    #[test]
+    fn lost_memory_is_capped_and_overflow_counted() {
+        let mut t = Tracker::new(S, 2 * S).with_retry_horizon(retry_horizon_ns(6), 2);
+        let mut m = MemoryMap::default();
+        let mut out = Vec::new();
+        for port in 1..=3 {
+            let p = pending(0, u32::from(port));
+            m.0.insert(key(port), p);
+            t.on_event(&ev(EventKind::Syn, key(port), p, 0), &mut out);
+        }
+        t.sweep(S, &mut m, &mut out);
+        t.sweep(3 * S, &mut m, &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(t.lost_remembered(), 2);
+        assert_eq!(t.stats.lost_memory_overflow, 1);
+        assert_eq!(retry_horizon_ns(6), 130 * S);
     }
 
     #[test]

@@ -16,14 +16,18 @@ use crate::{
     error::UsageError,
     kernel::events::addr_bytes,
     metrics::Metrics,
-    node::iface,
+    node::{iface, NodePorts},
     options::{AttachMode, Cidr, EgressHook, Events, OutputFormat},
     ports::{parse_duration, PortRange},
-    track::{stats::Histogram, tracker::Tracker},
+    track::{
+        stats::Histogram,
+        tracker::{self, Tracker},
+    },
 };
 
-/// How long a connection reported lost is still paired with a late answer. Linux gives up on a
-/// connect after about 127 s (tcp_syn_retries = 6); answers later than a minute are rare.
+/// How long a connection reported lost is still paired with a late answer by its kernel
+/// entry. Linux gives up on a connect after about 127 s (tcp_syn_retries = 6); after this
+/// window the tracker remembers the lost attempt in user space until then.
 pub const LATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// The node's procfs as seen from a pod that mounts it (kubectl debug, the DaemonSet).
@@ -215,11 +219,16 @@ impl WatchConfig {
         Histogram::new(self.allowed, &self.bucket_edges)
     }
 
-    /// A tracker with the configured timeout and the late window.
-    pub fn tracker(&self) -> Tracker {
+    /// A tracker with the configured timeout and the late window, remembering lost attempts
+    /// for the node's SYN-retry horizon.
+    pub fn tracker(&self, node: &NodePorts) -> Tracker {
         Tracker::new(
             self.syn_timeout.as_nanos() as u64,
             LATE_WINDOW.as_nanos() as u64,
+        )
+        .with_retry_horizon(
+            tracker::retry_horizon_ns(node.tcp_syn_retries.unwrap_or(6)),
+            tracker::MAX_LOST_MEMORY,
         )
     }
 

@@ -7,12 +7,13 @@ use anyhow::Context as _;
 use netrace_common::Counter;
 
 use super::{
-    pump::{End, Pump},
+    pump::{End, Pump, TOP_DESTINATIONS},
     setup::Kernel,
 };
 use crate::{
     error::exit,
     judge::{
+        icmp,
         translation::TranslationSigns,
         verdict::{self, VerdictKind},
     },
@@ -20,7 +21,7 @@ use crate::{
     options::OutputFormat,
     render,
     report::{Drops, PodLoss, Report},
-    track::natmode,
+    track::{natmode, tracker::OutcomeKind},
 };
 
 /// Judges what the run collected and builds the report.
@@ -30,7 +31,36 @@ pub fn report(pump: &mut Pump, kernel: &Kernel, node: NodePorts, pending_at_exit
         pending_map_full: kernel.counter(Counter::PendingMapFull),
         decode_errors: pump.decode_errors,
         answered_unseen: pump.tracker.stats.answered_unseen,
+        answered_invisible: 0,
     };
+    let mut drops = drops;
+    if drops.events_lost > 0 && drops.pending_map_full == 0 {
+        // Every SYN is tallied by port in the kernel. A port with SYNs that netrace never
+        // heard of is an attempt whose every event was dropped; its kernel entry is gone, and
+        // only an answer removes one (a full pending map would leave SYNs untracked, hence
+        // the condition). Counted as answered, so the loss rate is not inflated.
+        for (port, syns) in kernel.syn_ports() {
+            if syns > 0 && !pump.knew(port) {
+                pump.histogram.add(port, OutcomeKind::Answered);
+                drops.answered_invisible += 1;
+            }
+        }
+    }
+    if drops.events_lost > 0 {
+        // Answers the kernel matched but netrace could not place by port: their SYN and
+        // answer events were both dropped. Said, so the loss rates are read knowing it.
+        let matched = kernel.counter(Counter::SynAckMatched) + kernel.counter(Counter::RstMatched);
+        let t = pump.histogram.totals;
+        let placed = t.answered + t.refused + t.late;
+        if matched > placed {
+            pump.notes.push(format!(
+                "the kernel matched {matched} SYN-ACKs and RSTs, {} more than netrace could \
+                 place by source port (both of their events were dropped): the loss rates by \
+                 port leave those answered connections out",
+                matched - placed
+            ));
+        }
+    }
     if pending_at_exit > 0 {
         pump.notes.push(format!(
             "{pending_at_exit} connections were still waiting for an answer (younger than \
@@ -50,22 +80,37 @@ pub fn report(pump: &mut Pump, kernel: &Kernel, node: NodePorts, pending_at_exit
     // range is not judged.
     let translation = TranslationSigns::new(pump.hook, &pump.tracker.stats);
     let totals = pump.histogram.totals;
-    let (verdict, fix) = if translation.out_of_sight(totals.attempts) {
+    let (mut verdict, fix) = if translation.out_of_sight(totals.attempts) {
         (
-            translation.verdict(&pump.cfg.ifaces, totals.attempts, totals.lost),
+            translation.verdict(
+                &pump.cfg.ifaces,
+                pump.cfg.allowed,
+                totals.attempts,
+                totals.lost,
+            ),
             translation.fix(),
         )
     } else {
-        let verdict = verdict::decide(&pump.histogram, &node, nat.as_ref());
-        let fix = verdict::fix(&verdict, pump.cfg.allowed, &node, nat.as_ref());
+        let verdict = verdict::decide(&pump.histogram, &pump.destinations, &node, nat.as_ref());
+        let fix = verdict::fix(&verdict, &node, nat.as_ref());
         (verdict, fix)
     };
+    if !pump.icmp.is_empty() {
+        let counts: Vec<((bool, u8, u8), u64)> = pump.icmp.iter().map(|(k, n)| (*k, *n)).collect();
+        verdict.details.push(format!(
+            "unreachable, by ICMP error: {}",
+            icmp::summary(&counts)
+        ));
+    }
+    pump.judged(&verdict);
     let lost_by_pod = pump.correlator.as_ref().map(|_| PodLoss::group(&pump.lost));
     Report {
         interfaces: pump.cfg.ifaces.clone(),
         duration_s: pump.started.elapsed().as_secs_f64(),
         syn_timeout_ms: pump.cfg.syn_timeout.as_millis() as u64,
         histogram: pump.histogram.clone(),
+        by_destination: pump.destinations.top(TOP_DESTINATIONS),
+        tracker: pump.tracker.stats,
         verdict,
         fix,
         node,

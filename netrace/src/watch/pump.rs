@@ -4,13 +4,14 @@
 //! the last interface ends the run.
 
 use std::{
+    collections::BTreeMap,
     io::{self, Write},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use netrace_common::{Counter, EventKind};
+use netrace_common::{Counter, EventKind, FlowKey, FAMILY_V4};
 use tokio::{
     signal::unix::{signal, Signal, SignalKind},
     time::{interval, sleep_until, MissedTickBehavior},
@@ -36,6 +37,7 @@ use crate::{
     track::natmode::{self, NatReport},
     track::{
         correlate::Correlator,
+        destinations::{Destination, Destinations},
         stats::Histogram,
         tracker::{Outcome, OutcomeKind, Tracker},
     },
@@ -51,6 +53,10 @@ const DRAIN: Duration = Duration::from_millis(50);
 const DRAW: Duration = Duration::from_secs(1);
 /// How often the verdict so far is worked out for the metrics.
 const JUDGE: Duration = Duration::from_secs(5);
+/// ... and this long after the latest outcome, so a scrape after a burst sees all of it.
+const JUDGE_SETTLED: Duration = Duration::from_millis(500);
+/// Rows of the "by destination" table (the rest are summed in an "other" row).
+pub const TOP_DESTINATIONS: usize = 10;
 
 /// Why the loop ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +92,18 @@ pub struct Pump {
     clock: Clock,
     pub tracker: Tracker,
     pub histogram: Histogram,
+    /// Outcomes by destination, for the verdict (bounded).
+    pub destinations: Destinations,
+    /// Unreachable outcomes by (IPv6, ICMP type, code).
+    pub icmp: BTreeMap<(bool, u8, u8), u64>,
+    /// Source ports of every attempt the tracker knew (one bit per port): after ring-buffer
+    /// drops, ports the kernel tallied SYNs for and the tracker never knew are attempts whose
+    /// every event was dropped.
+    known_ports: Vec<u64>,
+    /// Outcomes recorded since the verdict was last worked out for the metrics, and when the
+    /// latest was recorded.
+    unjudged: bool,
+    last_outcome: Instant,
     pub lost: Vec<ConnRecord>,
     pub lost_not_listed: u64,
     pub decode_errors: u64,
@@ -100,7 +118,7 @@ pub struct Pump {
     last_drawn: Instant,
     seen_ring_drops: u64,
     /// The node's port settings, for the verdict so far.
-    node: NodePorts,
+    pub node: NodePorts,
     last_judged: Instant,
     /// When the last `--interval` summary was written, and the totals then.
     interval_start: Instant,
@@ -123,8 +141,13 @@ impl Pump {
         Self {
             started: Instant::now(),
             clock: Clock::now(),
-            tracker: cfg.tracker(),
+            tracker: cfg.tracker(&node),
             histogram: cfg.histogram(),
+            destinations: Destinations::default(),
+            icmp: BTreeMap::new(),
+            known_ports: vec![0; 65536 / 64],
+            unjudged: false,
+            last_outcome: Instant::now(),
             lost: Vec::new(),
             lost_not_listed: 0,
             decode_errors: 0,
@@ -242,8 +265,9 @@ impl Pump {
         if self.interfaces.all_gone() {
             return Some(End::InterfacesGone);
         }
-        if self.last_judged.elapsed() >= JUDGE {
-            self.last_judged = Instant::now();
+        if self.last_judged.elapsed() >= JUDGE
+            || (self.unjudged && self.last_outcome.elapsed() >= JUDGE_SETTLED)
+        {
             self.judge_for_metrics();
         }
         if self
@@ -266,25 +290,44 @@ impl Pump {
         None
     }
 
-    /// The verdict so far, the NAT mode and the learned range edge, for the metrics.
+    /// The verdict so far, the NAT mode and the learned range edges, for the metrics.
     fn judge_for_metrics(&mut self) {
         let (verdict, nat) = self.judge();
-        let label = metric_verdict(&verdict, &self.histogram);
-        self.metrics.set_verdict(label);
-        // The lower edge of the range SYN-ACKs come back to, bracketed by the highest lost and
-        // the lowest answered port; only where the verdict puts the cause there.
-        let h = &self.histogram;
-        let edge = match (h.highest_lost_outside_below, h.lowest_answered) {
-            (Some(lost), Some(answered)) if label == "range_problem" && lost < answered => {
-                Some((answered, lost + 1, answered))
-            }
-            _ => None,
-        };
-        self.metrics.set_range_edge(metrics::Edge::Lower, edge);
+        self.judged(&verdict);
         if let Some(mode) = nat.and_then(|n| serde_json::to_value(n.mode).ok()) {
             self.metrics
                 .set_nat_mode(mode.as_str().unwrap_or("unknown"));
         }
+    }
+
+    /// Hands a verdict and its learned edges (estimate, bracket) to the metrics.
+    pub fn judged(&mut self, v: &Verdict) {
+        self.unjudged = false;
+        self.last_judged = Instant::now();
+        self.metrics.set_verdict(metric_verdict(v, &self.histogram));
+        let lower = v.learned.lower.map(|l| {
+            let b = l.bracket();
+            (l.estimate, b.start, b.end)
+        });
+        let upper = v.learned.upper.map(|u| {
+            let b = u.bracket();
+            (u.estimate, b.start, b.end)
+        });
+        self.metrics.set_range_edge(metrics::Edge::Lower, lower);
+        self.metrics.set_range_edge(metrics::Edge::Upper, upper);
+    }
+
+    fn know(&mut self, port: u16) {
+        if let Some(w) = self.known_ports.get_mut(usize::from(port) / 64) {
+            *w |= 1 << (port % 64);
+        }
+    }
+
+    /// Whether the tracker knew an attempt from `port`.
+    pub fn knew(&self, port: u16) -> bool {
+        self.known_ports
+            .get(usize::from(port) / 64)
+            .is_some_and(|w| w & (1 << (port % 64)) != 0)
     }
 
     /// The verdict on what was seen so far, and the NAT mode when pod-side interfaces are
@@ -299,10 +342,18 @@ impl Pump {
         let signs = TranslationSigns::new(self.hook, &self.tracker.stats);
         let t = self.histogram.totals;
         if signs.out_of_sight(t.attempts) {
-            return (signs.verdict(&self.cfg.ifaces, t.attempts, t.lost), nat);
+            return (
+                signs.verdict(&self.cfg.ifaces, self.cfg.allowed, t.attempts, t.lost),
+                nat,
+            );
         }
         (
-            verdict::decide(&self.histogram, &self.node, nat.as_ref()),
+            verdict::decide(
+                &self.histogram,
+                &self.destinations,
+                &self.node,
+                nat.as_ref(),
+            ),
             nat,
         )
     }
@@ -349,6 +400,9 @@ impl Pump {
     /// takes the records.
     pub fn finish(&mut self, kernel: &mut Kernel) -> (u64, io::Result<()>) {
         self.drain(kernel.ring.get_mut());
+        for port in self.tracker.held_ports() {
+            self.know(port);
+        }
         let pending_at_exit =
             self.tracker
                 .finish(monotonic_ns(), &mut kernel.pending, &mut self.outcomes);
@@ -390,8 +444,40 @@ impl Pump {
     /// closed standard output.
     fn record(&mut self) -> io::Result<()> {
         let mut lines = Vec::new();
+        for (key, p) in self.tracker.take_unseen_answers() {
+            // Answered, but the event was dropped: an attempt that was not lost.
+            self.know(key.src_port);
+            self.histogram.add(key.src_port, OutcomeKind::Answered);
+            let dst = destination(&key);
+            self.destinations.add_unseen_answer(dst, key.src_port);
+            let name = self.interfaces.name(p.ifindex);
+            self.metrics.outcome(
+                &name,
+                OutcomeKind::Answered,
+                key.src_port,
+                metrics::destination(dst.addr, dst.port),
+                None,
+            );
+            self.unjudged = true;
+        }
+        if !self.outcomes.is_empty() {
+            self.unjudged = true;
+            self.last_outcome = Instant::now();
+        }
+        for o in &self.outcomes {
+            let port = o.key.src_port;
+            if let Some(w) = self.known_ports.get_mut(usize::from(port) / 64) {
+                *w |= 1 << (port % 64);
+            }
+        }
         for o in self.outcomes.drain(..) {
             self.histogram.add(o.key.src_port, o.kind);
+            self.destinations
+                .add(destination(&o.key), o.key.src_port, o.kind);
+            if let (OutcomeKind::Unreachable, Some((t, c))) = (o.kind, o.icmp) {
+                let v6 = o.key.family != FAMILY_V4;
+                *self.icmp.entry((v6, t, c)).or_default() += 1;
+            }
             let name = self.interfaces.name(o.pending.ifindex);
             let (_, dst) = addrs(&o.key);
             self.metrics.outcome(
@@ -456,5 +542,14 @@ fn metric_verdict(v: &Verdict, h: &Histogram) -> &'static str {
         // known from what netrace saw.
         "no_range_problem" if h.totals.lost == 0 => "no_problem",
         _ => "not_enough_evidence",
+    }
+}
+
+/// Where a connection went.
+fn destination(key: &FlowKey) -> Destination {
+    let (_, addr) = addrs(key);
+    Destination {
+        addr,
+        port: key.dst_port,
     }
 }

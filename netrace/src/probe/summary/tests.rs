@@ -23,6 +23,7 @@ fn node(lo: u16, hi: u16) -> NodePorts {
     NodePorts {
         ip_local_port_range: Some((lo, hi)),
         ip_local_reserved_ports: String::new(),
+        tcp_syn_retries: Some(6),
     }
 }
 
