@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use netrace_lab::{
     is_root, netrace_bin, ClientOptions, Family, Lab, LabOptions, NetraceOptions, NetraceOutput,
-    NetraceRun, SnatMode, TcpCounts,
+    NetraceRun, SnatMode, TcpCounts, TcpOutcome,
 };
 use serde_json::Value;
 
@@ -52,7 +52,6 @@ fn nstat(lab: &Lab, ns: &str, counter: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "needs the kernel pairing of Fast Open answers (ack = isn + 1 + len) from the parser work"]
 fn tcp_fast_open_is_answered() {
     require_root();
     let lab = Lab::new(
@@ -76,8 +75,24 @@ fn tcp_fast_open_is_answered() {
     netrace.settle();
     let out = netrace.stop().unwrap_or_else(|e| panic!("{e:#}"));
     let ctx = out.describe();
-    let c = TcpCounts::of(&attempts);
-    assert_eq!(c.connected, 30, "the client's own view: {c:?}");
+    // The handshake completed for every attempt: the server accepted each (the lab's server
+    // closes at once, with the Fast Open data unread, so a client may see that reset instead
+    // of its own success).
+    let ports: BTreeSet<u16> = attempts.iter().map(|a| a.pod_port).collect();
+    let accepted: BTreeSet<u16> = lab
+        .server()
+        .map(|s| s.accepted_ports(false))
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    assert_eq!(accepted, ports, "the server accepted every attempt");
+    for a in &attempts {
+        assert!(
+            a.outcome == TcpOutcome::Connected
+                || matches!(&a.outcome, TcpOutcome::Error(e) if e.contains("reset")),
+            "{a:?}"
+        );
+    }
     let passive = nstat(&lab, &server_ns, "TcpExtTCPFastOpenPassive") - before;
     assert_eq!(passive, 30, "the server took data in 30 SYNs (Fast Open)");
     let answered = out.answered_ports();
@@ -96,7 +111,6 @@ fn tcp_fast_open_is_answered() {
 }
 
 #[test]
-#[ignore = "needs the kernel pairing of ICMP time exceeded from the parser work"]
 fn icmp_time_exceeded_is_unreachable_and_named() {
     require_root();
     let lab = Lab::new(
@@ -159,7 +173,7 @@ fn icmp_time_exceeded_is_unreachable_and_named() {
         .map(Value::to_string)
         .unwrap_or_default();
     assert!(
-        details.contains("20 time exceeded (TTL) (ICMP 11/0)"),
+        details.contains("20 time to live exceeded in transit (ICMP 11/0)"),
         "the report does not name the ICMP error: {details}"
     );
     lab.teardown().unwrap_or_else(|e| panic!("{e:#}"));
