@@ -107,12 +107,12 @@ pub fn report(
     let totals = replay.histogram.totals;
     let (verdict, fix) = if translation.out_of_sight(totals.attempts) {
         (
-            translation.verdict(&replay.names, totals.attempts, totals.lost),
+            translation.verdict(&replay.names, cfg.allowed, totals.attempts, totals.lost),
             translation.fix(),
         )
     } else {
-        let verdict = verdict::decide(&replay.histogram, &node, nat.as_ref());
-        let fix = verdict::fix(&verdict, cfg.allowed, &node, nat.as_ref());
+        let verdict = verdict::decide(&replay.histogram, &replay.destinations, &node, nat.as_ref());
+        let fix = verdict::fix(&verdict, &node, nat.as_ref());
         (verdict, fix)
     };
     let lost_by_pod = linked.then(|| PodLoss::group(&replay.lost));
@@ -132,6 +132,8 @@ pub fn report(
         duration_s: f.last_ns.saturating_sub(f.first_ns.unwrap_or(f.last_ns)) as f64 / 1e9,
         syn_timeout_ms: cfg.syn_timeout.as_millis() as u64,
         histogram: replay.histogram.clone(),
+        by_destination: replay.destinations.top(10),
+        tracker: *replay.tracker_stats(),
         verdict,
         fix,
         node,

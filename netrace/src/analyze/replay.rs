@@ -27,6 +27,7 @@ use netrace_common::{
 };
 
 use super::config::AnalyzeConfig;
+use crate::track::destinations::{Destination, Destinations};
 use crate::{
     capture::Frame,
     kernel::events::Event,
@@ -73,6 +74,8 @@ pub struct Replay {
     sink: MemorySink,
     tracker: Tracker,
     pub histogram: Histogram,
+    /// Outcomes by destination, for the verdict (bounded).
+    pub destinations: Destinations,
     pub correlator: Correlator,
     pub lost: Vec<ConnRecord>,
     pub lost_not_listed: u64,
@@ -102,6 +105,7 @@ impl Replay {
             sink: MemorySink::default(),
             tracker: cfg.tracker(),
             histogram: cfg.histogram(),
+            destinations: Destinations::default(),
             correlator: Correlator::new("/sys/fs/cgroup"),
             lost: Vec::new(),
             lost_not_listed: 0,
@@ -307,6 +311,15 @@ impl Replay {
     fn record(&mut self) -> io::Result<()> {
         for o in self.outcomes.drain(..) {
             self.histogram.add(o.key.src_port, o.kind);
+            let (_, addr) = crate::kernel::events::addrs(&o.key);
+            self.destinations.add(
+                Destination {
+                    addr,
+                    port: o.key.dst_port,
+                },
+                o.key.src_port,
+                o.kind,
+            );
             let wants_record = self.json || o.kind.is_loss();
             if !wants_record {
                 self.correlator.forget(&o.key);
