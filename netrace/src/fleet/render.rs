@@ -83,6 +83,7 @@ pub fn fix(g: &Group, allowed: PortRange, nodes: &[NodeView]) -> Vec<String> {
                 mode: NatMode::KeepsPorts,
                 pairs: 0,
                 range: None,
+                range_sure: false,
                 to_ports: false,
                 summary: String::new(),
             });
