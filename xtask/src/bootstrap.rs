@@ -35,6 +35,10 @@ pub const TOOL_PACKAGES: &[&str] = &[
     // A virtual environment for the manifest validator (Debian's Python refuses a global pip
     // install).
     "python3-venv",
+    // The container image's end-to-end test builds the image and runs it (podman with runc:
+    // the runtime these machines need).
+    "podman",
+    "runc",
 ];
 
 /// `kubectl kustomize` renders the kustomizations for validation. Debian's kubectl is in

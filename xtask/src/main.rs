@@ -182,7 +182,9 @@ fn test(long: bool) -> anyhow::Result<()> {
         kernel_cargo("clippy").args(["--", "-D", "warnings"]),
     )?;
     deploy::check()?;
-    build_static()?;
+    // Before the end-to-end tests: the image test builds the Containerfile's `prebuilt` stage
+    // from this binary.
+    let static_bin = build_static()?;
     let nextest = has_nextest();
     let mut unit = cargo();
     if nextest {
@@ -203,8 +205,9 @@ fn test(long: bool) -> anyhow::Result<()> {
             e2e.args(["--", "--include-ignored"]);
         }
     }
+    e2e.env("NETRACE_STATIC", &static_bin);
     run(
-        "end-to-end tests (root: network namespaces, real packets, the real binary)",
+        "end-to-end tests (root: network namespaces, real packets, the real binary, the image)",
         with_packages(&mut e2e),
     )
 }
