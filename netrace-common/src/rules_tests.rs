@@ -1,15 +1,11 @@
 //! The shared parsing and pairing rules run in user space over byte slices: the same code the
 //! kernel programs run over the skb (netrace/tests/parser.rs checks the kernel side through
-//! `BPF_PROG_TEST_RUN` with the same packet builder).
+//! `BPF_PROG_TEST_RUN` with the same packet builder, the lab's `netrace_lab::wire`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-#[allow(dead_code)]
-#[path = "../../netrace/tests/support/packets.rs"]
-mod packets;
-
-use packets::*;
+use netrace_lab::wire::{self, *};
 
 use crate::{
     pairing::{on_packet, MemorySink, MemoryTable},
@@ -89,11 +85,23 @@ fn tfo_syn(isn: u32, data: usize) -> Tcp {
 }
 
 fn icmp4_quoting_tcp_err(icmp_type: u8, code: u8) -> Vec<u8> {
-    icmp4_error(ROUTER4, LOCAL4, SPORT, REMOTE4, DPORT, ISN, icmp_type, code)
+    icmp_error(
+        ROUTER4.into(),
+        ((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into()),
+        ISN,
+        icmp_type,
+        code,
+    )
 }
 
 fn icmp6_quoting_tcp_err(icmp_type: u8, code: u8) -> Vec<u8> {
-    icmp6_error(ROUTER6, LOCAL6, SPORT, REMOTE6, DPORT, ISN, icmp_type, code)
+    icmp_error(
+        ROUTER6.into(),
+        ((LOCAL6, SPORT).into(), (REMOTE6, DPORT).into()),
+        ISN,
+        icmp_type,
+        code,
+    )
 }
 
 #[test]
@@ -120,47 +128,47 @@ fn parse_table() {
     #[rustfmt::skip]
     let cases: Vec<Case> = vec![
         // Outbound SYNs.
-        ("v4 syn", syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN), Ethernet, Egress, syn(k4(), ISN, 0)),
-        ("v6 syn", syn6(LOCAL6, SPORT, REMOTE6, DPORT, ISN), Ethernet, Egress, syn(k6(), ISN, 0)),
+        ("v4 syn", wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN), Ethernet, Egress, syn(k4(), ISN, 0)),
+        ("v6 syn", wire::syn((LOCAL6, SPORT).into(), (REMOTE6, DPORT).into(), ISN), Ethernet, Egress, syn(k6(), ISN, 0)),
         ("ecn syn", v4(&ecn), Ethernet, Egress, syn(k4(), ISN, 0)),
         ("padded syn", padded, Ethernet, Egress, syn(k4(), ISN, 0)),
-        ("v4 options", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).with_option_bytes(40),
+        ("v4 options", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).option_bytes(40),
             &Tcp::syn(SPORT, DPORT, ISN)), Ethernet, Egress, syn(k4(), ISN, 0)),
-        ("vlan", tcp4(&[VlanTag::dot1q(7)], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP),
+        ("vlan", tcp4(&[dot1q(7)], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP),
             &Tcp::syn(SPORT, DPORT, ISN)), Ethernet, Egress, syn(k4(), ISN, 0)),
-        ("qinq v6", tcp6(&[VlanTag::dot1ad(8), VlanTag::dot1q(7)],
+        ("qinq v6", tcp6(&[dot1ad(8), dot1q(7)],
             &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP), &Tcp::syn(SPORT, DPORT, ISN)),
             Ethernet, Egress, syn(k6(), ISN, 0)),
-        ("three tags", tcp4(&[VlanTag::dot1ad(1), VlanTag::dot1q(2), VlanTag::dot1q(3)],
+        ("three tags", tcp4(&[dot1ad(1), dot1q(2), dot1q(3)],
             &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP), &Tcp::syn(SPORT, DPORT, ISN)),
             Ethernet, Egress, Err(Skip::Irrelevant)),
-        ("v6 ext headers", tcp6(&[], &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP).with_exts(&v6_exts),
+        ("v6 ext headers", tcp6(&[], &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP).exts(&v6_exts),
             &Tcp::syn(SPORT, DPORT, ISN)), Ethernet, Egress, syn(k6(), ISN, 0)),
-        ("v6 chain at bound", tcp6(&[], &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP).with_exts(&at_bound),
+        ("v6 chain at bound", tcp6(&[], &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP).exts(&at_bound),
             &Tcp::syn(SPORT, DPORT, ISN)), Ethernet, Egress, syn(k6(), ISN, 0)),
-        ("v6 chain too long", tcp6(&[], &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP).with_exts(&long_chain),
+        ("v6 chain too long", tcp6(&[], &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP).exts(&long_chain),
             &Tcp::syn(SPORT, DPORT, ISN)), Ethernet, Egress, Err(Skip::Ipv6ChainTooLong)),
-        ("syn on ingress", syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN), Ethernet, Ingress,
+        ("syn on ingress", wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN), Ethernet, Ingress,
             Err(Skip::Irrelevant)),
         // TCP Fast Open: the data length comes from the IP header's length.
         ("tfo v4", v4(&tfo_syn(ISN, 100)), Ethernet, Egress, syn(k4(), ISN, 100)),
         ("tfo v6", v6(&tfo_syn(ISN, 1000)), Ethernet, Egress, syn(k6(), ISN, 1000)),
-        ("tfo v6 ext headers", tcp6(&[], &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP).with_exts(&v6_exts),
+        ("tfo v6 ext headers", tcp6(&[], &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP).exts(&v6_exts),
             &tfo_syn(ISN, 33)), Ethernet, Egress, syn(k6(), ISN, 33)),
-        ("tfo v4 options", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).with_option_bytes(12),
+        ("tfo v4 options", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).option_bytes(12),
             &tfo_syn(ISN, 7)), Ethernet, Egress, syn(k4(), ISN, 7)),
         // Answers.
-        ("v4 synack", answer4(LOCAL4, SPORT, REMOTE4, DPORT, TCP_SYN | TCP_ACK, ISN + 1),
+        ("v4 synack", answer((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), TCP_SYN | TCP_ACK, ISN + 1),
             Ethernet, Ingress, ans(k4(), ISN + 1, Answer::SynAck)),
-        ("v6 synack", answer6(LOCAL6, SPORT, REMOTE6, DPORT, TCP_SYN | TCP_ACK, ISN + 1),
+        ("v6 synack", answer((LOCAL6, SPORT).into(), (REMOTE6, DPORT).into(), TCP_SYN | TCP_ACK, ISN + 1),
             Ethernet, Ingress, ans(k6(), ISN + 1, Answer::SynAck)),
-        ("v4 rst ack", answer4(LOCAL4, SPORT, REMOTE4, DPORT, TCP_RST | TCP_ACK, ISN + 1),
+        ("v4 rst ack", answer((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), TCP_RST | TCP_ACK, ISN + 1),
             Ethernet, Ingress, ans(k4(), ISN + 1, Answer::Rst)),
-        ("bare rst", answer4(LOCAL4, SPORT, REMOTE4, DPORT, TCP_RST, ISN + 1),
+        ("bare rst", answer((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), TCP_RST, ISN + 1),
             Ethernet, Ingress, Err(Skip::Irrelevant)),
-        ("synack on egress", answer4(LOCAL4, SPORT, REMOTE4, DPORT, TCP_SYN | TCP_ACK, ISN + 1),
+        ("synack on egress", answer((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), TCP_SYN | TCP_ACK, ISN + 1),
             Ethernet, Egress, Err(Skip::Irrelevant)),
-        ("plain ack", answer4(LOCAL4, SPORT, REMOTE4, DPORT, TCP_ACK, ISN + 1),
+        ("plain ack", answer((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), TCP_ACK, ISN + 1),
             Ethernet, Ingress, Err(Skip::Irrelevant)),
         // ICMP errors quoting the SYN.
         ("port unreachable", icmp4_quoting_tcp_err(3, 3), Ethernet, Ingress, unreach(k4(), ISN, 3, 3)),
@@ -180,14 +188,14 @@ fn parse_table() {
             unreach(k6(), ISN, 4, 1)),
         ("v6 echo reply", icmp6_quoting_tcp_err(129, 0), Ethernet, Ingress, Err(Skip::Irrelevant)),
         // No Ethernet header: tun, WireGuard, ipip, ppp.
-        ("raw v4 syn", raw(&syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN)), RawIp, Egress,
+        ("raw v4 syn", raw(&wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN)), RawIp, Egress,
             syn(k4(), ISN, 0)),
-        ("raw v6 syn", raw(&syn6(LOCAL6, SPORT, REMOTE6, DPORT, ISN)), RawIp, Egress,
+        ("raw v6 syn", raw(&wire::syn((LOCAL6, SPORT).into(), (REMOTE6, DPORT).into(), ISN)), RawIp, Egress,
             syn(k6(), ISN, 0)),
         ("raw tfo", raw(&v4(&tfo_syn(ISN, 5))), RawIp, Egress, syn(k4(), ISN, 5)),
-        ("raw v4 synack", raw(&answer4(LOCAL4, SPORT, REMOTE4, DPORT, TCP_SYN | TCP_ACK, ISN + 1)),
+        ("raw v4 synack", raw(&answer((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), TCP_SYN | TCP_ACK, ISN + 1)),
             RawIp, Ingress, ans(k4(), ISN + 1, Answer::SynAck)),
-        ("raw v6 rst", raw(&answer6(LOCAL6, SPORT, REMOTE6, DPORT, TCP_RST | TCP_ACK, ISN + 1)),
+        ("raw v6 rst", raw(&answer((LOCAL6, SPORT).into(), (REMOTE6, DPORT).into(), TCP_RST | TCP_ACK, ISN + 1)),
             RawIp, Ingress, ans(k6(), ISN + 1, Answer::Rst)),
         ("raw time exceeded", raw(&icmp4_quoting_tcp_err(11, 0)), RawIp, Ingress,
             unreach(k4(), ISN, 11, 0)),
@@ -195,21 +203,21 @@ fn parse_table() {
             unreach(k6(), ISN, 3, 0)),
         ("raw not ip", vec![0x50; 60], RawIp, Egress, Err(Skip::Irrelevant)),
         ("raw empty", vec![], RawIp, Egress, Err(Skip::Truncated)),
-        ("ethernet frame read as raw", syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN), RawIp, Egress,
+        ("ethernet frame read as raw", wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN), RawIp, Egress,
             Err(Skip::Irrelevant)),
         // Malformed and fragments.
-        ("ihl 4", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).with_ihl(4),
+        ("ihl 4", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).ihl(4),
             &Tcp::syn(SPORT, DPORT, ISN)), Ethernet, Egress, Err(Skip::Malformed)),
-        ("version 5 in v4 frame", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).with_version(5),
+        ("version 5 in v4 frame", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).version(5),
             &Tcp::syn(SPORT, DPORT, ISN)), Ethernet, Egress, Err(Skip::Malformed)),
-        ("doff 4", v4(&Tcp::syn(SPORT, DPORT, ISN).with_data_offset(4)), Ethernet, Egress,
+        ("doff 4", v4(&Tcp::syn(SPORT, DPORT, ISN).data_offset(4)), Ethernet, Egress,
             Err(Skip::Malformed)),
-        ("v4 later fragment", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).with_flags_frag(IP_MF | 185),
+        ("v4 later fragment", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).flags_frag(IP_MF | 185),
             &Tcp::syn(SPORT, DPORT, ISN)), Ethernet, Egress, Err(Skip::Fragment)),
-        ("v4 first fragment", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).with_flags_frag(IP_MF),
+        ("v4 first fragment", tcp4(&[], &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_TCP).flags_frag(IP_MF),
             &Tcp::syn(SPORT, DPORT, ISN)), Ethernet, Egress, syn(k4(), ISN, 0)),
         ("v6 later fragment", tcp6(&[], &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP)
-            .with_exts(&[Ext::Fragment { offset: 3, more: false }]), &Tcp::syn(SPORT, DPORT, ISN)),
+            .exts(&[Ext::Fragment { offset: 3, more: false }]), &Tcp::syn(SPORT, DPORT, ISN)),
             Ethernet, Egress, Err(Skip::Fragment)),
         ("udp", ethernet(&[], ETH_P_IP, &Ipv4::new(LOCAL4, REMOTE4, IPPROTO_UDP).build(&udp(SPORT, DPORT, b"x"))),
             Ethernet, Egress, Err(Skip::Irrelevant)),
@@ -236,19 +244,28 @@ fn every_prefix_is_truncated() {
             Ethernet,
             Egress,
         ),
-        (syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN), Ethernet, Egress),
+        (
+            wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN),
+            Ethernet,
+            Egress,
+        ),
         (
             tcp6(
-                &[VlanTag::dot1ad(200), VlanTag::dot1q(100)],
+                &[dot1ad(200), dot1q(100)],
                 &Ipv6::new(LOCAL6, REMOTE6, IPPROTO_TCP)
-                    .with_exts(&[Ext::HopByHop { len8: 0 }, Ext::Routing { len8: 1 }]),
+                    .exts(&[Ext::HopByHop { len8: 0 }, Ext::Routing { len8: 1 }]),
                 &bare(),
             ),
             Ethernet,
             Egress,
         ),
         (
-            answer4(LOCAL4, SPORT, REMOTE4, DPORT, TCP_SYN | TCP_ACK, ISN + 1),
+            answer(
+                (LOCAL4, SPORT).into(),
+                (REMOTE4, DPORT).into(),
+                TCP_SYN | TCP_ACK,
+                ISN + 1,
+            ),
             Ethernet,
             Ingress,
         ),
@@ -260,7 +277,11 @@ fn every_prefix_is_truncated() {
             Ingress,
         ),
         (
-            raw(&syn6(LOCAL6, SPORT, REMOTE6, DPORT, ISN)),
+            raw(&wire::syn(
+                (LOCAL6, SPORT).into(),
+                (REMOTE6, DPORT).into(),
+                ISN,
+            )),
             RawIp,
             Egress,
         ),
@@ -338,8 +359,8 @@ use EventKind::{Answered, Refused, Superseded, Syn, Unreachable};
 
 #[test]
 fn pairing_table() {
-    let syn4p = |isn| syn4(LOCAL4, SPORT, REMOTE4, DPORT, isn);
-    let syn6p = |isn| syn6(LOCAL6, SPORT, REMOTE6, DPORT, isn);
+    let syn4p = |isn| wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), isn);
+    let syn6p = |isn| wire::syn((LOCAL6, SPORT).into(), (REMOTE6, DPORT).into(), isn);
     let tfo4 = |isn, n| {
         tcp4(
             &[],
@@ -354,8 +375,8 @@ fn pairing_table() {
             &tfo_syn(isn, n),
         )
     };
-    let a4 = |flags, ack| answer4(LOCAL4, SPORT, REMOTE4, DPORT, flags, ack);
-    let a6 = |flags, ack| answer6(LOCAL6, SPORT, REMOTE6, DPORT, flags, ack);
+    let a4 = |flags, ack| answer((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), flags, ack);
+    let a6 = |flags, ack| answer((LOCAL6, SPORT).into(), (REMOTE6, DPORT).into(), flags, ack);
     const SA: u8 = TCP_SYN | TCP_ACK;
     const RA: u8 = TCP_RST | TCP_ACK;
 
@@ -448,8 +469,14 @@ fn pairing_table() {
 fn pairing_records_and_counts_as_the_kernel_does() {
     let mut rig = Rig::new();
     let key = k4();
-    rig.out(10, &syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN));
-    rig.out(20, &syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN));
+    rig.out(
+        10,
+        &wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN),
+    );
+    rig.out(
+        20,
+        &wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN),
+    );
     let p = rig.table.map[&key];
     assert_eq!(
         (p.first_ns, p.last_ns, p.isn, p.syns, p.ifindex, p.data_len),
@@ -457,11 +484,21 @@ fn pairing_records_and_counts_as_the_kernel_does() {
     );
     rig.back(
         25,
-        &answer4(LOCAL4, SPORT, REMOTE4, DPORT, TCP_SYN | TCP_ACK, ISN + 7),
+        &answer(
+            (LOCAL4, SPORT).into(),
+            (REMOTE4, DPORT).into(),
+            TCP_SYN | TCP_ACK,
+            ISN + 7,
+        ),
     );
     rig.back(
         30,
-        &answer4(LOCAL4, SPORT, REMOTE4, DPORT, TCP_SYN | TCP_ACK, ISN + 1),
+        &answer(
+            (LOCAL4, SPORT).into(),
+            (REMOTE4, DPORT).into(),
+            TCP_SYN | TCP_ACK,
+            ISN + 1,
+        ),
     );
     let ev = rig.sink.take_events();
     assert_eq!(ev.len(), 2);
@@ -509,11 +546,17 @@ fn pairing_filter_and_full_map() {
         dst_port: 80,
         ..Default::default()
     });
-    rig.out(1, &syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN));
+    rig.out(
+        1,
+        &wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN),
+    );
     assert!(rig.table.map.is_empty());
     assert_eq!(rig.sink.counter(Counter::Filtered), 1);
     assert_eq!(rig.sink.counter(Counter::SynSeen), 0);
-    rig.out(2, &syn4(LOCAL4, SPORT, REMOTE4, 80, ISN));
+    rig.out(
+        2,
+        &wire::syn((LOCAL4, SPORT).into(), (REMOTE4, 80).into(), ISN),
+    );
     assert_eq!(rig.table.map.len(), 1);
 
     // A /24 of the remote address.
@@ -526,9 +569,18 @@ fn pairing_filter_and_full_map() {
         dst_net: net,
         ..Default::default()
     });
-    rig.out(1, &syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN));
-    rig.out(1, &syn4(LOCAL4, SPORT, ROUTER4, DPORT, ISN));
-    rig.out(1, &syn6(LOCAL6, SPORT, REMOTE6, DPORT, ISN));
+    rig.out(
+        1,
+        &wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN),
+    );
+    rig.out(
+        1,
+        &wire::syn((LOCAL4, SPORT).into(), (ROUTER4, DPORT).into(), ISN),
+    );
+    rig.out(
+        1,
+        &wire::syn((LOCAL6, SPORT).into(), (REMOTE6, DPORT).into(), ISN),
+    );
     assert_eq!(
         rig.table.map.keys().copied().collect::<Vec<_>>(),
         vec![k4()]
@@ -537,8 +589,14 @@ fn pairing_filter_and_full_map() {
 
     let mut rig = Rig::new();
     rig.table.max_entries = 1;
-    rig.out(1, &syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN));
-    rig.out(1, &syn4(LOCAL4, SPORT + 1, REMOTE4, DPORT, ISN));
+    rig.out(
+        1,
+        &wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN),
+    );
+    rig.out(
+        1,
+        &wire::syn((LOCAL4, SPORT + 1).into(), (REMOTE4, DPORT).into(), ISN),
+    );
     assert_eq!(rig.table.map.len(), 1);
     assert_eq!(rig.sink.counter(Counter::PendingMapFull), 1);
     assert_eq!(rig.kinds(), vec![(Syn, 0, 0)]);
@@ -551,17 +609,19 @@ fn pairing_over_raw_ip() {
         1,
         RawIp,
         Egress,
-        &raw(&syn6(LOCAL6, SPORT, REMOTE6, DPORT, ISN)),
+        &raw(&wire::syn(
+            (LOCAL6, SPORT).into(),
+            (REMOTE6, DPORT).into(),
+            ISN,
+        )),
     );
     rig.packet(
         2,
         RawIp,
         Ingress,
-        &raw(&answer6(
-            LOCAL6,
-            SPORT,
-            REMOTE6,
-            DPORT,
+        &raw(&answer(
+            (LOCAL6, SPORT).into(),
+            (REMOTE6, DPORT).into(),
             TCP_SYN | TCP_ACK,
             ISN + 1,
         )),
@@ -570,7 +630,11 @@ fn pairing_over_raw_ip() {
         3,
         RawIp,
         Egress,
-        &raw(&syn4(LOCAL4, SPORT, REMOTE4, DPORT, ISN)),
+        &raw(&wire::syn(
+            (LOCAL4, SPORT).into(),
+            (REMOTE4, DPORT).into(),
+            ISN,
+        )),
     );
     rig.packet(4, RawIp, Ingress, &raw(&icmp4_quoting_tcp_err(11, 0)));
     assert_eq!(

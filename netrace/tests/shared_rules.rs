@@ -3,8 +3,6 @@
 //! the path `netrace analyze` takes. Pure user space, no privileges.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::net::Ipv4Addr;
 
 use netrace::{
@@ -16,7 +14,7 @@ use netrace_common::{
     parse::{parse, Direction, Link},
     EventKind,
 };
-use support::packets::*;
+use netrace_lab::wire::*;
 
 const MS: u64 = 1_000_000;
 const S: u64 = 1_000 * MS;
@@ -70,8 +68,15 @@ impl Replay {
 #[test]
 fn a_capture_replayed_through_the_kernel_rules_and_the_tracker() {
     use Direction::{Egress, Ingress};
-    let syn = |port, isn| syn4(LOCAL, port, REMOTE, 443, isn);
-    let synack = |port, ack| answer4(LOCAL, port, REMOTE, 443, TCP_SYN | TCP_ACK, ack);
+    let syn = |port, isn| syn((LOCAL, port).into(), (REMOTE, 443).into(), isn);
+    let synack = |port, ack| {
+        answer(
+            (LOCAL, port).into(),
+            (REMOTE, 443).into(),
+            TCP_SYN | TCP_ACK,
+            ack,
+        )
+    };
     let mut tfo = Tcp::syn(40_005, 443, 500);
     tfo.options
         .extend_from_slice(&[34, 10, 1, 2, 3, 4, 5, 6, 7, 8]);
@@ -89,12 +94,24 @@ fn a_capture_replayed_through_the_kernel_rules_and_the_tracker() {
     r.packet(
         11 * MS,
         Ingress,
-        &icmp4_error(ROUTER, LOCAL, 40_004, REMOTE, 443, 400, 3, 4),
+        &icmp_error(
+            ROUTER.into(),
+            ((LOCAL, 40_004).into(), (REMOTE, 443).into()),
+            400,
+            3,
+            4,
+        ),
     );
     r.packet(
         12 * MS,
         Ingress,
-        &icmp4_error(ROUTER, LOCAL, 40_003, REMOTE, 443, 300, 11, 0),
+        &icmp_error(
+            ROUTER.into(),
+            ((LOCAL, 40_003).into(), (REMOTE, 443).into()),
+            300,
+            11,
+            0,
+        ),
     );
     r.packet(14 * MS, Ingress, &synack(40_005, 500 + 1 + 200));
     // 40_002 retransmits at 1 s, and is answered only at 5 s: after the 3 s timeout.

@@ -1,6 +1,12 @@
-//! Crafted frames on a real interface: a byte-by-byte builder (Ethernet with 802.1Q / 802.1ad
-//! tags, IPv4 with options and fragment fields, IPv6 with extension-header chains, TCP, ICMP)
-//! and an `AF_PACKET` [`Injector`] that puts them on a lab interface.
+//! Crafted frames: the one packet builder of every netrace test (Ethernet with 802.1Q /
+//! 802.1ad tags, IPv4 with options and fragment fields, IPv6 with extension-header chains, TCP,
+//! UDP, ICMP and ICMPv6, ARP), built byte by byte in network byte order so that headers can lie
+//! (IHL, data offset, version, truncation), plus an `AF_PACKET` [`Injector`] that puts frames
+//! on a lab interface. netrace's `BPF_PROG_TEST_RUN` tests (`netrace/tests/parser.rs`) and the
+//! lab's on-the-wire tests (`tests/tests/robustness.rs`) both build their frames here.
+//!
+//! Checksums are computed where cheap (the IPv4 header) and left zero elsewhere: netrace's
+//! parser never looks at them, and crafted frames are never delivered to a socket.
 //!
 //! Sent on an interface from inside its namespace, a frame passes that interface's tc
 //! *egress* (`dev_queue_xmit`, no qdisc bypass) and arrives at the veth peer's tc *ingress*.
@@ -9,7 +15,7 @@
 //! the receiving stack drops it as "for another host" right after tc: crafted frames are seen
 //! by netrace and by nothing else (no RST, no ICMP error comes back).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use anyhow::{bail, Context as _, Result};
@@ -18,17 +24,24 @@ use crate::netns;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6 "no next header".
+pub const IPPROTO_NONE: u8 = 59;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
+pub const TCP_ECE: u8 = 0x40;
+pub const TCP_CWR: u8 = 0x80;
 
 /// IPv4 "don't fragment".
 pub const IP_DF: u16 = 0x4000;
@@ -39,6 +52,16 @@ pub const IP_MF: u16 = 0x2000;
 /// crafted frame, so the receiving stack drops it (`PACKET_OTHERHOST`) after tc has seen it.
 pub const FOREIGN_MAC: [u8; 6] = [0x02, 0x6e, 0x72, 0x74, 0x00, 0x01];
 const SOURCE_MAC: [u8; 6] = [0x02, 0x6e, 0x72, 0x74, 0x00, 0x02];
+
+/// An 802.1Q tag (TPID, TCI) for VLAN `vid`.
+pub fn dot1q(vid: u16) -> (u16, u16) {
+    (ETH_P_8021Q, vid & 0x0fff)
+}
+
+/// An 802.1ad (outer QinQ) tag (TPID, TCI) for VLAN `vid`.
+pub fn dot1ad(vid: u16) -> (u16, u16) {
+    (ETH_P_8021AD, vid & 0x0fff)
+}
 
 /// An Ethernet frame to [`FOREIGN_MAC`]: each tag as (TPID, TCI), then `ethertype`, `payload`.
 pub fn ethernet(tags: &[(u16, u16)], ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -160,14 +183,18 @@ pub enum Ext {
     Routing { len8: u8 },
     /// Fragment header: offset in 8-byte units and the M flag.
     Fragment { offset: u16, more: bool },
+    /// Authentication header; `len4` is its Payload Len field (4-byte units minus 2).
+    Auth { len4: u8 },
 }
 
 impl Ext {
-    fn number(self) -> u8 {
+    /// The header's protocol number (what the previous header names as "next").
+    pub fn number(self) -> u8 {
         match self {
             Ext::HopByHop { .. } => 0,
             Ext::Routing { .. } => 43,
             Ext::Fragment { .. } => 44,
+            Ext::Auth { .. } => 51,
             Ext::DestOpts { .. } => 60,
         }
     }
@@ -190,6 +217,13 @@ impl Ext {
                 b[0] = next;
                 b[2..4].copy_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
                 b[4..8].copy_from_slice(&0x6e72_7400_u32.to_be_bytes());
+                b
+            }
+            Ext::Auth { len4 } => {
+                let mut b = vec![0u8; (usize::from(len4) + 2) * 4];
+                b[0] = next;
+                b[1] = len4;
+                b[4..8].copy_from_slice(&0x0000_0100_u32.to_be_bytes()); // SPI
                 b
             }
         }
@@ -258,6 +292,8 @@ pub struct Tcp {
     pub flags: u8,
     pub data_offset: Option<u8>,
     pub options: Vec<u8>,
+    /// Bytes after the header (a Fast Open SYN's data).
+    pub payload: Vec<u8>,
 }
 
 impl Tcp {
@@ -270,6 +306,7 @@ impl Tcp {
             flags,
             data_offset: None,
             options: Vec::new(),
+            payload: Vec::new(),
         }
     }
 
@@ -317,7 +354,7 @@ impl Tcp {
         }
         let hlen = 20 + options.len();
         let doff = self.data_offset.unwrap_or((hlen / 4) as u8);
-        let mut h = Vec::with_capacity(hlen);
+        let mut h = Vec::with_capacity(hlen + self.payload.len());
         h.extend_from_slice(&self.sport.to_be_bytes());
         h.extend_from_slice(&self.dport.to_be_bytes());
         h.extend_from_slice(&self.seq.to_be_bytes());
@@ -327,15 +364,43 @@ impl Tcp {
         h.extend_from_slice(&64240_u16.to_be_bytes());
         h.extend_from_slice(&[0, 0, 0, 0]); // checksum (nobody checks it), urgent pointer
         h.extend_from_slice(&options);
+        h.extend_from_slice(&self.payload);
         h
     }
 }
 
-/// An ICMP / ICMPv6 message: type, code, zero checksum, 4 bytes of rest-of-header, body.
-pub fn icmp(icmp_type: u8, code: u8, body: &[u8]) -> Vec<u8> {
-    let mut h = vec![icmp_type, code, 0, 0, 0, 0, 0, 0];
+/// An ICMP / ICMPv6 message: type, code, zero checksum, `rest` (the 4 bytes of
+/// rest-of-header: unused in errors, identifier and sequence in echoes), body.
+pub fn icmp(icmp_type: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut h = vec![icmp_type, code, 0, 0];
+    h.extend_from_slice(&rest);
     h.extend_from_slice(body);
     h
+}
+
+/// A UDP datagram (checksum left zero).
+pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(8 + payload.len());
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(payload);
+    h
+}
+
+/// An ARP request (who has `target`, tell `sender`), IPv4 over Ethernet.
+pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut b = Vec::with_capacity(28);
+    b.extend_from_slice(&1u16.to_be_bytes()); // hardware type: Ethernet
+    b.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    b.extend_from_slice(&[6, 4]);
+    b.extend_from_slice(&1u16.to_be_bytes()); // request
+    b.extend_from_slice(&SOURCE_MAC);
+    b.extend_from_slice(&sender.octets());
+    b.extend_from_slice(&[0; 6]);
+    b.extend_from_slice(&target.octets());
+    ethernet(&[], ETH_P_ARP, &b)
 }
 
 /// Ethernet + IPv4 + TCP.
@@ -348,23 +413,103 @@ pub fn tcp6(tags: &[(u16, u16)], ip: &Ipv6, tcp: &Tcp) -> Vec<u8> {
     ethernet(tags, ETH_P_IPV6, &ip.build(&tcp.build()))
 }
 
-/// An ICMP destination-unreachable (`code`) from `router` to `local`, quoting the IPv4 SYN
-/// `local:lport -> remote:rport` with sequence number `seq` (IP header + 8 bytes of TCP).
-pub fn icmp4_unreachable(
-    router: Ipv4Addr,
-    code: u8,
-    (local, lport): (Ipv4Addr, u16),
-    (remote, rport): (Ipv4Addr, u16),
-    seq: u32,
-) -> Vec<u8> {
-    let quoted_tcp = Tcp::syn(lport, rport, seq).build();
-    let quoted = Ipv4::new(local, remote, IPPROTO_TCP).build(&quoted_tcp[..8]);
-    let msg = icmp(3, code, &quoted);
-    ethernet(
+/// An IPv4 or IPv6 header, for tests that run over both families.
+#[derive(Clone, Debug)]
+pub enum Ip {
+    V4(Ipv4),
+    V6(Ipv6),
+}
+
+impl Ip {
+    /// A plain header `src -> dst` carrying `proto`. Panics when the two addresses are of
+    /// different families (a bug in the test).
+    pub fn new(src: IpAddr, dst: IpAddr, proto: u8) -> Self {
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => Ip::V4(Ipv4::new(s, d, proto)),
+            (IpAddr::V6(s), IpAddr::V6(d)) => Ip::V6(Ipv6::new(s, d, proto)),
+            _ => panic!("a packet from {src} to {dst} mixes address families"),
+        }
+    }
+
+    /// The ethertype announcing this header.
+    pub fn ethertype(&self) -> u16 {
+        match self {
+            Ip::V4(_) => ETH_P_IP,
+            Ip::V6(_) => ETH_P_IPV6,
+        }
+    }
+
+    /// Sets the header's version field (to make it lie).
+    pub fn version(self, v: u8) -> Self {
+        match self {
+            Ip::V4(h) => Ip::V4(h.version(v)),
+            Ip::V6(h) => Ip::V6(h.version(v)),
+        }
+    }
+
+    pub fn build(&self, payload: &[u8]) -> Vec<u8> {
+        match self {
+            Ip::V4(h) => h.build(payload),
+            Ip::V6(h) => h.build(payload),
+        }
+    }
+
+    /// Ethernet (with `tags`) + this header + `payload`.
+    pub fn frame(&self, tags: &[(u16, u16)], payload: &[u8]) -> Vec<u8> {
+        ethernet(tags, self.ethertype(), &self.build(payload))
+    }
+}
+
+/// The ICMP protocol number of `addr`'s family (ICMP or ICMPv6).
+pub fn icmp_proto(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        IPPROTO_ICMP
+    } else {
+        IPPROTO_ICMPV6
+    }
+}
+
+/// Ethernet (with `tags`) + IPv4 or IPv6 `src -> dst` + `tcp`.
+pub fn tcp_frame(tags: &[(u16, u16)], src: IpAddr, dst: IpAddr, tcp: &Tcp) -> Vec<u8> {
+    Ip::new(src, dst, IPPROTO_TCP).frame(tags, &tcp.build())
+}
+
+/// A SYN as Linux sends it, `from -> to`, with sequence number `isn`.
+pub fn syn(from: SocketAddr, to: SocketAddr, isn: u32) -> Vec<u8> {
+    tcp_frame(
         &[],
-        ETH_P_IP,
-        &Ipv4::new(router, local, IPPROTO_ICMP).build(&msg),
+        from.ip(),
+        to.ip(),
+        &Tcp::syn(from.port(), to.port(), isn),
     )
+}
+
+/// The answer to the SYN `from -> to`: a segment `to -> from` with `flags` and `ack`.
+pub fn answer(from: SocketAddr, to: SocketAddr, flags: u8, ack: u32) -> Vec<u8> {
+    tcp_frame(
+        &[],
+        to.ip(),
+        from.ip(),
+        &Tcp::answer(from.port(), to.port(), flags, ack),
+    )
+}
+
+/// An ICMP or ICMPv6 error (`icmp_type`, `code`) from `router` to the sender of the SYN
+/// `from -> to` with sequence number `seq`, quoting it: for IPv4 the IP header and the first
+/// 8 bytes of TCP (what RFC 792 requires at least), for IPv6 the whole SYN (as RFC 4443
+/// asks, as much as fits).
+pub fn icmp_error(
+    router: IpAddr,
+    (from, to): (SocketAddr, SocketAddr),
+    seq: u32,
+    icmp_type: u8,
+    code: u8,
+) -> Vec<u8> {
+    let tcp = Tcp::syn(from.port(), to.port(), seq).build();
+    let quoted_tcp = if from.is_ipv4() { &tcp[..8] } else { &tcp[..] };
+    let quoted = Ip::new(from.ip(), to.ip(), IPPROTO_TCP).build(quoted_tcp);
+    let msg = icmp(icmp_type, code, [0; 4], &quoted);
+    Ip::new(router, from.ip(), icmp_proto(router)).frame(&[], &msg)
 }
 
 const SOL_PACKET: i32 = 263;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use netrace_lab::inspect;
 use netrace_lab::lab::addr;
 use netrace_lab::wire::{
-    self, icmp4_unreachable, tcp4, tcp6, Ext, Injector, Ipv4, Ipv6, Tcp, ETH_P_8021AD, ETH_P_8021Q,
+    self, icmp_error, tcp4, tcp6, Ext, Injector, Ipv4, Ipv6, Tcp, ETH_P_8021AD, ETH_P_8021Q,
     ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IP_MF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use netrace_lab::{
@@ -459,12 +459,15 @@ fn inject_decoys(w: &Wire, plan: &mut Plan) {
                 &in4(),
                 &Tcp::answer(port, INJ_PORT, TCP_RST, ack),
             )),
-            311 => w.inn(&icmp4_unreachable(
-                addr::FW_NODE4,
-                1,
-                (addr::NODE_UP4, port),
-                (INJ4, INJ_PORT),
+            311 => w.inn(&icmp_error(
+                addr::FW_NODE4.into(),
+                (
+                    SocketAddr::from((addr::NODE_UP4, port)),
+                    SocketAddr::from((INJ4, INJ_PORT)),
+                ),
                 isn_for(port) ^ 1,
+                3,
+                1,
             )),
             312 => {
                 // IHL 15 with no options: the TCP header would lie beyond the packet.
@@ -1508,12 +1511,15 @@ fn sequence_number_wrap() {
     w.inn(&tcp4(&[], &in4(), &answer(405, TCP_RST | TCP_ACK, 0)));
     // ICMP host unreachable quoting sequence number 0xffffffff: unreachable.
     w.out(&tcp4(&[], &out4(), &syn_isn(406, max)));
-    w.inn(&icmp4_unreachable(
-        addr::FW_NODE4,
-        1,
-        (addr::NODE_UP4, 406),
-        (INJ4, INJ_PORT),
+    w.inn(&icmp_error(
+        addr::FW_NODE4.into(),
+        (
+            SocketAddr::from((addr::NODE_UP4, 406)),
+            SocketAddr::from((INJ4, INJ_PORT)),
+        ),
         max,
+        3,
+        1,
     ));
     // Off by one on either side of the wrap: no answer, lost.
     w.out(&tcp4(&[], &out4(), &syn_isn(407, max)));

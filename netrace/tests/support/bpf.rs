@@ -1,12 +1,12 @@
 //! Runs crafted packets through netrace's kernel programs with `BPF_PROG_TEST_RUN` and reads
 //! back what they did through the maps.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, SocketAddr};
 
 use aya::{programs::ProgramError, sys::SyscallError, TestRun as _, TestRunOptions};
+pub use netrace::kernel::events::Event;
 use netrace::{
     kernel::attach::Attachments,
-    kernel::events::Event,
     kernel::loader::{
         self, Maps, EGRESS_L3_PROGRAM, EGRESS_PROGRAM, INGRESS_L3_PROGRAM, INGRESS_PROGRAM,
     },
@@ -212,27 +212,28 @@ impl Bpf {
     }
 }
 
-pub fn key4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> FlowKey {
+/// The kernel's key for the connection `src -> dst`: addresses in network order (IPv4 in the
+/// first 4 bytes, the rest zero), ports in host order. Panics on mixed families.
+pub fn key(src: SocketAddr, dst: SocketAddr) -> FlowKey {
     let mut k = FlowKey {
-        family: FAMILY_V4,
-        src_port: sport,
-        dst_port: dport,
+        src_port: src.port(),
+        dst_port: dst.port(),
         ..Default::default()
     };
-    k.src_addr[..4].copy_from_slice(&src.octets());
-    k.dst_addr[..4].copy_from_slice(&dst.octets());
-    k
-}
-
-pub fn key6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> FlowKey {
-    FlowKey {
-        family: FAMILY_V6,
-        src_port: sport,
-        dst_port: dport,
-        src_addr: src.octets(),
-        dst_addr: dst.octets(),
-        ..Default::default()
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            k.family = FAMILY_V4;
+            k.src_addr[..4].copy_from_slice(&s.octets());
+            k.dst_addr[..4].copy_from_slice(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            k.family = FAMILY_V6;
+            k.src_addr = s.octets();
+            k.dst_addr = d.octets();
+        }
+        _ => panic!("a key from {src} to {dst} mixes address families"),
     }
+    k
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -1,5 +1,5 @@
-//! Shared helpers for netrace's integration tests.
+//! Shared helpers for netrace's integration tests. Packets come from the lab's builder,
+//! `netrace_lab::wire`.
 #![allow(dead_code)]
 
 pub mod bpf;
-pub mod packets;
