@@ -20,7 +20,8 @@ use std::os::fd::OwnedFd;
 
 use anyhow::{anyhow, Result};
 
-use crate::attachments::{insn, link_tcx, load_classifier, Dir, BPF_F_BEFORE};
+use crate::foreign_tcx::{insn, link_tcx, load_classifier, BPF_F_BEFORE};
+use crate::inspect::Dir;
 use crate::lab::{addr, Lab};
 
 /// How far an odd pod port moves down.

@@ -1,173 +1,434 @@
-//! What the kernel holds, read independently of netrace: programs attached to an interface
-//! (TCX links through `BPF_PROG_QUERY`, clsact filters through `tc`), the entries of a BPF map
-//! a process has open (by `BPF_MAP_GET_NEXT_KEY`), a process's memory (`/proc/PID/status`), and
-//! a Prometheus scrape from inside a namespace. Needs root.
+//! What the kernel holds, read independently of netrace and without `bpftool` (Debian 12's
+//! bpftool 7.1 does not know TCX links): the one place tests read attached BPF state.
+//!
+//! - What is attached to an interface ([`snapshot`]): its qdiscs and clsact filters (`tc`), its
+//!   TCX programs (`BPF_PROG_QUERY`).
+//! - What a process holds ([`held_by`]): the BPF programs, maps and links it has open
+//!   (`/proc/PID/fdinfo`), whether those ids still exist, a map of it by name
+//!   ([`process_map`]) walked with `BPF_MAP_GET_NEXT_KEY`, its memory ([`memory`]).
+//! - Pinned objects under `/sys/fs/bpf`, and a Prometheus scrape from inside a namespace.
+//!
+//! Needs root. A *foreign* TCX program, for tests that check netrace leaves other tools
+//! alone, is in [`crate::foreign_tcx`].
 
+use std::collections::BTreeSet;
+use std::ffi::CString;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::Value;
 
 use crate::{cmd, netns};
 
+pub(crate) const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+pub(crate) const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
+pub(crate) const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
+/// Larger than every `union bpf_attr` member used here; unused bytes stay zero.
+const ATTR_SIZE: usize = 128;
 
-/// `bpf(cmd, attr, size)`; the attribute is any plain `repr(C)` struct.
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
-    // SAFETY: `attr` points to a live, writable, fully initialised value of the size passed;
-    // the kernel reads and writes at most that many bytes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            (attr as *mut T).cast::<libc::c_void>(),
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+/// A traffic direction on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Packets arriving.
+    Ingress,
+    /// Packets leaving.
+    Egress,
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct ProgQuery {
-    target_ifindex: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    count: u32,
-    _pad: u32,
-    prog_attach_flags: u64,
-    link_ids: u64,
-    link_attach_flags: u64,
-    revision: u64,
-}
-
-/// Programs attached to one interface, seen from its namespace.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Attached {
-    /// Programs on the TCX ingress hook.
-    pub tcx_ingress: u32,
-    /// Programs on the TCX egress hook.
-    pub tcx_egress: u32,
-    /// `tc filter show dev IF ingress` / `egress` lines (clsact filters), if any.
-    pub tc_filters: Vec<String>,
-    /// Whether the interface has a clsact qdisc.
-    pub clsact: bool,
-}
-
-impl Attached {
-    /// Nothing on any hook.
-    pub fn is_empty(&self) -> bool {
-        self.tcx_ingress == 0 && self.tcx_egress == 0 && self.tc_filters.is_empty() && !self.clsact
-    }
-}
-
-fn tcx_count(ifindex: u32, attach_type: u32) -> std::io::Result<u32> {
-    let mut q = ProgQuery {
-        target_ifindex: ifindex,
-        attach_type,
-        ..Default::default()
-    };
-    bpf(BPF_PROG_QUERY, &mut q)?;
-    Ok(q.count)
-}
-
-/// TCX program counts (ingress, egress) for each of `ifaces` in namespace `ns`, in order.
-pub fn tcx_programs(ns: &str, ifaces: &[String]) -> Result<Vec<(u32, u32)>> {
-    let ifaces = ifaces.to_vec();
-    netns::spawn_in(ns, "lab-tcx-query", move || {
-        let mut out = Vec::with_capacity(ifaces.len());
-        for name in &ifaces {
-            let c = std::ffi::CString::new(name.as_str())?;
-            // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-            let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-            if idx == 0 {
-                bail!("no interface {name}");
-            }
-            let ingress = tcx_count(idx, BPF_TCX_INGRESS)
-                .with_context(|| format!("BPF_PROG_QUERY tcx ingress {name}"))?;
-            let egress = tcx_count(idx, BPF_TCX_EGRESS)
-                .with_context(|| format!("BPF_PROG_QUERY tcx egress {name}"))?;
-            out.push((ingress, egress));
+impl Dir {
+    pub(crate) fn tc(self) -> &'static str {
+        match self {
+            Dir::Ingress => "ingress",
+            Dir::Egress => "egress",
         }
-        Ok(out)
-    })?
-    .join()
-    .map_err(|_| anyhow!("the query thread panicked"))?
+    }
+
+    pub(crate) fn tcx(self) -> u32 {
+        match self {
+            Dir::Ingress => BPF_TCX_INGRESS,
+            Dir::Egress => BPF_TCX_EGRESS,
+        }
+    }
 }
 
-/// Everything attached to `iface` in `ns`: TCX programs, clsact filters and qdisc.
-pub fn attached(ns: &str, iface: &str) -> Result<Attached> {
-    let (tcx_ingress, tcx_egress) = tcx_programs(ns, &[iface.to_owned()])?
-        .first()
-        .copied()
-        .unwrap_or_default();
-    let mut tc_filters = Vec::new();
-    for dir in ["ingress", "egress"] {
-        let out = cmd::ns_exec(ns, &["tc", "filter", "show", "dev", iface, dir])?;
-        tc_filters.extend(
-            out.lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| format!("{dir}: {l}")),
-        );
+/// A zeroed `union bpf_attr` with native-endian field setters.
+pub(crate) struct Attr([u8; ATTR_SIZE]);
+
+impl Attr {
+    pub(crate) fn new() -> Self {
+        Self([0; ATTR_SIZE])
     }
-    let qdiscs = cmd::ns_exec(ns, &["tc", "qdisc", "show", "dev", iface])?;
-    Ok(Attached {
-        tcx_ingress,
-        tcx_egress,
-        tc_filters,
-        clsact: qdiscs.lines().any(|l| l.contains("clsact")),
+    pub(crate) fn u32(&mut self, off: usize, v: u32) -> &mut Self {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    pub(crate) fn u64(&mut self, off: usize, v: u64) -> &mut Self {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn get_u32(&self, off: usize) -> u32 {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&self.0[off..off + 4]);
+        u32::from_ne_bytes(b)
+    }
+    pub(crate) fn bytes(&mut self, off: usize, v: &[u8]) -> &mut Self {
+        self.0[off..off + v.len()].copy_from_slice(v);
+        self
+    }
+    pub(crate) fn call(&mut self, cmd: libc::c_long) -> std::io::Result<i64> {
+        // SAFETY: the attribute buffer is ATTR_SIZE live, writable, initialised bytes, and the
+        // kernel reads and writes at most the size passed. Pointers stored inside it (ids,
+        // instructions, names) are set by the callers to buffers that outlive this call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                self.0.as_mut_ptr().cast::<libc::c_void>(),
+                ATTR_SIZE as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+}
+
+pub(crate) fn fd_from(rc: i64) -> Result<OwnedFd> {
+    let fd = i32::try_from(rc).map_err(|_| anyhow!("bpf returned fd {rc}"))?;
+    // SAFETY: on success these bpf commands return a new file descriptor that nothing else
+    // owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Runs `f` on a fresh thread inside namespace `ns` (per-thread namespaces: the caller's
+/// thread stays where it is) and returns its result.
+pub(crate) fn in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    netns::spawn_in(ns, "lab-inspect", f)?
+        .join()
+        .map_err(|_| anyhow!("a thread inside namespace {ns} panicked"))?
+}
+
+pub(crate) fn ifindex(name: &str) -> Result<u32> {
+    let c = CString::new(name)?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        bail!("no interface {name} here");
+    }
+    Ok(idx)
+}
+
+/// Ids of the programs on the TCX hook of `dev` in `dir`, in run order (namespace `ns`).
+pub fn tcx_programs(ns: &str, dev: &str, dir: Dir) -> Result<Vec<u32>> {
+    let dev = dev.to_owned();
+    in_ns(ns, move || query_tcx(&dev, dir))
+}
+
+/// [`tcx_programs`] from a thread already inside the namespace.
+fn query_tcx(dev: &str, dir: Dir) -> Result<Vec<u32>> {
+    let idx = ifindex(dev)?;
+    let mut ids = vec![0u32; 64];
+    let mut attr = Attr::new();
+    attr.u32(0, idx)
+        .u32(4, dir.tcx())
+        .u64(16, ids.as_mut_ptr() as u64)
+        .u32(24, ids.len() as u32);
+    attr.call(BPF_PROG_QUERY)
+        .with_context(|| format!("BPF_PROG_QUERY tcx {} on {dev}", dir.tc()))?;
+    let n = attr.get_u32(24) as usize;
+    ids.truncate(n.min(64));
+    Ok(ids)
+}
+
+/// Whether BPF program `id` still exists.
+pub fn prog_exists(id: u32) -> bool {
+    by_id_exists(BPF_PROG_GET_FD_BY_ID, id)
+}
+
+/// Whether BPF map `id` still exists.
+pub fn map_exists(id: u32) -> bool {
+    by_id_exists(BPF_MAP_GET_FD_BY_ID, id)
+}
+
+/// Whether BPF link `id` still exists.
+pub fn link_exists(id: u32) -> bool {
+    by_id_exists(BPF_LINK_GET_FD_BY_ID, id)
+}
+
+fn by_id_exists(cmd: libc::c_long, id: u32) -> bool {
+    let mut attr = Attr::new();
+    attr.u32(0, id);
+    match attr.call(cmd) {
+        Ok(rc) => {
+            drop(fd_from(rc));
+            true
+        }
+        // ENOENT: gone. Anything else (EPERM...) cannot tell; say it exists, so that a check
+        // for leftovers fails loudly rather than passing blindly.
+        Err(e) => e.raw_os_error() != Some(libc::ENOENT),
+    }
+}
+
+/// The name of BPF program `id` (at most 15 characters, as the kernel keeps it), if it exists.
+pub fn prog_name(id: u32) -> Option<String> {
+    let mut attr = Attr::new();
+    attr.u32(0, id);
+    let fd = fd_from(attr.call(BPF_PROG_GET_FD_BY_ID).ok()?).ok()?;
+    let mut info = [0u8; 256];
+    let mut attr = Attr::new();
+    attr.u32(0, fd.as_raw_fd() as u32)
+        .u32(4, info.len() as u32)
+        .u64(8, info.as_mut_ptr() as u64);
+    attr.call(BPF_OBJ_GET_INFO_BY_FD).ok()?;
+    // struct bpf_prog_info: name[16] at offset 64.
+    let name = &info[64..80];
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    Some(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
+/// BPF objects a process holds open (programs also through its links).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Program ids.
+    pub progs: BTreeSet<u32>,
+    /// Map ids.
+    pub maps: BTreeSet<u32>,
+    /// Link ids.
+    pub links: BTreeSet<u32>,
+}
+
+impl Held {
+    /// The ids among these that still exist in the kernel, as `["prog 12", "map 7", ...]`.
+    pub fn still_existing(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        out.extend(
+            self.progs
+                .iter()
+                .filter(|id| prog_exists(**id))
+                .map(|id| format!("prog {id}")),
+        );
+        out.extend(
+            self.maps
+                .iter()
+                .filter(|id| map_exists(**id))
+                .map(|id| format!("map {id}")),
+        );
+        out.extend(
+            self.links
+                .iter()
+                .filter(|id| link_exists(**id))
+                .map(|id| format!("link {id}")),
+        );
+        out
+    }
+
+    /// Waits up to `timeout` until none of these objects exists any more (the kernel frees
+    /// them a moment after the last reference goes); returns those still there.
+    pub fn wait_gone(&self, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.still_existing();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The BPF programs, maps and links process `pid` has open, from `/proc/PID/fdinfo`.
+pub fn held_by(pid: u32) -> Result<Held> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut held = Held::default();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(entry) = entry else { continue };
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| -> Option<u32> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if let Some(id) = field("link_id:") {
+            held.links.insert(id);
+        }
+        if let Some(id) = field("prog_id:") {
+            held.progs.insert(id);
+        }
+        if let Some(id) = field("map_id:") {
+            held.maps.insert(id);
+        }
+    }
+    Ok(held)
+}
+
+/// Files and directories under `/sys/fs/bpf` (empty if bpffs is not mounted there).
+pub fn pinned() -> Vec<String> {
+    fn walk(dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let p = e.path();
+            out.push(p.display().to_string());
+            if p.is_dir() {
+                walk(&p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/bpf"), &mut out);
+    out.sort();
+    out
+}
+
+/// A qdisc as `tc -j qdisc show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Qdisc {
+    /// `noqueue`, `clsact`, ...
+    pub kind: String,
+    /// `0:`, `ffff:`, ...
+    pub handle: String,
+}
+
+/// Everything attached to one interface: qdiscs, clsact filters (as `tc filter show` prints
+/// them), TCX programs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The qdiscs.
+    pub qdiscs: Vec<Qdisc>,
+    /// `tc filter show dev DEV ingress`.
+    pub tc_ingress: String,
+    /// `tc filter show dev DEV egress`.
+    pub tc_egress: String,
+    /// TCX ingress program ids, in order.
+    pub tcx_ingress: Vec<u32>,
+    /// TCX egress program ids, in order.
+    pub tcx_egress: Vec<u32>,
+}
+
+impl Snapshot {
+    /// Nothing on any hook: no clsact qdisc, no filter, no TCX program.
+    pub fn is_empty(&self) -> bool {
+        !self.has_clsact()
+            && self.tc_ingress.trim().is_empty()
+            && self.tc_egress.trim().is_empty()
+            && self.tcx_ingress.is_empty()
+            && self.tcx_egress.is_empty()
+    }
+
+    /// Whether a clsact qdisc is present.
+    pub fn has_clsact(&self) -> bool {
+        self.qdiscs.iter().any(|q| q.kind == "clsact")
+    }
+
+    /// Lines of the clsact filter listings that name one of netrace's programs.
+    pub fn netrace_filters(&self) -> Vec<String> {
+        self.tc_ingress
+            .lines()
+            .chain(self.tc_egress.lines())
+            .filter(|l| l.contains("netrace_"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Names of the TCX programs (`?` for a program that vanished meanwhile).
+    pub fn tcx_names(&self) -> Vec<String> {
+        self.tcx_ingress
+            .iter()
+            .chain(&self.tcx_egress)
+            .map(|id| prog_name(*id).unwrap_or_else(|| "?".into()))
+            .collect()
+    }
+}
+
+/// Reads what is attached to `dev` in namespace `ns`.
+pub fn snapshot(ns: &str, dev: &str) -> Result<Snapshot> {
+    let qd = cmd::ns_exec(ns, &["tc", "-j", "qdisc", "show", "dev", dev])?;
+    let json: Value =
+        serde_json::from_str(&qd).with_context(|| format!("parsing `tc -j qdisc show`: {qd}"))?;
+    let mut qdiscs: Vec<Qdisc> = json
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|q| Qdisc {
+            kind: q.get("kind").and_then(Value::as_str).unwrap_or("?").into(),
+            handle: q
+                .get("handle")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .into(),
+        })
+        .collect();
+    qdiscs.sort();
+    let filters = |dir: Dir| cmd::ns_exec(ns, &["tc", "filter", "show", "dev", dev, dir.tc()]);
+    Ok(Snapshot {
+        qdiscs,
+        tc_ingress: filters(Dir::Ingress)?,
+        tc_egress: filters(Dir::Egress)?,
+        tcx_ingress: tcx_programs(ns, dev, Dir::Ingress)?,
+        tcx_egress: tcx_programs(ns, dev, Dir::Egress)?,
     })
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct GetFdById {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
+/// `bpftool` on the PATH, if installed (the checks that use it are extra, never required).
+pub fn bpftool() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("bpftool"))
+            .find(|p| p.is_file())
+    })
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct InfoByFd {
-    fd: u32,
-    info_len: u32,
-    info: u64,
+/// Program ids `bpftool -j prog show` lists, if bpftool is installed.
+pub fn bpftool_prog_ids() -> Option<Result<BTreeSet<u32>>> {
+    let tool = bpftool()?;
+    let tool = tool.to_string_lossy().into_owned();
+    Some((|| {
+        let out = cmd::run(&tool, &["-j", "prog", "show"])?;
+        let json: Value = serde_json::from_str(&out).context("parsing bpftool -j prog show")?;
+        Ok(json
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.get("id").and_then(Value::as_u64))
+            .filter_map(|id| u32::try_from(id).ok())
+            .collect())
+    })())
 }
 
-#[repr(C)]
-struct MapInfo {
-    map_type: u32,
-    id: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-    name: [u8; 16],
-    _rest: [u8; 64],
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct NextKey {
-    fd: u32,
-    _pad: u32,
-    key: u64,
-    next_key: u64,
-    flags: u64,
+/// TCX program counts (ingress, egress) for each of `ifaces` in namespace `ns`, in order, read
+/// on one thread (cheap for hundreds of interfaces).
+pub fn tcx_counts(ns: &str, ifaces: &[String]) -> Result<Vec<(usize, usize)>> {
+    let ifaces = ifaces.to_vec();
+    in_ns(ns, move || {
+        ifaces
+            .iter()
+            .map(|dev| {
+                Ok((
+                    query_tcx(dev, Dir::Ingress)?.len(),
+                    query_tcx(dev, Dir::Egress)?.len(),
+                ))
+            })
+            .collect()
+    })
 }
 
 /// A BPF map found among a process's descriptors.
@@ -190,13 +451,11 @@ impl MapHandle {
         let mut n = 0usize;
         let mut first = true;
         loop {
-            let mut a = NextKey {
-                fd: self.fd.as_raw_fd() as u32,
-                key: if first { 0 } else { key.as_ptr() as u64 },
-                next_key: next.as_mut_ptr() as u64,
-                ..Default::default()
-            };
-            match bpf(BPF_MAP_GET_NEXT_KEY, &mut a) {
+            let mut attr = Attr::new();
+            attr.u32(0, self.fd.as_raw_fd() as u32)
+                .u64(8, if first { 0 } else { key.as_ptr() as u64 })
+                .u64(16, next.as_mut_ptr() as u64);
+            match attr.call(BPF_MAP_GET_NEXT_KEY) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
                 Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
@@ -213,57 +472,37 @@ impl MapHandle {
 
 /// The BPF map named `name` that process `pid` holds open.
 pub fn process_map(pid: u32, name: &str) -> Result<MapHandle> {
-    let dir = format!("/proc/{pid}/fdinfo");
-    let entries = std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))?;
-    let mut ids = Vec::new();
-    for e in entries.flatten() {
-        let Ok(text) = std::fs::read_to_string(e.path()) else {
+    for id in held_by(pid)?.maps {
+        let mut attr = Attr::new();
+        attr.u32(0, id);
+        let Ok(rc) = attr.call(BPF_MAP_GET_FD_BY_ID) else {
             continue;
         };
-        if let Some(id) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("map_id:"))
-            .and_then(|v| v.trim().parse::<u32>().ok())
-        {
-            ids.push(id);
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    for id in ids {
-        let mut a = GetFdById {
-            id,
-            ..Default::default()
+        let fd = fd_from(rc)?;
+        // struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags,
+        // name[16] at offset 24.
+        let mut info = [0u8; 88];
+        let mut attr = Attr::new();
+        attr.u32(0, fd.as_raw_fd() as u32)
+            .u32(4, info.len() as u32)
+            .u64(8, info.as_mut_ptr() as u64);
+        attr.call(BPF_OBJ_GET_INFO_BY_FD)
+            .context("BPF_OBJ_GET_INFO_BY_FD")?;
+        let word = |off: usize| {
+            u32::from_ne_bytes([info[off], info[off + 1], info[off + 2], info[off + 3]])
         };
-        let Ok(raw) = bpf(BPF_MAP_GET_FD_BY_ID, &mut a) else {
-            continue;
-        };
-        // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-        let mut info = MapInfo {
-            map_type: 0,
-            id: 0,
-            key_size: 0,
-            value_size: 0,
-            max_entries: 0,
-            map_flags: 0,
-            name: [0; 16],
-            _rest: [0; 64],
-        };
-        let mut q = InfoByFd {
-            fd: fd.as_raw_fd() as u32,
-            info_len: std::mem::size_of::<MapInfo>() as u32,
-            info: (&mut info as *mut MapInfo) as u64,
-        };
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut q).context("BPF_OBJ_GET_INFO_BY_FD")?;
-        let end = info.name.iter().position(|b| *b == 0).unwrap_or(16);
-        let found = String::from_utf8_lossy(&info.name[..end]).into_owned();
+        let raw_name = &info[24..40];
+        let end = raw_name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(raw_name.len());
+        let found = String::from_utf8_lossy(&raw_name[..end]).into_owned();
         if found == name {
             return Ok(MapHandle {
                 fd,
                 name: found,
-                key_size: info.key_size,
-                max_entries: info.max_entries,
+                key_size: word(8),
+                max_entries: word(16),
             });
         }
     }
@@ -277,9 +516,11 @@ pub struct Memory {
     pub rss_kib: u64,
     /// `RssAnon` (heap and stacks: where a leak shows).
     pub anon_kib: u64,
+    /// `VmHWM`: the peak resident size so far.
+    pub peak_kib: u64,
 }
 
-/// Reads `VmRSS` and `RssAnon` of `pid`.
+/// Reads `VmRSS`, `RssAnon` and `VmHWM` of `pid`.
 pub fn memory(pid: u32) -> Result<Memory> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
@@ -293,6 +534,7 @@ pub fn memory(pid: u32) -> Result<Memory> {
     Ok(Memory {
         rss_kib: field("VmRSS:")?,
         anon_kib: field("RssAnon:")?,
+        peak_kib: field("VmHWM:")?,
     })
 }
 

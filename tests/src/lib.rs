@@ -12,11 +12,11 @@
 //! # anyhow::Ok(())
 //! ```
 
-pub mod attachments;
 pub mod bpf_snat;
 pub mod client;
 pub mod cmd;
 pub mod extra_pod;
+pub mod foreign_tcx;
 pub mod inspect;
 pub mod lab;
 pub mod names;
@@ -28,7 +28,6 @@ pub mod server;
 pub mod star;
 pub mod synflood;
 pub mod truth;
-pub mod watcher;
 pub mod wire;
 pub mod xml;
 
@@ -40,5 +39,5 @@ pub use cmd::is_root;
 pub use lab::{Family, Lab, LabOptions, SnatBackend, SnatMode};
 pub use names::{leftovers, leftovers_any, remove_stale, stale_leftovers};
 pub use netrace_run::{netrace_bin, NetraceOptions, NetraceOutput, NetraceRun, Output};
-pub use server::{Accepted, Server};
+pub use server::{Accepted, Server, UdpMode};
 pub use truth::{TcpTruth, Truth};

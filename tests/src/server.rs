@@ -1,6 +1,8 @@
-//! The server: a TCP listener and a UDP echo on one port, as threads of this process that
-//! entered the server namespace. The TCP side records every accepted peer (on the far side of
-//! the node's SNAT, that is the post-SNAT address and port) and closes the connection.
+//! The one test server: a TCP listener and (by default) a UDP echo on one port, as threads of
+//! this process that entered a namespace. The TCP side records every accepted peer (on the far
+//! side of the node's SNAT, that is the post-SNAT address and port) and closes the connection.
+//! For `netrace probe`'s tests the UDP side can instead be bound and silent, or closed
+//! ([`UdpMode`]).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd as _;
@@ -24,11 +26,23 @@ pub struct Accepted {
     pub at_unix_ms: u64,
 }
 
+/// What the server does with UDP on its port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpMode {
+    /// Echo every datagram back (the lab's server).
+    Echo,
+    /// Bound and read, never answered (a service that does not speak UDP).
+    Silent,
+    /// Nothing bound: the namespace's kernel answers with ICMP port unreachable.
+    Closed,
+}
+
 #[derive(Default)]
 struct Shared {
     stop: AtomicBool,
     accepted: Mutex<Vec<Accepted>>,
     udp_peers: Mutex<Vec<SocketAddr>>,
+    udp_received: AtomicUsize,
     udp_echoed: AtomicUsize,
 }
 
@@ -63,13 +77,19 @@ impl Server {
     /// Starts the TCP listener and the UDP echo on `[::]:port` (dual stack) inside `ns`;
     /// returns once both are bound.
     pub fn start(ns: &str, port: u16) -> Result<Self> {
+        Self::start_with(ns, port, UdpMode::Echo)
+    }
+
+    /// Starts the TCP listener on `[::]:port` (dual stack) inside `ns`, and UDP as `udp`
+    /// says; returns once everything is bound.
+    pub fn start_with(ns: &str, port: u16, udp: UdpMode) -> Result<Self> {
         let shared = Arc::new(Shared::default());
         let any = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
 
         let tcp_shared = Arc::clone(&shared);
         let tcp_ready = ready_tx.clone();
-        let tcp = netns::spawn_in(ns, "lab-tcp-server", move || {
+        let mut threads = vec![netns::spawn_in(ns, "lab-tcp-server", move || {
             let listener = match listen(any) {
                 Ok(l) => l,
                 Err(e) => {
@@ -80,31 +100,34 @@ impl Server {
             let _ = tcp_ready.send(Ok(()));
             accept_loop(&listener, &tcp_shared);
             Ok(())
-        })?;
+        })?];
 
-        let udp_shared = Arc::clone(&shared);
-        let udp = netns::spawn_in(ns, "lab-udp-echo", move || {
-            let socket = match UdpSocket::bind(any).and_then(|s| {
-                s.set_read_timeout(Some(Duration::from_millis(100)))
-                    .map(|()| s)
-            }) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow!("UDP bind {any}: {e}")));
-                    return Ok(());
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            echo_loop(&socket, &udp_shared);
-            Ok(())
-        })?;
+        if udp != UdpMode::Closed {
+            let udp_shared = Arc::clone(&shared);
+            threads.push(netns::spawn_in(ns, "lab-udp-server", move || {
+                let socket = match UdpSocket::bind(any).and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_millis(100)))
+                        .map(|()| s)
+                }) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow!("UDP bind {any}: {e}")));
+                        return Ok(());
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                udp_loop(&socket, &udp_shared, udp == UdpMode::Echo);
+                Ok(())
+            })?);
+        }
 
+        let expected = threads.len();
         let mut server = Server {
             port,
             shared,
-            threads: vec![tcp, udp],
+            threads,
         };
-        for _ in 0..2 {
+        for _ in 0..expected {
             let ready = ready_rx
                 .recv_timeout(Duration::from_secs(10))
                 .context("the server threads did not report within 10 s");
@@ -150,6 +173,11 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Number of UDP datagrams received so far (echoed or not).
+    pub fn udp_received(&self) -> usize {
+        self.shared.udp_received.load(Ordering::Relaxed)
     }
 
     /// Number of UDP datagrams echoed so far.
@@ -220,12 +248,13 @@ fn accept_loop(listener: &TcpListener, shared: &Shared) {
     }
 }
 
-fn echo_loop(socket: &UdpSocket, shared: &Shared) {
+fn udp_loop(socket: &UdpSocket, shared: &Shared, echo: bool) {
     let mut buf = [0u8; 2048];
     while !shared.stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buf) {
             Ok((len, peer)) => {
-                if socket.send_to(&buf[..len], peer).is_ok() {
+                shared.udp_received.fetch_add(1, Ordering::Relaxed);
+                if echo && socket.send_to(&buf[..len], peer).is_ok() {
                     shared.udp_echoed.fetch_add(1, Ordering::Relaxed);
                     lock(&shared.udp_peers).push(canonical(peer));
                 }

@@ -18,10 +18,10 @@ fn start(lab: &Lab, pod_ifaces: &[&str]) -> NetraceRun {
         args.push("--pod-iface".into());
         args.push((*p).to_string());
     }
-    let opts = NetraceOptions::new(netrace_bin().expect("the netrace binary"))
+    let opts = NetraceOptions::for_lab(lab, netrace_bin().expect("the netrace binary"))
         .syn_timeout(Duration::from_millis(1500))
         .args(args);
-    NetraceRun::start(lab, &opts).expect("starting netrace")
+    NetraceRun::start(&opts).expect("starting netrace")
 }
 
 /// (pod address, pod port) → post-SNAT port, from the node's conntrack table.

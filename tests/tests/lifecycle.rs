@@ -21,13 +21,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netrace_lab::attachments::{self, Dir, ForeignTcx, Held, Snapshot};
+use netrace_lab::foreign_tcx::ForeignTcx;
+use netrace_lab::inspect::{self, Dir, Held, Snapshot};
+use netrace_lab::netrace_run::catches_signals;
 use netrace_lab::star::Star;
 use netrace_lab::synflood::{SynFlood, SynTuple};
-use netrace_lab::watcher::{self, WatchSpec, Watcher};
 use netrace_lab::{
-    is_root, netrace_bin, truth, Family, Lab, NetraceOutput, Output, TcpAttempt, TcpCounts,
-    TcpOutcome,
+    is_root, netrace_bin, truth, Family, Lab, NetraceOptions, NetraceOutput, NetraceRun, Output,
+    TcpAttempt, TcpCounts, TcpOutcome,
 };
 use serde_json::Value;
 
@@ -55,20 +56,20 @@ fn star(spokes: usize) -> Star {
     s
 }
 
-fn spec(s: &Star, dev: &str) -> WatchSpec {
-    WatchSpec::new(bin(), s.hub_ns(), dev)
+fn spec(s: &Star, dev: &str) -> NetraceOptions {
+    NetraceOptions::new(bin(), s.hub_ns(), dev)
 }
 
-fn start(spec: &WatchSpec) -> Watcher {
-    Watcher::start(spec).unwrap_or_else(|e| panic!("starting netrace: {e:#}"))
+fn start(spec: &NetraceOptions) -> NetraceRun {
+    NetraceRun::start(spec).unwrap_or_else(|e| panic!("starting netrace: {e:#}"))
 }
 
 fn snapshot(ns: &str, dev: &str) -> Snapshot {
-    attachments::snapshot(ns, dev).unwrap_or_else(|e| panic!("{e:#}"))
+    inspect::snapshot(ns, dev).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn held(w: &Watcher) -> Held {
-    attachments::held_by(w.pid()).unwrap_or_else(|e| panic!("{e:#}"))
+fn held(w: &NetraceRun) -> Held {
+    inspect::held_by(w.pid()).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `n` connections from the hub to spoke `i`.
@@ -130,7 +131,7 @@ fn assert_nothing_left(ns: &str, dev: &str, before: &Snapshot, held: &Held) {
     );
     let after = snapshot(ns, dev);
     assert_eq!(&after, before, "{dev} differs from before netrace ran");
-    if let Some(ids) = attachments::bpftool_prog_ids() {
+    if let Some(ids) = inspect::bpftool_prog_ids() {
         let ids = ids.unwrap_or_else(|e| panic!("{e:#}"));
         let listed: Vec<&u32> = held.progs.iter().filter(|p| ids.contains(p)).collect();
         assert!(listed.is_empty(), "bpftool still lists programs {listed:?}");
@@ -156,7 +157,7 @@ fn kill_9_leaves_nothing_behind() {
         before.tcx_egress.is_empty() && !before.has_clsact(),
         "{before:?}"
     );
-    let pinned_before = attachments::pinned();
+    let pinned_before = inspect::pinned();
     let w = start(&spec(&s, &dev));
     let held = held(&w);
     assert_eq!(
@@ -191,7 +192,7 @@ fn kill_9_leaves_nothing_behind() {
         out.describe()
     );
     assert_nothing_left(s.hub_ns(), &dev, &before, &held);
-    assert_eq!(attachments::pinned(), pinned_before, "pinned BPF objects");
+    assert_eq!(inspect::pinned(), pinned_before, "pinned BPF objects");
     // Traffic flows as before.
     let after = connect(&s, 0, PORT, 20);
     assert_eq!(TcpCounts::of(&after).connected, 20);
@@ -511,7 +512,7 @@ fn foreign_case_env(mode: &str, foreign_tc: bool, empty_env: bool) {
         assert_eq!(during.tcx_egress[1], tcx.prog_id);
         assert!(held.progs.contains(&during.tcx_egress[0]));
         assert_eq!(
-            attachments::prog_name(during.tcx_egress[0]).as_deref(),
+            inspect::prog_name(during.tcx_egress[0]).as_deref(),
             Some("netrace_egress")
         );
         assert_eq!(
@@ -574,7 +575,7 @@ fn foreign_case_env(mode: &str, foreign_tc: bool, empty_env: bool) {
     assert_nothing_left(s.hub_ns(), &dev, &before, &held);
     decisions(&s, foreign_tc);
     drop(tcx);
-    assert!(attachments::tcx_programs(s.hub_ns(), &dev, Dir::Egress)
+    assert!(inspect::tcx_programs(s.hub_ns(), &dev, Dir::Egress)
         .unwrap()
         .is_empty());
     s.teardown().unwrap_or_else(|e| panic!("{e:#}"));
@@ -653,7 +654,7 @@ fn two_watchers_case(first: &str, second: &str) {
     let lab = Lab::seed().unwrap_or_else(|e| panic!("{e:#}"));
     let (ns, dev) = (lab.node_ns().to_owned(), lab.node_uplink().to_owned());
     let before = snapshot(&ns, &dev);
-    let spec = |mode: &str| WatchSpec::new(bin(), &ns, &dev).args(["--attach", mode]);
+    let spec = |mode: &str| NetraceOptions::new(bin(), &ns, &dev).args(["--attach", mode]);
     let a = start(&spec(first));
     let b = start(&spec(second));
     let (held_a, held_b) = (held(&a), held(&b));
@@ -739,35 +740,6 @@ fn lost_tuples(out: &NetraceOutput) -> Vec<SynTuple> {
         .collect()
 }
 
-/// Max resident memory of a process, in KiB (`VmHWM`).
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// The pending map's size as the kernel has it: the hash map with netrace's key and value
-/// sizes among the process's maps (from fdinfo).
-fn pending_map_max_entries(pid: u32) -> Option<u64> {
-    let dir = format!("/proc/{pid}/fdinfo");
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .find_map(|e| {
-            let t = std::fs::read_to_string(e.path()).ok()?;
-            let f = |k: &str| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix(k))
-                    .map(|v| v.trim().to_owned())
-            };
-            (f("map_type:")? == "1" && f("key_size:")? == "40" && f("value_size:")? == "32")
-                .then(|| f("max_entries:")?.parse().ok())?
-        })
-}
-
 /// `count` SYNs into a black hole behind the watched interface with `--max-pending 1000`: the
 /// map takes 1000, every other SYN is counted as untracked, none silently disappears, and
 /// memory stays bounded.
@@ -781,7 +753,12 @@ fn flood_case(count: usize, max_rss_mib: u64) {
             .syn_timeout(Duration::from_millis(1000))
             .args(["--max-pending", "1000"]),
     );
-    assert_eq!(pending_map_max_entries(w.pid()), Some(1000));
+    assert_eq!(
+        inspect::process_map(w.pid(), "PENDING")
+            .ok()
+            .map(|m| m.max_entries),
+        Some(1000)
+    );
     let flood = SynFlood {
         src: hub_v4(&s),
         dsts: blackhole_dsts(32),
@@ -798,7 +775,9 @@ fn flood_case(count: usize, max_rss_mib: u64) {
         sent.len()
     );
     std::thread::sleep(Duration::from_millis(2500));
-    let rss_kib = peak_rss_kib(w.pid());
+    let rss_kib = inspect::memory(w.pid())
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .peak_kib;
     let out = w.stop().unwrap_or_else(|e| panic!("{e:#}"));
     let ctx = format!(
         "{} SYNs sent in {took:?}; netrace peak RSS {} MiB\n{}",
@@ -934,10 +913,9 @@ fn signal_during_attach(sig: i32) {
     let before = snapshot(s.hub_ns(), &dev);
     let mut hit = false;
     for tries in 0..20 {
-        let w = Watcher::spawn(&spec(&s, &dev)).unwrap_or_else(|e| panic!("{e:#}"));
+        let w = NetraceRun::spawn(&spec(&s, &dev)).unwrap_or_else(|e| panic!("{e:#}"));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !watcher::catches_signals(w.pid(), &[libc::SIGINT, libc::SIGTERM])
-            && Instant::now() < deadline
+        while !catches_signals(w.pid(), &[libc::SIGINT, libc::SIGTERM]) && Instant::now() < deadline
         {
             std::hint::spin_loop();
         }
@@ -987,7 +965,7 @@ fn signal_right_after_spawn() {
     let dev = s.hub_if(0).to_owned();
     let before = snapshot(s.hub_ns(), &dev);
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGTERM, libc::SIGINT] {
-        let w = Watcher::spawn(&spec(&s, &dev)).unwrap_or_else(|e| panic!("{e:#}"));
+        let w = NetraceRun::spawn(&spec(&s, &dev)).unwrap_or_else(|e| panic!("{e:#}"));
         w.signal(sig).unwrap();
         let out = w
             .wait(Duration::from_secs(20))

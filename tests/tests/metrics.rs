@@ -67,10 +67,10 @@ fn metrics_pass_promtool_and_match_the_summary() {
     let lab = Lab::seed().expect("building the seed lab");
     lab.exec(lab.node_ns(), &["ip", "link", "set", "lo", "up"])
         .expect("loopback up in the node namespace");
-    let opts = NetraceOptions::new(netrace_bin().expect("the netrace binary"))
+    let opts = NetraceOptions::for_lab(&lab, netrace_bin().expect("the netrace binary"))
         .syn_timeout(Duration::from_millis(1500))
         .args(["--metrics-addr", &format!("127.0.0.1:{PORT}")]);
-    let run = NetraceRun::start(&lab, &opts).expect("starting netrace");
+    let run = NetraceRun::start(&opts).expect("starting netrace");
     let attempts = lab
         .client()
         .tcp(lab.server_addr(Family::V4), 120, &|_, _| {})

@@ -235,7 +235,7 @@ fn total(out: &NetraceOutput, key: &str) -> u64 {
 fn outcomes_case(family: Family) {
     require_root();
     let (lab, lost_server) = outcome_lab();
-    let netrace = NetraceRun::start(&lab, &NetraceOptions::new(bin()))
+    let netrace = NetraceRun::start(&NetraceOptions::for_lab(&lab, bin()))
         .unwrap_or_else(|e| panic!("starting netrace: {e:#}"));
     // 3 s, not 1: an ICMP error that arrives while connect() still holds the socket is a soft
     // error for Linux, which then retransmits the SYN after 1 s and fails at the next error
@@ -825,15 +825,12 @@ fn report_case(opts: LabOptions, loss_case: bool) {
     let svg =
         TempFile(std::env::temp_dir().join(format!("netrace-outcomes-{}.svg", lab.names().stem)));
     let _ = std::fs::remove_file(&svg.0);
-    let json = NetraceRun::start(&lab, &NetraceOptions::new(bin()))
+    let json = NetraceRun::start(&NetraceOptions::for_lab(&lab, bin()))
         .unwrap_or_else(|e| panic!("starting netrace: {e:#}"));
     let text = NetraceRun::start(
-        &lab,
-        &NetraceOptions::new(bin()).output(Output::Text).args([
-            "--list-lost",
-            "--svg",
-            svg.0.to_str().unwrap(),
-        ]),
+        &NetraceOptions::for_lab(&lab, bin())
+            .output(Output::Text)
+            .args(["--list-lost", "--svg", svg.0.to_str().unwrap()]),
     )
     .unwrap_or_else(|e| panic!("starting netrace: {e:#}"));
     let attempts = lab

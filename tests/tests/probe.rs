@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netrace_lab::probe_lab::{self, TcpOnlyServer, UdpMode};
-use netrace_lab::{is_root, netrace_bin, Family, Lab, LabOptions, SnatMode};
+use netrace_lab::probe_lab;
+use netrace_lab::{is_root, netrace_bin, Family, Lab, LabOptions, Server, SnatMode, UdpMode};
 use serde_json::Value;
 
 /// Short timeout and high rate: the lab answers in well under a millisecond.
@@ -398,13 +398,14 @@ fn ipv6_edge_40000() {
 fn server_without_udp_answer() {
     let lab = lab(32768);
     probe_lab::server_icmp_unlimited(&lab).unwrap_or_else(|e| panic!("{e:#}"));
-    let mut silent =
-        TcpOnlyServer::start(&lab, 8081, UdpMode::Silent).unwrap_or_else(|e| panic!("{e:#}"));
-    let mut closed =
-        TcpOnlyServer::start(&lab, 8082, UdpMode::Closed).unwrap_or_else(|e| panic!("{e:#}"));
+    let start = |port, udp| {
+        Server::start_with(lab.server_ns(), port, udp).unwrap_or_else(|e| panic!("{e:#}"))
+    };
+    let (mut silent, mut closed) = (start(8081, UdpMode::Silent), start(8082, UdpMode::Closed));
+    let at = |s: &Server| SocketAddr::new(lab.server_addr(Family::V4).ip(), s.port());
 
     // Bound but silent: no reply, none expected; TCP still finds the edge.
-    let p = probe_json(&lab, silent.addr(&lab, Family::V4), &[]);
+    let p = probe_json(&lab, at(&silent), &[]);
     assert_range(&p, 32768, 65535);
     let s = p.summary();
     let ctx = p.ctx();
@@ -423,10 +424,10 @@ fn server_without_udp_answer() {
         udp.len(),
         "every datagram arrived\n{ctx}"
     );
-    assert!(silent.accepted() > 0, "{ctx}");
+    assert!(!silent.accepted().is_empty(), "{ctx}");
 
     // Closed: ICMP port unreachable comes back from every port (UDP is not filtered).
-    let p = probe_json(&lab, closed.addr(&lab, Family::V4), &[]);
+    let p = probe_json(&lab, at(&closed), &[]);
     assert_range(&p, 32768, 65535);
     let s = p.summary();
     let ctx = p.ctx();
@@ -434,11 +435,7 @@ fn server_without_udp_answer() {
     assert!(p.outcomes("udp").values().all(|o| o == "refused"), "{ctx}");
 
     // --udp alone against the silent service: nothing to infer, said so.
-    let p = probe_json(
-        &lab,
-        silent.addr(&lab, Family::V4),
-        &["--udp", "--samples", "16"],
-    );
+    let p = probe_json(&lab, at(&silent), &["--udp", "--samples", "16"]);
     let s = p.summary();
     let ctx = p.ctx();
     assert_eq!(s["primary"], "udp", "{ctx}");

@@ -43,7 +43,7 @@ fn lab(opts: LabOptions) -> Lab {
 }
 
 fn start(lab: &Lab, extra: &[&str]) -> NetraceRun {
-    NetraceRun::start(lab, &NetraceOptions::new(bin()).args(extra.iter().copied()))
+    NetraceRun::start(&NetraceOptions::for_lab(lab, bin()).args(extra.iter().copied()))
         .unwrap_or_else(|e| panic!("starting netrace: {e:#}"))
 }
 
@@ -206,7 +206,7 @@ fn check_against_truth(
 }
 
 fn assert_nothing_attached(ns: &str, iface: &str, ctx: &str) {
-    let a = inspect::attached(ns, iface).unwrap_or_else(|e| panic!("{e:#}"));
+    let a = inspect::snapshot(ns, iface).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(
         a.is_empty(),
         "{iface} still has something attached: {a:?}\n{ctx}"
@@ -922,9 +922,9 @@ fn invalid_command_lines() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(ready.exists(), "the control run never became ready");
-    let during = inspect::attached(lab.node_ns(), &uplink).unwrap();
+    let during = inspect::snapshot(lab.node_ns(), &uplink).unwrap();
     assert_eq!(
-        (during.tcx_ingress, during.tcx_egress),
+        (during.tcx_ingress.len(), during.tcx_egress.len()),
         (1, 1),
         "{during:?}"
     );
@@ -1229,7 +1229,7 @@ fn many_interfaces_case(lab: &Lab, ifaces: &[String], extra: &[String], clsact: 
         args.extend(["--attach", "clsact"]);
     }
     let run = start(lab, &args);
-    let t = inspect::tcx_programs(lab.node_ns(), ifaces).unwrap_or_else(|e| panic!("{e:#}"));
+    let t = inspect::tcx_counts(lab.node_ns(), ifaces).unwrap_or_else(|e| panic!("{e:#}"));
     if clsact {
         assert!(
             t.iter().all(|c| *c == (0, 0)),
@@ -1260,7 +1260,7 @@ fn many_interfaces_case(lab: &Lab, ifaces: &[String], extra: &[String], clsact: 
     let (ok, lost) = check_against_truth(lab, Family::V4, &attempts, &out);
     assert_eq!((ok, lost), (attempts.len(), 0), "{ctx}");
     assert_eq!(out.code(), Some(0), "{ctx}");
-    let after = inspect::tcx_programs(lab.node_ns(), ifaces).unwrap_or_else(|e| panic!("{e:#}"));
+    let after = inspect::tcx_counts(lab.node_ns(), ifaces).unwrap_or_else(|e| panic!("{e:#}"));
     let left: Vec<_> = ifaces
         .iter()
         .zip(&after)
@@ -1331,7 +1331,7 @@ fn steady_run(length: Duration) {
     const METRICS: &str = "127.0.0.1:19478";
     const WORKERS: usize = 8;
     let run = start(&lab, &["--metrics-addr", METRICS, "--ringbuf-kib", "256"]);
-    let pid = run.pid().expect("netrace's pid");
+    let pid = run.pid();
     let map = inspect::process_map(pid, "PENDING").unwrap_or_else(|e| panic!("{e:#}"));
     let metrics: SocketAddr = METRICS.parse().unwrap();
     let client = lab.client_with(ClientOptions {

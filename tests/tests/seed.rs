@@ -196,7 +196,7 @@ fn check_connection_fields(lab: &Lab, run: &ClientRun, out: &NetraceOutput) {
 
 fn start_netrace(lab: &Lab) -> NetraceRun {
     let bin = netrace_bin().unwrap_or_else(|e| panic!("{e:#}"));
-    NetraceRun::start(lab, &NetraceOptions::new(bin))
+    NetraceRun::start(&NetraceOptions::for_lab(lab, bin))
         .unwrap_or_else(|e| panic!("starting netrace: {e:#}"))
 }
 

@@ -113,7 +113,7 @@ impl RunOutcome {
 
 fn scenario(lab: &Lab, netrace_bin: &Path) -> Result<RunOutcome> {
     let pod_side = lab.names().node_pod_if.clone();
-    let opts = NetraceOptions::new(netrace_bin)
+    let opts = NetraceOptions::for_lab(lab, netrace_bin)
         .output(Output::Text)
         .syn_timeout(SYN_TIMEOUT)
         .args(["--pod-iface", pod_side.as_str()]);
@@ -124,7 +124,7 @@ fn scenario(lab: &Lab, netrace_bin: &Path) -> Result<RunOutcome> {
         pod_side,
         SYN_TIMEOUT.as_millis()
     );
-    let netrace = NetraceRun::start(lab, &opts).context("starting netrace")?;
+    let netrace = NetraceRun::start(&opts).context("starting netrace")?;
     println!("  netrace is attached");
 
     let server = lab.server_addr(Family::V4);
