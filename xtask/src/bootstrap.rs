@@ -29,6 +29,8 @@ pub const TOOL_PACKAGES: &[&str] = &[
     "nftables",
     "conntrack",
     "tcpdump",
+    // `nc`: the demo's pod runs the article's `nc -vv` / `nc -vvu` for real.
+    "netcat-openbsd",
     // promtool (the metrics, the rules and their unit tests) and the Prometheus server the
     // fleet end-to-end test runs.
     "prometheus",

@@ -1,21 +1,26 @@
 //! `cargo xtask demo`: the seed failure in a box. A pod whose node SNATs it with
 //! `MASQUERADE --random-fully` into 1024-65535, behind a firewall that lets SYN-ACKs back only
-//! to 32768-65535. netrace watches the node's uplink while the pod makes TCP connections and
-//! UDP exchanges (the article's `nc -vv` and `nc -vvu`), then reports; then the fix it
-//! suggests is applied to the same node and the run repeated.
+//! to 32768-65535. netrace watches the node's uplink while the pod runs the article's test,
+//! real `nc -vv` and `nc -vvu` processes inside the pod's namespace, then reports (naming `nc`
+//! as the process that lost its connections); then the fix it suggests is applied to the same
+//! node and the run repeated. Every command shown is the command that runs.
+
+mod nc;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use netrace_lab::{
-    Family, Lab, LabOptions, NetraceOptions, NetraceRun, Output, SnatMode, TcpAttempt, TcpCounts,
-    TcpOutcome, UdpExchange, UdpOutcome,
-};
+use netrace_lab::{Family, Lab, LabOptions, NetraceOptions, NetraceRun, Output, SnatMode};
+
+use nc::{NcCounts, NcRun};
 
 const TCP: usize = 300;
 const UDP: usize = 100;
+/// `nc` processes running at once.
+const WORKERS: usize = 16;
+/// `nc -w`: seconds to wait for a connection (TCP) or an answer (UDP).
+const NC_WAIT_S: u32 = 1;
 const SYN_TIMEOUT: Duration = Duration::from_millis(1500);
 const PROGRESS_EVERY: usize = 50;
 
@@ -92,19 +97,20 @@ fn describe(lab: &Lab) {
 }
 
 struct RunOutcome {
-    tcp: TcpCounts,
-    udp_lost: usize,
+    tcp: NcCounts,
+    udp: NcCounts,
     netrace_exit: Option<i32>,
 }
 
 impl RunOutcome {
     fn line(&self) -> String {
         format!(
-            "client: {} TCP attempts, {} timed out; {} UDP, {} lost; netrace exit {}",
-            self.tcp.attempts,
-            self.tcp.timed_out,
-            UDP,
-            self.udp_lost,
+            "nc: {} TCP connects, {} timed out; {} UDP exchanges, {} without answer; netrace \
+             exit {}",
+            self.tcp.runs,
+            self.tcp.failed,
+            self.udp.runs,
+            self.udp.failed,
             self.netrace_exit
                 .map_or_else(|| "by signal".to_owned(), |c| c.to_string())
         )
@@ -117,66 +123,52 @@ fn scenario(lab: &Lab, netrace_bin: &Path) -> Result<RunOutcome> {
         .output(Output::Text)
         .syn_timeout(SYN_TIMEOUT)
         .args(["--pod-iface", pod_side.as_str()]);
-    println!(
-        "  starting: ip netns exec {} netrace watch --iface {} --pod-iface {} --syn-timeout {}ms",
-        lab.node_ns(),
-        lab.node_uplink(),
-        pod_side,
-        SYN_TIMEOUT.as_millis()
-    );
-    let netrace = NetraceRun::start(&opts).context("starting netrace")?;
+    let mut netrace = NetraceRun::spawn(&opts).context("starting netrace")?;
+    println!("  running: {}", netrace.command_line());
+    netrace
+        .wait_ready(Duration::from_secs(30))
+        .context("starting netrace")?;
     println!("  netrace is attached");
 
     let server = lab.server_addr(Family::V4);
-    let client = lab.client();
-    println!(
-        "  pod: {TCP} × `nc -vv {} {}` ({} at a time, {} s connect timeout)",
-        server.ip(),
-        server.port(),
-        client.options().workers,
-        client.options().connect_timeout.as_secs_f64()
+    let wait = NC_WAIT_S.to_string();
+    let (host, port) = (server.ip().to_string(), server.port().to_string());
+    let tcp_run = NcRun::new(
+        lab.pod_ns(),
+        &["-vv", "-z", "-w", &wait, &host, &port],
+        None,
     );
-    let timed_out = AtomicUsize::new(0);
-    let tcp = client.tcp(server, TCP, &|done, a: &TcpAttempt| {
-        if a.outcome == TcpOutcome::TimedOut {
-            timed_out.fetch_add(1, Ordering::Relaxed);
-        }
+    println!(
+        "  pod: {TCP} × `{}` ({WORKERS} at a time)",
+        tcp_run.command_line()
+    );
+    let tcp = tcp_run.repeat(TCP, WORKERS, &|done, c| {
         if done % PROGRESS_EVERY == 0 || done == TCP {
-            println!(
-                "    TCP {done:>3}/{TCP}: {} timed out so far",
-                timed_out.load(Ordering::Relaxed)
-            );
+            println!("    TCP {done:>3}/{TCP}: {} timed out so far", c.failed);
         }
     })?;
-    println!(
-        "  pod: {UDP} × `nc -vvu {} {}` (send, wait up to {} s for the echo)",
-        server.ip(),
-        server.port(),
-        client.options().udp_timeout.as_secs_f64()
+    let udp_run = NcRun::new(
+        lab.pod_ns(),
+        &["-vvu", "-w", &wait, &host, &port],
+        Some(nc::UDP_PAYLOAD),
     );
-    let udp_lost = AtomicUsize::new(0);
-    let udp = client.udp(server, UDP, &|done, u: &UdpExchange| {
-        if u.outcome != UdpOutcome::Echoed {
-            udp_lost.fetch_add(1, Ordering::Relaxed);
-        }
+    println!(
+        "  pod: {UDP} × `echo {} | {}` ({WORKERS} at a time; the server echoes)",
+        nc::UDP_PAYLOAD.trim_end(),
+        udp_run.command_line()
+    );
+    let udp = udp_run.repeat(UDP, WORKERS, &|done, c| {
         if done % PROGRESS_EVERY == 0 || done == UDP {
             println!(
-                "    UDP {done:>3}/{UDP}: {} lost so far",
-                udp_lost.load(Ordering::Relaxed)
+                "    UDP {done:>3}/{UDP}: {} without answer so far",
+                c.failed
             );
         }
     })?;
-    let counts = TcpCounts::of(&tcp);
-    let udp_lost = udp
-        .iter()
-        .filter(|u| u.outcome != UdpOutcome::Echoed)
-        .count();
     println!(
-        "  client: {} TCP attempts, {} timed out; {} UDP, {} lost",
-        counts.attempts,
-        counts.timed_out,
-        udp.len(),
-        udp_lost
+        "  nc: {} TCP connects, {} timed out, {} other failures; {} UDP exchanges, {} without \
+         answer",
+        tcp.runs, tcp.failed, tcp.other, udp.runs, udp.failed
     );
 
     let settle = netrace.syn_timeout() + Duration::from_secs(1);
@@ -211,8 +203,8 @@ fn scenario(lab: &Lab, netrace_bin: &Path) -> Result<RunOutcome> {
         bail!("netrace failed: {}", out.stderr.trim());
     }
     Ok(RunOutcome {
-        tcp: counts,
-        udp_lost,
+        tcp,
+        udp,
         netrace_exit: code,
     })
 }
