@@ -62,14 +62,102 @@ fn completions_for_every_shell() {
     assert_eq!(code, 2, "an unknown shell is a usage error: {err}");
 }
 
+/// The man page is roff a `man` reader can format: a title line, the usual sections in
+/// order, every request line a known roff request, hyphens escaped, and the options and
+/// subcommands `--help` lists, each as a tagged paragraph.
 #[test]
 fn man_page_is_roff() {
-    let (code, out, _) = netrace(&["man"]);
-    assert_eq!(code, 0);
+    let (code, out, err) = netrace(&["man"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let title = lines.iter().find(|l| l.starts_with(".TH "));
     assert!(
-        out.starts_with(".ie") || out.contains(".TH netrace"),
-        "{}",
-        &out[..200.min(out.len())]
+        title.is_some_and(|t| t.starts_with(".TH netrace 1 ")),
+        "no `.TH netrace 1` title line:\n{out}"
     );
-    assert!(out.contains("watch"), "the man page lists the subcommands");
+    // Sections, in the order man pages have them.
+    let sections: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(".SH "))
+        .collect();
+    let mut at = 0;
+    for want in ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "SUBCOMMANDS"] {
+        let pos = sections[at..]
+            .iter()
+            .position(|s| *s == want)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no section {want} after {:?}: {sections:?}",
+                    &sections[..at]
+                )
+            });
+        at += pos + 1;
+    }
+    // Every request line is a roff request a formatter knows.
+    const REQUESTS: [&str; 13] = [
+        ".ie", ".el", ".TH", ".SH", ".SS", ".PP", ".TP", ".IP", ".RS", ".RE", ".br", ".sp", ".nf",
+    ];
+    for l in lines.iter().filter(|l| l.starts_with('.')) {
+        let req = l.split_whitespace().next().unwrap_or("");
+        assert!(
+            REQUESTS.contains(&req) || req == ".fi",
+            "unknown roff request {req:?} in line {l:?}"
+        );
+    }
+    // NAME is `netrace \- summary`; no unescaped option dashes anywhere.
+    let name_at = lines.iter().position(|l| *l == ".SH NAME").unwrap();
+    assert!(
+        lines[name_at + 1].starts_with("netrace \\- "),
+        "NAME line: {:?}",
+        lines[name_at + 1]
+    );
+    for l in &lines {
+        assert!(!l.contains(" --"), "unescaped `--` in {l:?}");
+    }
+    // The options and subcommands of `netrace --help`, each a tagged paragraph (.TP).
+    let section = |name: &str| -> Vec<&str> {
+        let start = lines
+            .iter()
+            .position(|l| *l == format!(".SH {name}"))
+            .unwrap()
+            + 1;
+        lines[start..]
+            .iter()
+            .take_while(|l| !l.starts_with(".SH "))
+            .copied()
+            .collect()
+    };
+    let tagged = |body: &[&str]| -> Vec<String> {
+        body.windows(2)
+            .filter(|w| w[0] == ".TP")
+            .map(|w| w[1].to_owned())
+            .collect()
+    };
+    let options = tagged(&section("OPTIONS"));
+    for want in ["\\fB\\-\\-help\\fR", "\\fB\\-\\-version\\fR"] {
+        assert!(
+            options.iter().any(|o| o.contains(want)),
+            "OPTIONS lacks {want}: {options:?}"
+        );
+    }
+    let subcommands = tagged(&section("SUBCOMMANDS"));
+    let (_, help, _) = netrace(&["--help"]);
+    let listed: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        listed.contains(&"watch") && listed.contains(&"probe"),
+        "{help}"
+    );
+    for cmd in listed {
+        let want = format!("netrace\\-{cmd}(1)");
+        assert!(
+            subcommands.contains(&want),
+            "SUBCOMMANDS lacks {want}: {subcommands:?}"
+        );
+    }
 }

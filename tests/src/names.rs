@@ -35,9 +35,18 @@ pub fn process_prefix() -> String {
     )
 }
 
-/// The process id encoded in a lab name, if it is one.
+/// The process id encoded in a lab name, if it is one: `nrt`, five base-36 digits, a
+/// three-digit lab counter and a role.
 fn pid_of(name: &str) -> Option<u32> {
-    let digits = name.strip_prefix(PREFIX)?.get(..PID_DIGITS)?;
+    let rest = name.strip_prefix(PREFIX)?;
+    let digits = rest.get(..PID_DIGITS)?;
+    let lab_counter = rest.get(PID_DIGITS..PID_DIGITS + SEQ_DIGITS)?;
+    if !lab_counter
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    {
+        return None;
+    }
     u32::from_str_radix(digits, 36).ok()
 }
 
@@ -152,12 +161,10 @@ pub fn leftovers_any() -> Vec<String> {
 }
 
 /// `nrt*` namespaces and root links whose creating process no longer runs: real leftovers,
-/// whatever else runs on the machine.
+/// whatever else runs on the machine. A name that does not encode a process id is not one of
+/// the lab's and is left alone (another tool, or a person, may use the prefix).
 pub fn stale_leftovers() -> Vec<String> {
-    lab_names_where(|n| match pid_of(n) {
-        Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
-        None => true,
-    })
+    lab_names_where(|n| pid_of(n).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()))
 }
 
 /// Deletes [`stale_leftovers`] (namespaces with `ip netns del`, links with `ip link del`) and
@@ -187,6 +194,8 @@ mod tests {
         }
         assert_eq!(pid_of(&names.node), Some(std::process::id()));
         assert_ne!(names.stem, LabNames::fresh().stem);
+        assert_eq!(pid_of("nrtrtm1"), None, "not a lab name: left alone");
+        assert_eq!(pid_of("nrt"), None);
         assert_eq!(base36(35, 3), "00z");
         assert_eq!(base36(36, 3), "010");
     }

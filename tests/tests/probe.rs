@@ -40,6 +40,15 @@ fn lab(min: u16) -> Lab {
     .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// Asserts there are probes, and every one of them ended in `outcome` (`all` on an empty map
+/// is true: it would let a run that probed nothing pass).
+#[track_caller]
+fn assert_all(probes: &BTreeMap<u16, String>, outcome: &str, ctx: &str) {
+    assert!(!probes.is_empty(), "no probes at all\n{ctx}");
+    let other: Vec<_> = probes.iter().filter(|(_, o)| *o != outcome).collect();
+    assert!(other.is_empty(), "probes not {outcome}: {other:?}\n{ctx}");
+}
+
 fn target(addr: SocketAddr) -> String {
     addr.to_string() // [v6]:port for IPv6
 }
@@ -274,7 +283,7 @@ fn edge_32768_with_udp_echo() {
     assert_eq!(str_at(&s, "/udp/kind"), "tcp_only_filter", "{ctx}");
     let udp = p.outcomes("udp");
     assert!(udp.len() >= 16, "{ctx}");
-    assert!(udp.values().all(|o| o == "answered"), "{ctx}");
+    assert_all(&udp, "answered", &ctx);
     assert!(
         udp.contains_key(&32767) && udp.contains_key(&32768),
         "{ctx}"
@@ -354,7 +363,7 @@ fn edge_1024() {
     assert_eq!(str_at(&s, "/inference/lower/status"), "open", "{ctx}");
     assert_eq!(u64_at(&s, "/inference/lower/inside"), 1024, "{ctx}");
     assert_eq!(u64_at(&s, "/inference/extra_probes"), 0, "{ctx}");
-    assert!(p.outcomes("tcp").values().all(|o| o == "answered"), "{ctx}");
+    assert_all(&p.outcomes("tcp"), "answered", &ctx);
     assert_eq!(str_at(&s, "/udp/kind"), "both_through", "{ctx}");
     assert_eq!(p.code, Some(0), "{ctx}");
     // From port 1 up (root may bind ports below 1024) the edge is found to the port.
@@ -415,10 +424,7 @@ fn server_without_udp_answer() {
         "{ctx}"
     );
     let udp = p.outcomes("udp");
-    assert!(
-        !udp.is_empty() && udp.values().all(|o| o == "timeout"),
-        "{ctx}"
-    );
+    assert_all(&udp, "timeout", &ctx);
     assert_eq!(
         silent.udp_received(),
         udp.len(),
@@ -432,7 +438,7 @@ fn server_without_udp_answer() {
     let s = p.summary();
     let ctx = p.ctx();
     assert_eq!(str_at(&s, "/udp/kind"), "udp_closed", "{ctx}");
-    assert!(p.outcomes("udp").values().all(|o| o == "refused"), "{ctx}");
+    assert_all(&p.outcomes("udp"), "refused", &ctx);
 
     // --udp alone against the silent service: nothing to infer, said so.
     let p = probe_json(&lab, at(&silent), &["--udp", "--samples", "16"]);

@@ -206,9 +206,29 @@ fn test(long: bool) -> anyhow::Result<()> {
         }
     }
     e2e.env("NETRACE_STATIC", &static_bin);
-    run(
+    let e2e = run(
         "end-to-end tests (root: network namespaces, real packets, the real binary, the image)",
         with_packages(&mut e2e),
+    );
+    let leaks = leak_check();
+    e2e.and(leaks)
+}
+
+/// After every test process has exited, whatever the order they ran in: no lab namespace or
+/// root-namespace link of a finished process remains (each test's lab removes its own names
+/// when dropped; this catches one that did not). Leftovers are named, removed, and fail the run.
+fn leak_check() -> anyhow::Result<()> {
+    step("leak check: no nrt* namespace or link of a finished test process remains");
+    let stale = netrace_lab::stale_leftovers();
+    if stale.is_empty() {
+        eprintln!("none");
+        return Ok(());
+    }
+    let removed = netrace_lab::remove_stale().unwrap_or_default();
+    bail!(
+        "test processes left lab namespaces or links behind: {} (removed: {})",
+        stale.join(" "),
+        removed.join(" ")
     )
 }
 
