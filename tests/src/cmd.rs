@@ -5,7 +5,7 @@
 //! network namespace of the thread that spawns it.
 
 use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -16,9 +16,10 @@ fn command_line(program: &str, args: &[&str]) -> String {
         .join(" ")
 }
 
-/// Runs `program args...`, feeding it `input` on standard input if given; returns standard
-/// output, or an error naming the command, its exit status and its standard error.
-pub fn run_with_input(program: &str, args: &[&str], input: Option<&str>) -> Result<String> {
+/// Runs `program args...`, feeding it `input` on standard input if given, and returns all it
+/// printed and its exit status, whatever that is. A failed write of `input` (the program
+/// exited without reading it) is not an error: the status and output say what happened.
+pub fn output_with_input(program: &str, args: &[&str], input: Option<&str>) -> Result<Output> {
     let line = command_line(program, args);
     let mut child = Command::new(program)
         .args(args)
@@ -31,18 +32,22 @@ pub fn run_with_input(program: &str, args: &[&str], input: Option<&str>) -> Resu
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start `{line}`"))?;
-    if let Some(input) = input {
-        let mut stdin = child.stdin.take().context("no stdin pipe")?;
-        stdin
-            .write_all(input.as_bytes())
-            .with_context(|| format!("cannot write the input of `{line}`"))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        let _ = stdin.write_all(input.as_bytes());
     }
-    let out = child
+    child
         .wait_with_output()
-        .with_context(|| format!("cannot wait for `{line}`"))?;
+        .with_context(|| format!("cannot wait for `{line}`"))
+}
+
+/// Runs `program args...`, feeding it `input` on standard input if given; returns standard
+/// output, or an error naming the command, its exit status and its standard error.
+pub fn run_with_input(program: &str, args: &[&str], input: Option<&str>) -> Result<String> {
+    let out = output_with_input(program, args, input)?;
     if !out.status.success() {
         let mut msg = format!(
-            "`{line}` failed ({}): {}",
+            "`{}` failed ({}): {}",
+            command_line(program, args),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -69,6 +74,17 @@ pub fn ns_exec_with_input(ns: &str, args: &[&str], input: Option<&str>) -> Resul
     let mut full = vec!["netns", "exec", ns];
     full.extend_from_slice(args);
     run_with_input("ip", &full, input)
+}
+
+/// Fails the calling test, saying why and how to run it, unless this process runs as root:
+/// the end-to-end tests build network namespaces, firewalls and BPF programs.
+#[track_caller]
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "the netrace-lab end-to-end tests need root (network namespaces, nftables, AF_PACKET, \
+         eBPF); run them with `cargo xtask test`, or as root: `cargo test -p netrace-lab`"
+    );
 }
 
 /// Whether this process runs as root (the lab needs it).

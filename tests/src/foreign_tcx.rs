@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd as _, OwnedFd};
 use anyhow::{bail, Context as _, Result};
 
 use crate::inspect::{
-    fd_from, ifindex, in_ns, Attr, Dir, BPF_LINK_CREATE, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_LOAD,
+    fd_from, ifindex, in_ns, obj_info, Attr, Dir, BPF_LINK_CREATE, BPF_PROG_LOAD,
 };
 
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
@@ -159,13 +159,8 @@ pub(crate) fn load_classifier(name: &str, insns: &[u8]) -> Result<(OwnedFd, u32)
             );
         }
     };
-    let mut info = [0u8; 256];
-    let mut attr = Attr::new();
-    attr.u32(0, prog.as_raw_fd() as u32)
-        .u32(4, info.len() as u32)
-        .u64(8, info.as_mut_ptr() as u64);
-    attr.call(BPF_OBJ_GET_INFO_BY_FD)
-        .context("BPF_OBJ_GET_INFO_BY_FD")?;
+    // struct bpf_prog_info: type, then id.
+    let info = obj_info(&prog)?;
     let prog_id = u32::from_ne_bytes([info[4], info[5], info[6], info[7]]);
     Ok((prog, prog_id))
 }

@@ -28,7 +28,7 @@ pub(crate) const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
-pub(crate) const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 pub(crate) const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
@@ -104,6 +104,19 @@ impl Attr {
             Ok(rc)
         }
     }
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD`: the start of a program's or map's info (`struct bpf_prog_info`,
+/// `struct bpf_map_info`); bytes the kernel does not fill stay zero.
+pub(crate) fn obj_info(fd: &OwnedFd) -> Result<[u8; 256]> {
+    let mut info = [0u8; 256];
+    let mut attr = Attr::new();
+    attr.u32(0, fd.as_raw_fd() as u32)
+        .u32(4, info.len() as u32)
+        .u64(8, info.as_mut_ptr() as u64);
+    attr.call(BPF_OBJ_GET_INFO_BY_FD)
+        .context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(info)
 }
 
 pub(crate) fn fd_from(rc: i64) -> Result<OwnedFd> {
@@ -190,12 +203,7 @@ pub fn prog_name(id: u32) -> Option<String> {
     let mut attr = Attr::new();
     attr.u32(0, id);
     let fd = fd_from(attr.call(BPF_PROG_GET_FD_BY_ID).ok()?).ok()?;
-    let mut info = [0u8; 256];
-    let mut attr = Attr::new();
-    attr.u32(0, fd.as_raw_fd() as u32)
-        .u32(4, info.len() as u32)
-        .u64(8, info.as_mut_ptr() as u64);
-    attr.call(BPF_OBJ_GET_INFO_BY_FD).ok()?;
+    let info = obj_info(&fd).ok()?;
     // struct bpf_prog_info: name[16] at offset 64.
     let name = &info[64..80];
     let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
@@ -481,13 +489,7 @@ pub fn process_map(pid: u32, name: &str) -> Result<MapHandle> {
         let fd = fd_from(rc)?;
         // struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags,
         // name[16] at offset 24.
-        let mut info = [0u8; 88];
-        let mut attr = Attr::new();
-        attr.u32(0, fd.as_raw_fd() as u32)
-            .u32(4, info.len() as u32)
-            .u64(8, info.as_mut_ptr() as u64);
-        attr.call(BPF_OBJ_GET_INFO_BY_FD)
-            .context("BPF_OBJ_GET_INFO_BY_FD")?;
+        let info = obj_info(&fd)?;
         let word = |off: usize| {
             u32::from_ne_bytes([info[off], info[off + 1], info[off + 2], info[off + 3]])
         };

@@ -714,20 +714,7 @@ impl Lab {
                 errors.push(format!("{e:#}"));
             }
         }
-        let stem = &self.names.stem;
-        let remaining: Vec<String> = names::root_namespaces()
-            .into_iter()
-            .chain(names::root_links())
-            .filter(|name| name.starts_with(stem.as_str()))
-            .collect();
-        if !remaining.is_empty() {
-            errors.push(format!("still present after teardown: {remaining:?}"));
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            bail!("tearing down lab {stem}: {}", errors.join("; "))
-        }
+        names::check_torn_down("lab", &self.names.stem, errors)
     }
 }
 

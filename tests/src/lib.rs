@@ -35,7 +35,7 @@ pub use client::{
     Client, ClientOptions, PortAllocator, TcpAttempt, TcpCounts, TcpOutcome, UdpExchange,
     UdpOutcome,
 };
-pub use cmd::is_root;
+pub use cmd::{is_root, require_root};
 pub use lab::{Family, Lab, LabOptions, SnatBackend, SnatMode};
 pub use names::{leftovers, leftovers_any, remove_stale, stale_leftovers};
 pub use netrace_run::{netrace_bin, NetraceOptions, NetraceOutput, NetraceRun, Output};

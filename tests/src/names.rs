@@ -148,6 +148,20 @@ fn lab_names_where(keep: impl Fn(&str) -> bool) -> Vec<String> {
     out
 }
 
+/// Ends a teardown of the namespaces and links named `stem...` (a lab's, a star's): fails
+/// with the teardown's own `errors` and any such name still present.
+pub fn check_torn_down(what: &str, stem: &str, mut errors: Vec<String>) -> anyhow::Result<()> {
+    let remaining = lab_names_where(|n| n.starts_with(stem));
+    if !remaining.is_empty() {
+        errors.push(format!("still present after teardown: {remaining:?}"));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("tearing down {what} {stem}: {}", errors.join("; "))
+    }
+}
+
 /// Lab namespaces and root-namespace links made by *this* process that still exist.
 /// Safe to call while other processes run labs of their own.
 pub fn leftovers() -> Vec<String> {

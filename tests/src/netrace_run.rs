@@ -448,6 +448,50 @@ impl Drop for NetraceRun {
     }
 }
 
+/// Runs `ip netns exec NS [prefix...] BIN ARGS...` to its end, killing it after `limit`: for
+/// one-shot subcommands (`probe`, invalid command lines) and for runs under another identity
+/// (`prefix`: `setpriv ...`, `capsh ...`). What it printed comes back as for a watch.
+pub fn run_once(
+    bin: &Path,
+    ns: &str,
+    prefix: &[&str],
+    args: &[&str],
+    limit: Duration,
+) -> Result<NetraceOutput> {
+    let mut argv: Vec<String> = vec!["netns".into(), "exec".into(), ns.into()];
+    argv.extend(prefix.iter().map(|a| (*a).to_owned()));
+    argv.push(bin.to_string_lossy().into_owned());
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    let command_line = format!("ip {}", argv.join(" "));
+    let mut child = Command::new("ip")
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{command_line}`"))?;
+    let stdout = child.stdout.take().map(reader);
+    let stderr = child.stderr.take().map(reader);
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for netrace")? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break child.wait().context("waiting for netrace")?;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let join = |h: Option<JoinHandle<String>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
+    Ok(NetraceOutput::from_captured(
+        command_line,
+        status,
+        join(stdout),
+        join(stderr),
+    ))
+}
+
 /// Whether process `pid` has handlers installed for every signal in `sigs` (the `SigCgt`
 /// mask of `/proc/PID/status`): netrace installs its SIGINT/SIGTERM handlers before it
 /// touches the kernel.

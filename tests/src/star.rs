@@ -385,19 +385,7 @@ impl Star {
                 }
             }
         }
-        let remaining: Vec<String> = names::root_namespaces()
-            .into_iter()
-            .chain(names::root_links())
-            .filter(|n| n.starts_with(self.stem.as_str()))
-            .collect();
-        if !remaining.is_empty() {
-            errors.push(format!("still present after teardown: {remaining:?}"));
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            bail!("tearing down star {}: {}", self.stem, errors.join("; "))
-        }
+        names::check_torn_down("star", &self.stem, errors)
     }
 }
 

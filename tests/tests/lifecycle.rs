@@ -27,20 +27,12 @@ use netrace_lab::netrace_run::catches_signals;
 use netrace_lab::star::Star;
 use netrace_lab::synflood::{SynFlood, SynTuple};
 use netrace_lab::{
-    is_root, netrace_bin, truth, Family, Lab, NetraceOptions, NetraceOutput, NetraceRun, Output,
-    TcpAttempt, TcpCounts, TcpOutcome,
+    netrace_bin, require_root, truth, Family, Lab, NetraceOptions, NetraceOutput, NetraceRun,
+    Output, TcpAttempt, TcpCounts, TcpOutcome,
 };
 use serde_json::Value;
 
 const PORT: u16 = 8080;
-
-fn require_root() {
-    assert!(
-        is_root(),
-        "the netrace-lab end-to-end tests need root (network namespaces, nftables, eBPF); \
-         run them with `cargo xtask test` or as root: `cargo test -p netrace-lab`"
-    );
-}
 
 fn bin() -> PathBuf {
     netrace_bin().unwrap_or_else(|e| panic!("{e:#}"))

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use netrace_lab::truth::{self, Truth};
 use netrace_lab::{
-    cmd, is_root, netrace_bin, xml, ClientOptions, Family, Lab, LabOptions, NetraceOptions,
+    cmd, netrace_bin, require_root, xml, ClientOptions, Family, Lab, LabOptions, NetraceOptions,
     NetraceOutput, NetraceRun, Output, Server, SnatMode, TcpAttempt, TcpCounts, TcpOutcome,
 };
 use serde_json::Value;
@@ -37,14 +37,6 @@ const LOST: u16 = 8083;
 const HOST_UNREACH: u16 = 8084;
 /// The table this test adds to the firewall namespace.
 const TABLE: &str = "nrtout";
-
-fn require_root() {
-    assert!(
-        is_root(),
-        "the netrace-lab end-to-end tests need root (network namespaces, nftables, eBPF); \
-         run them with `cargo xtask test` or as root: `cargo test -p netrace-lab`"
-    );
-}
 
 fn bin() -> PathBuf {
     netrace_bin().unwrap_or_else(|e| panic!("{e:#}"))

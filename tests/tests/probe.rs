@@ -12,22 +12,15 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use netrace_lab::netrace_run::run_once;
 use netrace_lab::probe_lab;
-use netrace_lab::{is_root, netrace_bin, Family, Lab, LabOptions, Server, SnatMode, UdpMode};
+use netrace_lab::{netrace_bin, require_root, Family, Lab, LabOptions, Server, SnatMode, UdpMode};
 use serde_json::Value;
 
 /// Short timeout and high rate: the lab answers in well under a millisecond.
 const FAST: [&str; 4] = ["--timeout", "300ms", "--rate", "200"];
 /// Each probe run must stay well under this.
 const RUN_LIMIT: Duration = Duration::from_secs(30);
-
-fn require_root() {
-    assert!(
-        is_root(),
-        "the netrace-lab end-to-end tests need root (network namespaces, nftables); run them \
-         with `cargo xtask test` or as root: `cargo test -p netrace-lab --test probe`"
-    );
-}
 
 /// A lab whose firewall lets SYN-ACKs back only to `min..`, without SNAT.
 fn lab(min: u16) -> Lab {
@@ -133,31 +126,27 @@ impl Probe {
 /// Runs `netrace probe ARGS` in `ns` (optionally as another user via `setpriv`).
 fn run_in(ns: &str, as_nobody: bool, args: &[&str]) -> Probe {
     let bin = netrace_bin().unwrap_or_else(|e| panic!("{e:#}"));
-    let bin = bin.to_string_lossy().into_owned();
-    let mut argv: Vec<&str> = vec!["netns", "exec", ns];
-    if as_nobody {
-        argv.extend([
+    let nobody: &[&str] = if as_nobody {
+        &[
             "setpriv",
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "--inh-caps=-all",
-        ]);
-    }
-    argv.push(&bin);
-    argv.push("probe");
+        ]
+    } else {
+        &[]
+    };
+    let mut argv = vec!["probe"];
     argv.extend_from_slice(args);
-    let what = format!("ip {}", argv.join(" "));
     let started = Instant::now();
-    let out = Command::new("ip")
-        .args(&argv)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{what}`: {e}"));
+    // Killed well after RUN_LIMIT: the assertion below reports the overrun.
+    let out = run_once(&bin, ns, nobody, &argv, RUN_LIMIT * 4).unwrap_or_else(|e| panic!("{e:#}"));
     let p = Probe {
-        what,
+        what: out.command_line,
         code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout: out.stdout,
+        stderr: out.stderr,
         took: started.elapsed(),
     };
     assert!(p.took < RUN_LIMIT, "the probe took too long\n{}", p.ctx());

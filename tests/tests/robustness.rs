@@ -21,18 +21,10 @@ use netrace_lab::wire::{
     ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IP_MF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use netrace_lab::{
-    cmd, is_root, netns, netrace_bin, truth, ClientOptions, Family, Lab, LabOptions,
-    NetraceOptions, NetraceOutput, NetraceRun, TcpAttempt, TcpCounts, TcpOutcome,
+    cmd, netns, netrace_bin, netrace_run::run_once, require_root, truth, ClientOptions, Family,
+    Lab, LabOptions, NetraceOptions, NetraceOutput, NetraceRun, TcpAttempt, TcpCounts, TcpOutcome,
 };
 use serde_json::Value;
-
-fn require_root() {
-    assert!(
-        is_root(),
-        "the robustness tests need root (network namespaces, AF_PACKET, eBPF); run them with \
-         `cargo xtask test` or as root: `cargo test -p netrace-lab --test robustness`"
-    );
-}
 
 fn bin() -> PathBuf {
     netrace_bin().unwrap_or_else(|e| panic!("{e:#}"))
@@ -827,42 +819,10 @@ fn gso_sized_segments_are_not_syns() {
 
 // ---- 9. Invalid command lines ----------------------------------------------------------------
 
-struct Outcome {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 /// Runs `prefix... netrace args...` inside `ns`, killing it after `limit`.
-fn run_in(ns: &str, prefix: &[&str], args: &[String], limit: Duration) -> Outcome {
-    let mut full: Vec<String> = vec!["netns".into(), "exec".into(), ns.into()];
-    full.extend(prefix.iter().map(|s| s.to_string()));
-    full.push(bin().to_string_lossy().into_owned());
-    full.extend(args.iter().cloned());
-    let mut child = Command::new("ip")
-        .args(&full)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning ip netns exec");
-    let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("collecting output");
-    Outcome {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+fn run_in(ns: &str, prefix: &[&str], args: &[String], limit: Duration) -> NetraceOutput {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_once(&bin(), ns, prefix, &args, limit).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn ready_path(tag: &str) -> PathBuf {
@@ -871,12 +831,14 @@ fn ready_path(tag: &str) -> PathBuf {
 
 /// Exit 2, one non-empty line on standard error containing `needle`, nothing on standard
 /// output, no ready file, nothing attached to the uplink.
-fn assert_refused(lab: &Lab, what: &str, o: &Outcome, needle: &str, ready: &Path) {
+fn assert_refused(lab: &Lab, what: &str, o: &NetraceOutput, needle: &str, ready: &Path) {
     let ctx = format!(
         "{what}: exit {:?}\nstderr: {:?}\nstdout: {:?}",
-        o.code, o.stderr, o.stdout
+        o.code(),
+        o.stderr,
+        o.stdout
     );
-    assert_eq!(o.code, Some(2), "{ctx}");
+    assert_eq!(o.code(), Some(2), "{ctx}");
     let lines: Vec<&str> = o.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "not exactly one line on stderr: {ctx}");
     assert!(!lines[0].trim().is_empty(), "{ctx}");
@@ -929,7 +891,7 @@ fn invalid_command_lines() {
         "{during:?}"
     );
     let good = good.join().unwrap();
-    assert_eq!(good.code, Some(0), "control run: {}", good.stderr);
+    assert_eq!(good.code(), Some(0), "control run: {}", good.stderr);
     assert_nothing_attached(lab.node_ns(), &uplink, "after the control run");
     std::fs::remove_file(&ready).unwrap();
 
@@ -1179,18 +1141,19 @@ fn no_privileges() {
 }
 
 /// Runs `args` (a full command, not netrace itself) inside `ns`.
-fn run_in_shell(ns: &str, args: &[&str]) -> Outcome {
+fn run_in_shell(ns: &str, args: &[&str]) -> NetraceOutput {
     let out = Command::new("ip")
         .args(["netns", "exec", ns])
         .args(args)
         .stdin(Stdio::null())
         .output()
         .expect("running capsh");
-    Outcome {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    NetraceOutput::from_captured(
+        format!("ip netns exec {ns} {}", args.join(" ")),
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 // ---- 11. Many interfaces ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use netrace_lab::truth::{self, Truth};
 use netrace_lab::{
-    is_root, netrace_bin, Family, Lab, LabOptions, NetraceOptions, NetraceOutput, NetraceRun,
+    netrace_bin, require_root, Family, Lab, LabOptions, NetraceOptions, NetraceOutput, NetraceRun,
     SnatBackend, SnatMode, TcpAttempt, TcpCounts, TcpOutcome, UdpExchange, UdpOutcome,
 };
 use serde_json::Value;
@@ -19,14 +19,6 @@ use serde_json::Value;
 const TCP: usize = 200;
 const UDP: usize = 50;
 const FIREWALL_MIN: u16 = 32768;
-
-fn require_root() {
-    assert!(
-        is_root(),
-        "the netrace-lab end-to-end tests need root (network namespaces, nftables, eBPF); \
-         run them with `cargo xtask test` or as root: `cargo test -p netrace-lab`"
-    );
-}
 
 /// What the client did and what the lab knows about it.
 struct ClientRun {

@@ -3,12 +3,10 @@
 //! says: for TCP (`nc -vv -z`) its exit status (0: connected) and the "timed out" it prints; for
 //! UDP (`nc -vvu`) whether the server's echo came back on standard output.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 
 /// What the UDP runs send (and expect back from the echo server).
 pub const UDP_PAYLOAD: &str = "netrace-demo\n";
@@ -55,25 +53,9 @@ impl NcRun {
     }
 
     fn once(&self) -> Result<NcResult> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "nc"])
-            .args(&self.args)
-            .stdin(if self.input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start `{}`", self.command_line()))?;
-        if let (Some(input), Some(mut stdin)) = (self.input, child.stdin.take()) {
-            // nc may have exited already (an error): its output says why.
-            let _ = stdin.write_all(input.as_bytes());
-        }
-        let out = child
-            .wait_with_output()
-            .with_context(|| format!("waiting for `{}`", self.command_line()))?;
+        let mut argv = vec!["netns", "exec", &self.ns, "nc"];
+        argv.extend(self.args.iter().map(String::as_str));
+        let out = netrace_lab::cmd::output_with_input("ip", &argv, self.input)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         if stderr.contains("command not found")
