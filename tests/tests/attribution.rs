@@ -165,12 +165,13 @@ fn lost_connections_are_linked_to_their_pod_and_process() {
     drop(pod2);
 }
 
-fn nat_mode_of(opts: LabOptions) -> serde_json::Value {
+/// The NAT report of a run with `connections` from the pod.
+fn nat_mode_of(opts: LabOptions, connections: usize) -> serde_json::Value {
     let lab = Lab::new(opts).expect("the lab");
     let pod_if = lab.names().node_pod_if.clone();
     let run = start(&lab, &[&pod_if]);
     lab.client()
-        .tcp(lab.server_addr(Family::V4), 60, &|_, _| {})
+        .tcp(lab.server_addr(Family::V4), connections, &|_, _| {})
         .expect("the client");
     run.settle();
     let out = run.stop().expect("stopping netrace");
@@ -180,14 +181,17 @@ fn nat_mode_of(opts: LabOptions) -> serde_json::Value {
 #[test]
 fn nat_mode_plain_masquerade_keeps_ports() {
     assert!(is_root(), "needs root");
-    let nat = nat_mode_of(LabOptions::seed().snat_mode(SnatMode::Plain));
+    let nat = nat_mode_of(LabOptions::seed().snat_mode(SnatMode::Plain), 60);
     assert_eq!(nat["mode"], "keeps-ports", "{nat}");
 }
 
 #[test]
 fn nat_mode_random_fully_with_to_ports() {
     assert!(is_root(), "needs root");
-    let nat = nat_mode_of(LabOptions::seed().snat_ports(32768, 65535));
+    // Enough connections to tell the lower edge 32768 from the common 30000 (with 60, all
+    // ports stay above 32767 by chance once in 130 runs even if the range began at 30000,
+    // so the range cannot be named) and the upper edge 65535 from 60999.
+    let nat = nat_mode_of(LabOptions::seed().snat_ports(32768, 65535), 200);
     assert_eq!(nat["mode"], "random-fully", "{nat}");
     assert_eq!(nat["to_ports"], true, "{nat}");
     assert_eq!(nat["range"]["start"], 32768, "{nat}");
@@ -197,6 +201,6 @@ fn nat_mode_random_fully_with_to_ports() {
 #[test]
 fn nat_mode_none_without_snat() {
     assert!(is_root(), "needs root");
-    let nat = nat_mode_of(LabOptions::seed().snat_mode(SnatMode::None));
+    let nat = nat_mode_of(LabOptions::seed().snat_mode(SnatMode::None), 60);
     assert_eq!(nat["mode"], "none", "{nat}");
 }

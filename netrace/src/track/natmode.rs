@@ -315,6 +315,48 @@ mod tests {
         assert_eq!(rep.range, Some(r));
     }
 
+    /// Uniform samples over `r` (deterministic, evenly spread), SNATed.
+    fn sample(n: u32, r: PortRange) -> Vec<Pair> {
+        (0..n)
+            .map(|i| pair(33000 + i as u16, spread(i, r), true))
+            .collect()
+    }
+
+    #[test]
+    fn a_top_sample_short_of_60999_does_not_claim_60999() {
+        // 40 samples from 1024-65535 that all stayed below 60999 (the chance is 1 in 20):
+        // 60999 is the nearest common bound, but 65535 is still plausible, so no --to-ports
+        // range ending at 60999 is named.
+        let r = PortRange::new(1024, 60500);
+        let rep = detect(&sample(40, r));
+        assert_eq!(rep.mode, NatMode::RandomFully);
+        assert_ne!(rep.range.map(|g| g.end), Some(60999), "{}", rep.summary);
+        assert!(!rep.range_sure, "{}", rep.summary);
+        assert!(!rep.to_ports, "{}", rep.summary);
+    }
+
+    #[test]
+    fn enough_samples_below_60999_name_it() {
+        let r = PortRange::new(1024, 60999);
+        let rep = detect(&sample(400, r));
+        assert_eq!(rep.range, Some(r), "{}", rep.summary);
+        assert!(rep.range_sure, "{}", rep.summary);
+        assert!(rep.to_ports);
+    }
+
+    #[test]
+    fn the_lower_edge_is_told_from_30000_with_enough_samples() {
+        let r = PortRange::new(32768, 65535);
+        // 60 samples cannot rule out 30000 (nothing in 30000-32767 by chance: 0.8 %) ...
+        let few = detect(&sample(60, r));
+        assert!(!few.range_sure, "{}", few.summary);
+        assert!(!few.to_ports, "{}", few.summary);
+        // ... 200 can (1 in 10 million).
+        let many = detect(&sample(200, r));
+        assert_eq!(many.range, Some(r), "{}", many.summary);
+        assert!(many.range_sure && many.to_ports, "{}", many.summary);
+    }
+
     #[test]
     fn plain_masquerade_keeps_ports() {
         let pairs: Vec<Pair> = (0..50).map(|i| pair(40000 + i, 40000 + i, true)).collect();
