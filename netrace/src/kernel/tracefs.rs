@@ -165,8 +165,9 @@ format:
                 // Straight to the terminal: libtest captures only print!/eprint! output.
                 let _ = writeln!(
                     std::io::stderr(),
-                    "SKIPPED tracefs::tests::reads_the_running_kernels_format_file: not root, \
-                     and tracefs is neither mounted nor mountable here ({e:#})"
+                    "SKIPPED {}::reads_the_running_kernels_format_file: not root, and \
+                     tracefs is neither mounted nor mountable here ({e:#})",
+                    module_path!()
                 );
                 return;
             }
