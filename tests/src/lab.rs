@@ -21,7 +21,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::client::{Client, ClientOptions, PortAllocator, UdpOutcome};
 use crate::cmd;
-use crate::names::{self, LabNames};
+use crate::names::{LabNames, Teardown};
 use crate::server::Server;
 
 /// IPv4 or IPv6.
@@ -693,17 +693,22 @@ impl Lab {
     }
 
     /// Stops the server, deletes the namespaces (and with them the veths) and checks that no
-    /// name of this lab remains. Drop does the same, ignoring errors.
+    /// name of this lab remains. Drop does the same, printing errors.
     pub fn teardown(mut self) -> Result<()> {
-        self.teardown_inner()
+        self.teardown_once()
+    }
+}
+
+impl Teardown for Lab {
+    fn what(&self) -> (&'static str, &str) {
+        ("lab", &self.names.stem)
     }
 
-    fn teardown_inner(&mut self) -> Result<()> {
-        if self.torn_down {
-            return Ok(());
-        }
-        self.torn_down = true;
-        let mut errors = Vec::new();
+    fn torn_down(&mut self) -> &mut bool {
+        &mut self.torn_down
+    }
+
+    fn remove(&mut self, errors: &mut Vec<String>) {
         if let Some(mut server) = self.server.take() {
             if let Err(e) = server.stop() {
                 errors.push(format!("{e:#}"));
@@ -714,15 +719,12 @@ impl Lab {
                 errors.push(format!("{e:#}"));
             }
         }
-        names::check_torn_down("lab", &self.names.stem, errors)
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if let Err(e) = self.teardown_inner() {
-            eprintln!("netrace-lab: {e:#}");
-        }
+        self.teardown_on_drop();
     }
 }
 

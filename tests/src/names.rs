@@ -148,9 +148,38 @@ fn lab_names_where(keep: impl Fn(&str) -> bool) -> Vec<String> {
     out
 }
 
+/// Namespaces and links named `stem...` (a lab's, a star's) that remove themselves once: by
+/// an explicit teardown, which reports errors, or on drop, which prints them.
+pub(crate) trait Teardown {
+    /// What it is (`lab`, `star`) and its stem.
+    fn what(&self) -> (&'static str, &str);
+    /// The flag that makes teardown happen once.
+    fn torn_down(&mut self) -> &mut bool;
+    /// Stops what runs and deletes what was made, collecting errors.
+    fn remove(&mut self, errors: &mut Vec<String>);
+
+    /// Removes everything once, then checks that no name of the stem remains.
+    fn teardown_once(&mut self) -> anyhow::Result<()> {
+        if std::mem::replace(self.torn_down(), true) {
+            return Ok(());
+        }
+        let mut errors = Vec::new();
+        self.remove(&mut errors);
+        let (what, stem) = self.what();
+        check_torn_down(what, stem, errors)
+    }
+
+    /// [`Teardown::teardown_once`] from `Drop`: errors go to standard error.
+    fn teardown_on_drop(&mut self) {
+        if let Err(e) = self.teardown_once() {
+            eprintln!("netrace-lab: {e:#}");
+        }
+    }
+}
+
 /// Ends a teardown of the namespaces and links named `stem...` (a lab's, a star's): fails
 /// with the teardown's own `errors` and any such name still present.
-pub fn check_torn_down(what: &str, stem: &str, mut errors: Vec<String>) -> anyhow::Result<()> {
+fn check_torn_down(what: &str, stem: &str, mut errors: Vec<String>) -> anyhow::Result<()> {
     let remaining = lab_names_where(|n| n.starts_with(stem));
     if !remaining.is_empty() {
         errors.push(format!("still present after teardown: {remaining:?}"));

@@ -22,7 +22,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::client::{Client, ClientOptions, PortAllocator};
 use crate::cmd;
 use crate::lab::Family;
-use crate::names::{self, LabNames};
+use crate::names::{LabNames, Teardown};
 use crate::server::Server;
 
 /// The first spoke's subnet is 198.18.100.0/24 (and 2001:db8:100::/64).
@@ -355,17 +355,22 @@ impl Star {
     }
 
     /// Stops the servers, deletes the namespaces still present, and checks that no name of
-    /// this star remains. Drop does the same, ignoring errors.
+    /// this star remains. Drop does the same, printing errors.
     pub fn teardown(mut self) -> Result<()> {
-        self.teardown_inner()
+        self.teardown_once()
+    }
+}
+
+impl Teardown for Star {
+    fn what(&self) -> (&'static str, &str) {
+        ("star", &self.stem)
     }
 
-    fn teardown_inner(&mut self) -> Result<()> {
-        if self.torn_down {
-            return Ok(());
-        }
-        self.torn_down = true;
-        let mut errors = Vec::new();
+    fn torn_down(&mut self) -> &mut bool {
+        &mut self.torn_down
+    }
+
+    fn remove(&mut self, errors: &mut Vec<String>) {
         for i in 0..self.spokes.len() {
             if let Err(e) = self.stop_servers(i) {
                 errors.push(format!("{e:#}"));
@@ -385,14 +390,11 @@ impl Star {
                 }
             }
         }
-        names::check_torn_down("star", &self.stem, errors)
     }
 }
 
 impl Drop for Star {
     fn drop(&mut self) {
-        if let Err(e) = self.teardown_inner() {
-            eprintln!("netrace-lab: {e:#}");
-        }
+        self.teardown_on_drop();
     }
 }
