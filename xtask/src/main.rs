@@ -206,29 +206,45 @@ fn test(long: bool) -> anyhow::Result<()> {
         }
     }
     e2e.env("NETRACE_STATIC", &static_bin);
+    let stale_before = netrace_lab::stale_leftovers();
     let e2e = run(
         "end-to-end tests (root: network namespaces, real packets, the real binary, the image)",
         with_packages(&mut e2e),
     );
-    let leaks = leak_check();
+    let leaks = leak_check(&stale_before);
     e2e.and(leaks)
 }
 
 /// After every test process has exited, whatever the order they ran in: no lab namespace or
-/// root-namespace link of a finished process remains (each test's lab removes its own names
-/// when dropped; this catches one that did not). Leftovers are named, removed, and fail the run.
-fn leak_check() -> anyhow::Result<()> {
+/// root-namespace link of a test process that finished during the run remains (each test's
+/// lab removes its own names when dropped; this catches one that did not). Leftovers that
+/// were there before the run are named but left to whoever made them.
+fn leak_check(stale_before: &[String]) -> anyhow::Result<()> {
     step("leak check: no nrt* namespace or link of a finished test process remains");
-    let stale = netrace_lab::stale_leftovers();
-    if stale.is_empty() {
-        eprintln!("none");
+    let (earlier, leaked): (Vec<String>, Vec<String>) = netrace_lab::stale_leftovers()
+        .into_iter()
+        .partition(|n| stale_before.contains(n));
+    if !earlier.is_empty() {
+        eprintln!(
+            "left before this run, not by it (remove with `ip netns del NAME`): {}",
+            earlier.join(" ")
+        );
+    }
+    if leaked.is_empty() {
+        eprintln!("none left by this run");
         return Ok(());
     }
-    let removed = netrace_lab::remove_stale().unwrap_or_default();
+    for name in &leaked {
+        let what = if Path::new("/run/netns").join(name).exists() {
+            "netns"
+        } else {
+            "link"
+        };
+        let _ = Command::new("ip").args([what, "del", name]).status();
+    }
     bail!(
-        "test processes left lab namespaces or links behind: {} (removed: {})",
-        stale.join(" "),
-        removed.join(" ")
+        "test processes of this run left lab namespaces or links behind (removed now): {}",
+        leaked.join(" ")
     )
 }
 
