@@ -25,6 +25,8 @@ use crate::{
 pub const JOIN_WINDOW_NS: u64 = 2_000_000_000;
 /// How long unmatched pod-side SYNs and socket owners are kept.
 const KEEP_NS: u64 = 180_000_000_000;
+/// Sockets remembered per 4-tuple (the same tuple in several network namespaces).
+const MAX_OWNERS_PER_TUPLE: usize = 8;
 /// Linked pairs kept for NAT mode detection.
 const MAX_PAIRS: usize = 100_000;
 
@@ -74,10 +76,12 @@ pub struct Correlator {
     pod_syns: HashMap<JoinKey, (FlowKey, u64)>,
     /// Uplink SYNs that arrived before their pod-side twin.
     early_uplink: HashMap<JoinKey, (FlowKey, u64)>,
-    /// Uplink 4-tuple → pod-side 4-tuple.
-    links: HashMap<FlowKey, (FlowKey, LinkMethod)>,
+    /// Uplink 4-tuple → pod-side 4-tuple, and when the pod-side SYN was seen (ISN links).
+    links: HashMap<FlowKey, (FlowKey, LinkMethod, Option<u64>)>,
     owners_by_sk: HashMap<u64, Owner>,
-    owners_by_tuple: HashMap<FlowKey, Owner>,
+    /// Sockets by 4-tuple, oldest first: the tracepoint sees every network namespace, and
+    /// sockets in different namespaces (pods with the same addresses) can share a 4-tuple.
+    owners_by_tuple: HashMap<FlowKey, Vec<Owner>>,
     pairs: Vec<Pair>,
     cgroups: Resolver,
     pod_names: Option<PodNames>,
@@ -105,8 +109,8 @@ impl Correlator {
         self
     }
 
-    fn link(&mut self, uplink: FlowKey, pod: FlowKey, method: LinkMethod) {
-        self.links.insert(uplink, (pod, method));
+    fn link(&mut self, uplink: FlowKey, pod: FlowKey, method: LinkMethod, pod_ts: Option<u64>) {
+        self.links.insert(uplink, (pod, method, pod_ts));
         if self.pairs.len() < MAX_PAIRS && method != LinkMethod::Local {
             self.pairs.push(Pair {
                 pod_addr: pod.src_addr,
@@ -122,7 +126,7 @@ impl Correlator {
         let j = join_key(&key, isn);
         match self.early_uplink.remove(&j) {
             Some((uplink, t)) if t.abs_diff(ts_ns) <= JOIN_WINDOW_NS => {
-                self.link(uplink, key, LinkMethod::Isn);
+                self.link(uplink, key, LinkMethod::Isn, Some(ts_ns));
             }
             _ => {
                 // Retransmissions repeat the first SYN; keep the first sighting.
@@ -136,7 +140,7 @@ impl Correlator {
         let j = join_key(&key, isn);
         match self.pod_syns.remove(&j) {
             Some((pod, t)) if t.abs_diff(ts_ns) <= JOIN_WINDOW_NS => {
-                self.link(key, pod, LinkMethod::Isn);
+                self.link(key, pod, LinkMethod::Isn, Some(t));
             }
             _ => {
                 self.early_uplink.insert(j, (key, ts_ns));
@@ -161,16 +165,37 @@ impl Correlator {
         match r.kind {
             EventKind::SockConnect => {
                 if r.raw.key.src_port != 0 {
-                    self.owners_by_tuple.insert(r.raw.key, owner.clone());
+                    self.add_owner(r.raw.key, owner.clone());
                 }
                 self.owners_by_sk.insert(r.raw.skaddr, owner);
             }
             EventKind::SockLeftSynSent => {
                 if let Some(o) = self.owners_by_sk.remove(&r.raw.skaddr) {
-                    self.owners_by_tuple.insert(r.raw.key, o);
+                    self.add_owner(r.raw.key, o);
                 }
             }
             _ => {}
+        }
+    }
+
+    fn add_owner(&mut self, tuple: FlowKey, owner: Owner) {
+        let owners = self.owners_by_tuple.entry(tuple).or_default();
+        if !owners.contains(&owner) {
+            owners.push(owner);
+            owners.sort_by_key(|o| o.seen_ns);
+            if owners.len() > MAX_OWNERS_PER_TUPLE {
+                owners.remove(0);
+            }
+        }
+    }
+
+    /// The socket behind `tuple`: the last one to connect before the pod-side SYN was seen
+    /// (`syn_ns`), else the last one seen.
+    fn owner(&self, tuple: &FlowKey, syn_ns: Option<u64>) -> Option<&Owner> {
+        let owners = self.owners_by_tuple.get(tuple)?;
+        match syn_ns {
+            Some(t) => owners.iter().rev().find(|o| o.seen_ns <= t),
+            None => owners.last(),
         }
     }
 
@@ -181,7 +206,10 @@ impl Correlator {
         self.pod_syns.retain(|_, (_, t)| recent(*t));
         self.early_uplink.retain(|_, (_, t)| recent(*t));
         self.owners_by_sk.retain(|_, o| fresh(o.seen_ns));
-        self.owners_by_tuple.retain(|_, o| fresh(o.seen_ns));
+        self.owners_by_tuple.retain(|_, owners| {
+            owners.retain(|o| fresh(o.seen_ns));
+            !owners.is_empty()
+        });
     }
 
     /// Looks up who made uplink connection `key`; `lookup_conntrack` allows the slower
@@ -190,27 +218,27 @@ impl Correlator {
         let mut a = Attribution::default();
         let linked = self.links.remove(key).or_else(|| {
             if self.owners_by_tuple.contains_key(key) {
-                return Some((*key, LinkMethod::Local));
+                return Some((*key, LinkMethod::Local, None));
             }
             if lookup_conntrack && self.conntrack_lookups_left > 0 {
                 self.conntrack_lookups_left -= 1;
                 let pod = conntrack_original(key)?;
-                self.link(*key, pod, LinkMethod::Conntrack);
+                self.link(*key, pod, LinkMethod::Conntrack, None);
                 self.links.remove(key)
             } else {
                 None
             }
         });
-        let socket_tuple = if let Some((pod, method)) = linked {
+        let (socket_tuple, syn_ns) = if let Some((pod, method, syn_ns)) = linked {
             let (src, _) = addrs(&pod);
             a.pod_src = Some(src);
             a.pod_src_port = Some(pod.src_port);
             a.link_method = Some(method);
-            pod
+            (pod, syn_ns)
         } else {
-            *key
+            (*key, None)
         };
-        if let Some(o) = self.owners_by_tuple.get(&socket_tuple).cloned() {
+        if let Some(o) = self.owner(&socket_tuple, syn_ns).cloned() {
             a.pid = Some(o.tgid);
             a.comm = Some(o.comm);
             if let Some(Workload {
@@ -328,6 +356,24 @@ mod tests {
             Some(40001)
         );
         assert_eq!(c.pairs().len(), 2);
+    }
+
+    #[test]
+    fn the_same_tuple_in_two_namespaces_is_told_apart_by_time() {
+        // Two pods with the same address in two network namespaces connect from the same
+        // port: the owner is the socket that connected last before the pod-side SYN, not
+        // the last one the tracepoint reported.
+        let mut c = Correlator::new("/nonexistent");
+        let pod = key(POD, 40000);
+        let mut ours = sock(EventKind::SockConnect, pod, 1, 111);
+        ours.raw.ts_ns = 90;
+        c.sock(&ours);
+        c.pod_syn(pod, 7, 100);
+        c.uplink_syn(key(NODE, 2000), 7, 110);
+        let mut theirs = sock(EventKind::SockConnect, pod, 2, 222);
+        theirs.raw.ts_ns = 150;
+        c.sock(&theirs);
+        assert_eq!(c.attribute(&key(NODE, 2000), false).pid, Some(111));
     }
 
     #[test]
