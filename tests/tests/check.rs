@@ -8,7 +8,8 @@
 
 use std::process::Command;
 
-use netrace_lab::attachments::{Dir, ForeignTcx, FOREIGN_PROG_NAME};
+use netrace_lab::foreign_tcx::{ForeignTcx, FOREIGN_PROG_NAME};
+use netrace_lab::inspect::Dir;
 use netrace_lab::star::Star;
 use netrace_lab::{is_root, netrace_bin};
 
@@ -77,8 +78,8 @@ fn check_names_the_uplink_and_foreign_programs() {
 /// skips is said on standard error; without it, nothing is.
 #[test]
 fn kernel_debug_messages_only_when_asked() {
-    use netrace_lab::watcher::{WatchSpec, Watcher};
     use netrace_lab::Family;
+    use netrace_lab::{NetraceOptions, NetraceRun};
     assert!(is_root(), "needs root: run it through `cargo xtask test`");
     let mut s = Star::new(1).expect("building the star");
     s.start_server(0, 8080).expect("a server");
@@ -86,11 +87,11 @@ fn kernel_debug_messages_only_when_asked() {
     let bin = netrace_bin().expect("the netrace binary");
     let skipped = "SYN to port 8080 skipped: outside --filter-dst/--filter-dport";
     for (verbose, want) in [(true, true), (false, false)] {
-        let mut spec = WatchSpec::new(&bin, s.hub_ns(), &dev).args(["--filter-dport", "9"]);
+        let mut spec = NetraceOptions::new(&bin, s.hub_ns(), &dev).args(["--filter-dport", "9"]);
         if verbose {
             spec = spec.args(["-vv"]);
         }
-        let w = Watcher::start(&spec).expect("starting netrace");
+        let w = NetraceRun::start(&spec).expect("starting netrace");
         s.client()
             .tcp(s.spoke_addr(0, Family::V4, 8080), 3, &|_, _| {})
             .expect("the client");

@@ -227,8 +227,7 @@ fn metrics_pass_promtool_and_match_the_summary() {
 // ---- readiness and an abused metrics port ----
 
 use netrace_lab::star::Star;
-use netrace_lab::watcher::{WatchSpec, Watcher};
-use netrace_lab::{attachments, TcpOutcome};
+use netrace_lab::{inspect, TcpOutcome};
 
 const STAR_PORT: u16 = 8080;
 const READY_PORT: u16 = 19478;
@@ -271,9 +270,9 @@ fn star_with_loopback() -> Star {
 fn readyz_turns_ready_only_after_attach() {
     let s = star_with_loopback();
     let dev = s.hub_if(0).to_owned();
-    let spec = WatchSpec::new(netrace_bin().expect("the netrace binary"), s.hub_ns(), &dev)
+    let spec = NetraceOptions::new(netrace_bin().expect("the netrace binary"), s.hub_ns(), &dev)
         .args(["--metrics-addr", &format!("127.0.0.1:{READY_PORT}")]);
-    let mut w = Watcher::spawn(&spec).expect("spawning netrace");
+    let mut w = NetraceRun::spawn(&spec).expect("spawning netrace");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();
     let attached_at_ready = loop {
@@ -283,7 +282,7 @@ fn readyz_turns_ready_only_after_attach() {
         );
         match get_status(s.hub_ns(), READY_PORT, "/readyz") {
             Some(200) => {
-                let snap = attachments::snapshot(s.hub_ns(), &dev).expect("snapshot");
+                let snap = inspect::snapshot(s.hub_ns(), &dev).expect("snapshot");
                 break snap;
             }
             Some(code) => {
@@ -325,10 +324,10 @@ fn metrics_port_abuse_does_not_stop_tracing() {
     const IDLE: usize = 300;
     let s = star_with_loopback();
     let dev = s.hub_if(0).to_owned();
-    let spec = WatchSpec::new(netrace_bin().expect("the netrace binary"), s.hub_ns(), &dev)
+    let spec = NetraceOptions::new(netrace_bin().expect("the netrace binary"), s.hub_ns(), &dev)
         .nofile(64)
         .args(["--metrics-addr", &format!("127.0.0.1:{READY_PORT}")]);
-    let w = Watcher::start(&spec).expect("starting netrace");
+    let w = NetraceRun::start(&spec).expect("starting netrace");
     let (release, released) = std::sync::mpsc::channel::<()>();
     let idle = netns::spawn_in(s.hub_ns(), "nrt-idle", move || {
         let mut held = Vec::new();

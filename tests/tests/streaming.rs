@@ -10,17 +10,9 @@
 use std::time::Duration;
 
 use netrace_lab::{
-    is_root, netrace_bin, Family, Lab, NetraceOptions, NetraceRun, Output, TcpCounts,
+    netrace_bin, require_root, Family, Lab, NetraceOptions, NetraceRun, Output, TcpCounts,
 };
 use serde_json::Value;
-
-fn require_root() {
-    assert!(
-        is_root(),
-        "the netrace-lab end-to-end tests need root (network namespaces, nftables, eBPF); \
-         run them with `cargo xtask test` or as root: `cargo test -p netrace-lab`"
-    );
-}
 
 fn field(v: &Value, pointer: &str) -> u64 {
     v.pointer(pointer)
@@ -32,10 +24,10 @@ fn field(v: &Value, pointer: &str) -> u64 {
 fn json_events_lost_and_intervals_add_up() {
     require_root();
     let lab = Lab::seed().expect("building the seed lab");
-    let opts = NetraceOptions::new(netrace_bin().expect("the netrace binary"))
+    let opts = NetraceOptions::for_lab(&lab, netrace_bin().expect("the netrace binary"))
         .syn_timeout(Duration::from_millis(1500))
         .args(["--events", "lost", "--interval", "1s"]);
-    let run = NetraceRun::start(&lab, &opts).expect("starting netrace");
+    let run = NetraceRun::start(&opts).expect("starting netrace");
     let attempts = lab
         .client()
         .tcp(lab.server_addr(Family::V4), 120, &|_, _| {})
@@ -121,11 +113,11 @@ fn json_events_lost_and_intervals_add_up() {
 fn text_events_and_interval_lines() {
     require_root();
     let lab = Lab::seed().expect("building the seed lab");
-    let opts = NetraceOptions::new(netrace_bin().expect("the netrace binary"))
+    let opts = NetraceOptions::for_lab(&lab, netrace_bin().expect("the netrace binary"))
         .output(Output::Text)
         .syn_timeout(Duration::from_millis(1500))
         .args(["--events", "lost", "--interval", "1s"]);
-    let run = NetraceRun::start(&lab, &opts).expect("starting netrace");
+    let run = NetraceRun::start(&opts).expect("starting netrace");
     let attempts = lab
         .client()
         .tcp(lab.server_addr(Family::V4), 100, &|_, _| {})
