@@ -146,7 +146,9 @@ fn man_page_is_roff() {
         .lines()
         .skip_while(|l| !l.starts_with("Commands:"))
         .skip(1)
-        .take_while(|l| l.starts_with("  "))
+        .take_while(|l| l.starts_with("  ") || l.trim().is_empty())
+        // A command's line starts with two spaces; its wrapped description, with more.
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     assert!(
