@@ -11,13 +11,12 @@ use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use netrace_lab::wire::{self, Ipv4, Tcp, IPPROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN};
-use netrace_lab::{cmd, is_root, names, netns, netrace_bin};
+use netrace_lab::{cmd, is_root, names, netns, netrace_bin, NetraceOptions, NetraceRun};
 use serde_json::Value;
 
 const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 18, 77, 1);
@@ -104,7 +103,7 @@ fn responder(name: String, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 &Tcp::answer(sport, dport, TCP_RST | TCP_ACK, ack),
             ),
             TTL_EXCEEDED => {
-                let mut msg = wire::icmp(11, 0, &p[..ihl + 8]);
+                let mut msg = wire::icmp(11, 0, [0; 4], &p[..ihl + 8]);
                 let c = wire::checksum(&msg);
                 msg[2..4].copy_from_slice(&c.to_be_bytes());
                 Ipv4::new(ROUTER, LOCAL, 1).build(&msg)
@@ -147,33 +146,10 @@ fn tun_interface_outcomes_match_the_client() {
         netns::spawn_in(&ns.0, "tun-far-side", move || responder(dev, stop)).unwrap()
     };
 
-    let ready = std::env::temp_dir().join(format!("{stem}.ready"));
-    let _ = std::fs::remove_file(&ready);
     let bin: PathBuf = netrace_bin().unwrap();
-    let watch = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(&bin)
-        .args(["watch", "--iface", &dev, "--duration", "8s"])
-        .args([
-            "--syn-timeout",
-            "1500ms",
-            "--output",
-            "json",
-            "--ready-file",
-        ])
-        .arg(&ready)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !ready.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "netrace did not attach"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let watch =
+        NetraceRun::start(&NetraceOptions::new(bin, &ns.0, &dev).args(["--duration", "8s"]))
+            .unwrap_or_else(|e| panic!("starting netrace: {e:#}"));
 
     // The client's own results: local port → what connect() said.
     let client = netns::spawn_in(&ns.0, "tun-client", || {
@@ -214,17 +190,15 @@ fn tun_interface_outcomes_match_the_client() {
     .unwrap();
     let seen = client.join().unwrap().unwrap();
 
-    let out = watch.wait_with_output().unwrap();
+    let out = watch
+        .wait(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
     stop.store(true, Ordering::Relaxed);
     far.join().unwrap().unwrap();
-    let _ = std::fs::remove_file(&ready);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let records: BTreeMap<u16, Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v.get("outcome").is_some())
-        .map(|v| (v["src_port"].as_u64().unwrap() as u16, v))
+    let (stdout, stderr) = (&out.stdout, &out.stderr);
+    let records: BTreeMap<u16, Value> = out
+        .connections()
+        .map(|v| (v["src_port"].as_u64().unwrap() as u16, v.clone()))
         .collect();
     let expected: Vec<_> = [
         (ANSWERED, "answered"),
@@ -256,9 +230,5 @@ fn tun_interface_outcomes_match_the_client() {
         }
     }
     assert_eq!(records.len(), seen.len(), "records: {records:?}");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "a lost connection: exit 1; {stderr}"
-    );
+    assert_eq!(out.code(), Some(1), "a lost connection: exit 1; {stderr}");
 }

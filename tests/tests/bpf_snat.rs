@@ -52,7 +52,7 @@ fn lab(family: Family) -> Lab {
 
 fn start(lab: &Lab, hook: &str) -> NetraceRun {
     let bin = netrace_bin().unwrap_or_else(|e| panic!("{e:#}"));
-    NetraceRun::start(lab, &NetraceOptions::new(bin).args(["--egress-hook", hook]))
+    NetraceRun::start(&NetraceOptions::for_lab(lab, bin).args(["--egress-hook", hook]))
         .unwrap_or_else(|e| panic!("starting netrace: {e:#}"))
 }
 
@@ -274,8 +274,7 @@ fn tc_hook_text_report_names_the_problem_and_the_fix() {
     let snat = BpfSnat::attach(&lab, Order::Last).unwrap();
     let bin = netrace_bin().unwrap_or_else(|e| panic!("{e:#}"));
     let netrace = NetraceRun::start(
-        &lab,
-        &NetraceOptions::new(bin)
+        &NetraceOptions::for_lab(&lab, bin)
             .output(netrace_lab::Output::Text)
             .args(["--egress-hook", "tc"]),
     )
