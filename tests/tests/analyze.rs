@@ -314,7 +314,7 @@ fn capture_run(lab: &Lab, family: Family, tag: &str) -> Captured {
     let pod_side = Tcpdump::start(node, &n.node_pod_if, scratch(&format!("{tag}-pod.pcap")));
     let any = Tcpdump::start(node, "any", scratch(&format!("{tag}-any.pcap")));
     let bin = netrace_bin().unwrap_or_else(|e| panic!("{e:#}"));
-    let watch = NetraceRun::start(lab, &NetraceOptions::new(bin))
+    let watch = NetraceRun::start(&NetraceOptions::for_lab(lab, bin))
         .unwrap_or_else(|e| panic!("starting netrace: {e:#}"));
     let server = lab.server_addr(family);
     let attempts: Vec<TcpAttempt> = lab

@@ -1,7 +1,10 @@
 //! The whole of `analyze` (reader, merge, parser, pairing rules, tracker, judge) on captures
 //! written here packet by packet, where every outcome is known by construction.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
+
+use netrace_lab::wire::{tcp_frame, Tcp};
 
 use super::{config::AnalyzeConfig, finish, replay::Replay, replay_all};
 use crate::{
@@ -22,18 +25,15 @@ const SYNACK: u8 = 0x12;
 const RSTACK: u8 = 0x14;
 const ACK: u8 = 0x10;
 
-/// Ethernet, IPv4 and TCP headers.
+/// Ethernet, IPv4 and TCP headers (the lab's packet builder, as every test's).
 fn tcp(src: [u8; 4], dst: [u8; 4], ports: (u16, u16), seq: u32, ack: u32, flags: u8) -> Vec<u8> {
-    let mut p = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
-    p.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
-    p.extend_from_slice(&src);
-    p.extend_from_slice(&dst);
-    p.extend_from_slice(&ports.0.to_be_bytes());
-    p.extend_from_slice(&ports.1.to_be_bytes());
-    p.extend_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(&ack.to_be_bytes());
-    p.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    p
+    let tcp = Tcp::new(ports.0, ports.1, flags).seq(seq).ack(ack);
+    tcp_frame(
+        &[],
+        Ipv4Addr::from(src).into(),
+        Ipv4Addr::from(dst).into(),
+        &tcp,
+    )
 }
 
 /// The same packet as a Linux cooked v2 record, `outgoing` or received.

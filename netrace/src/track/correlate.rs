@@ -151,8 +151,9 @@ impl Correlator {
     /// Links uplink connection `uplink` to its pod-side twin `pod`, found by the caller by the
     /// same rule as [`Correlator::pod_syn`] (same ISN, destination and port, moments apart):
     /// `analyze` finds twins as it reads, and needs to know which one came first.
+    /// A capture has no socket events, so no pod-side time is kept to pick a socket owner by.
     pub fn linked(&mut self, uplink: FlowKey, pod: FlowKey) {
-        self.link(uplink, pod, LinkMethod::Isn);
+        self.link(uplink, pod, LinkMethod::Isn, None);
     }
 
     pub fn sock(&mut self, r: &SockRecord) {
