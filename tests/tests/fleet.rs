@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use netrace_lab::prometheus::{self, label, value, PromNet, PromServer, Target};
 use netrace_lab::{
-    is_root, netrace_bin, Family, Lab, LabOptions, NetraceOptions, NetraceRun, TcpCounts,
+    is_root, netrace_bin, netrace_run::run_once, Family, Lab, LabOptions, NetraceOptions,
+    NetraceRun, TcpCounts,
 };
 
 const METRICS_PORT: u16 = 19478;
@@ -62,8 +63,7 @@ fn prometheus_rules_alert_on_the_bad_node_only_and_fleet_names_it() {
 
     let start = |lab: &Lab, ip| {
         NetraceRun::start(
-            lab,
-            &NetraceOptions::new(&bin)
+            &NetraceOptions::for_lab(lab, &bin)
                 .syn_timeout(Duration::from_millis(1500))
                 .args(["--metrics-addr", &format!("{ip}:{METRICS_PORT}")]),
         )
@@ -241,17 +241,19 @@ fn prometheus_rules_alert_on_the_bad_node_only_and_fleet_names_it() {
     );
 
     // `netrace fleet` against the same Prometheus names the seed node and its fix.
-    let out = Command::new("ip")
-        .args(["netns", "exec", prom.ns()])
-        .arg(&bin)
-        .args(["fleet", "--prometheus", &prom.url(), "--window", "5m"])
-        .output()
-        .expect("running netrace fleet");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let url = prom.url();
+    let out = run_once(
+        &bin,
+        prom.ns(),
+        &[],
+        &["fleet", "--prometheus", &url, "--window", "5m"],
+        Duration::from_secs(60),
+    )
+    .expect("running netrace fleet");
+    let (stdout, stderr) = (&out.stdout, &out.stderr);
     eprintln!("netrace fleet printed:\n{stdout}");
     assert_eq!(
-        out.status.code(),
+        out.code(),
         Some(1),
         "a node has a problem: {stdout}{stderr}"
     );
@@ -309,22 +311,24 @@ fn prometheus_rules_alert_on_the_bad_node_only_and_fleet_names_it() {
         );
     }
 
-    let json = Command::new("ip")
-        .args(["netns", "exec", prom.ns()])
-        .arg(&bin)
-        .args([
+    let json = run_once(
+        &bin,
+        prom.ns(),
+        &[],
+        &[
             "fleet",
             "--prometheus",
-            &prom.url(),
+            &url,
             "--window",
             "5m",
             "--output",
             "json",
-        ])
-        .output()
-        .expect("running netrace fleet --output json");
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("running netrace fleet --output json");
     let v: serde_json::Value =
-        serde_json::from_slice(&json.stdout).expect("fleet --output json is one JSON object");
+        serde_json::from_str(&json.stdout).expect("fleet --output json is one JSON object");
     let groups = v["groups"].as_array().expect("groups");
     assert_eq!(groups[0]["judgement"], "range_problem", "{v}");
     assert_eq!(groups[0]["nodes"], serde_json::json!([bad]), "{v}");
