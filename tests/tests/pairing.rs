@@ -29,7 +29,7 @@ fn require_root() {
 
 fn start(lab: &Lab) -> NetraceRun {
     let bin = netrace_bin().unwrap_or_else(|e| panic!("{e:#}"));
-    NetraceRun::start(lab, &NetraceOptions::new(bin))
+    NetraceRun::start(&NetraceOptions::for_lab(lab, bin))
         .unwrap_or_else(|e| panic!("starting netrace: {e:#}"))
 }
 

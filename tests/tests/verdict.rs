@@ -32,7 +32,7 @@ fn require_root() {
 
 fn start(lab: &Lab, extra: &[&str]) -> NetraceRun {
     let bin = netrace_bin().unwrap_or_else(|e| panic!("{e:#}"));
-    NetraceRun::start(lab, &NetraceOptions::new(bin).args(extra.iter().copied()))
+    NetraceRun::start(&NetraceOptions::for_lab(lab, bin).args(extra.iter().copied()))
         .unwrap_or_else(|e| panic!("starting netrace: {e:#}"))
 }
 
@@ -389,7 +389,6 @@ fn patient_client_is_counted_once() {
 #[test]
 fn stacked_device_double_sighting_counts_once() {
     use netrace_lab::star::Star;
-    use netrace_lab::watcher::{WatchSpec, Watcher};
     require_root();
     let mut s = Star::new(1).unwrap_or_else(|e| panic!("{e:#}"));
     let stem = s.stem().to_owned();
@@ -455,7 +454,7 @@ fn stacked_device_double_sighting_counts_once() {
     // Resolve the neighbour before netrace starts.
     let _ = s.client().tcp(ok, 1, &|_, _| {});
     let bin = netrace_bin().unwrap_or_else(|e| panic!("{e:#}"));
-    let w = Watcher::start(&WatchSpec::new(bin, &hub, &upper).iface(&parent))
+    let w = NetraceRun::start(&NetraceOptions::new(bin, &hub, &upper).iface(&parent))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let client = s.client();
     let a = client
@@ -503,7 +502,7 @@ fn dropped_answer_events_do_not_inflate_the_loss() {
     require_root();
     let lab = Lab::new(LabOptions::seed().ipv6(false)).unwrap_or_else(|e| panic!("{e:#}"));
     let netrace = start(&lab, &["--ringbuf-kib", "4"]);
-    let pid = i32::try_from(netrace.pid().expect("netrace's pid")).unwrap();
+    let pid = i32::try_from(netrace.pid()).unwrap();
     // SAFETY: kill has no memory-safety preconditions; the pid is our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let (attempts, truth) = drive(&lab, 200);
