@@ -322,7 +322,7 @@ fn image_runs_the_seed_lab() {
 
     // Nothing left on the interface once the container is gone.
     let attached =
-        inspect::attached(lab.node_ns(), lab.node_uplink()).unwrap_or_else(|e| panic!("{e:#}"));
+        inspect::snapshot(lab.node_ns(), lab.node_uplink()).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(
         attached.is_empty(),
         "{} still has something attached after the container exited: {attached:?}\n{ctx}",
