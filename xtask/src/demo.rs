@@ -215,9 +215,10 @@ fn real_node() {
         "  sudo netrace watch --iface eth0          # Ctrl-C prints the report; or --duration 5m"
     );
     println!("  sudo netrace watch --iface eth0 --allowed-ports 32768-65535 --list-lost");
-    println!("  On Kubernetes, from your workstation (the image has no shell: give the command):");
+    println!("  On Kubernetes, with the image you built and pushed (docs/operations.md; it has no");
+    println!("  shell, so give the command):");
     println!("  kubectl debug node/NODE-NAME -it --profile=sysadmin \\");
-    println!("      --image=ghcr.io/netrace/netrace:0.1.0 \\");
+    println!("      --image=REGISTRY/netrace:TAG \\");
     println!("      -- /usr/bin/netrace watch --iface eth0 --procfs /host/proc");
     println!("  (or deploy/debug-pod.yaml where `kubectl debug` is not available)");
 }
