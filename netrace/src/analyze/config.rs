@@ -12,7 +12,7 @@ use crate::{
     options::{Cidr, OutputFormat},
     ports::{parse_duration, PortRange},
     track::{stats::Histogram, tracker::Tracker},
-    watch::config::{check_dir_of, kernel_filter, parse_edges, parse_port, LATE_WINDOW},
+    watch::config::{check_dir_of, kernel_filter, parse_edges, parse_filters, LATE_WINDOW},
 };
 
 /// Everything `netrace analyze` needs, checked.
@@ -42,18 +42,8 @@ impl AnalyzeConfig {
         let syn_timeout =
             parse_duration(&args.syn_timeout).map_err(|e| usage("--syn-timeout", e))?;
         let bucket_edges = parse_edges(&args.buckets).map_err(|e| usage("--buckets", e))?;
-        let filter_dst = args
-            .filter_dst
-            .as_deref()
-            .map(str::parse::<Cidr>)
-            .transpose()
-            .map_err(|e| usage("--filter-dst", e))?;
-        let filter_dport = args
-            .filter_dport
-            .as_deref()
-            .map(parse_port)
-            .transpose()
-            .map_err(|e| usage("--filter-dport", e))?;
+        let (filter_dst, filter_dport) =
+            parse_filters(args.filter_dst.as_deref(), args.filter_dport.as_deref())?;
         check_dir_of("--svg", args.svg.as_deref())?;
         let stdin = args.files.iter().filter(|f| f.as_os_str() == "-").count();
         if stdin > 1 {

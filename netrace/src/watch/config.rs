@@ -108,18 +108,8 @@ impl WatchConfig {
             .transpose()
             .map_err(|e| usage("--duration", e))?;
         let bucket_edges = parse_edges(&args.buckets).map_err(|e| usage("--buckets", e))?;
-        let filter_dst = args
-            .filter_dst
-            .as_deref()
-            .map(str::parse::<Cidr>)
-            .transpose()
-            .map_err(|e| usage("--filter-dst", e))?;
-        let filter_dport = args
-            .filter_dport
-            .as_deref()
-            .map(parse_port)
-            .transpose()
-            .map_err(|e| usage("--filter-dport", e))?;
+        let (filter_dst, filter_dport) =
+            parse_filters(args.filter_dst.as_deref(), args.filter_dport.as_deref())?;
         if args.max_pending == 0 || args.max_pending > MAX_MAX_PENDING {
             return Err(usage(
                 "--max-pending",
@@ -315,6 +305,22 @@ pub fn kernel_filter(filter_dst: Option<Cidr>, filter_dport: Option<u16>) -> Ker
 }
 
 /// A port, 1-65535 (`--filter-dport`).
+/// `--filter-dst` and `--filter-dport`, as `watch` and `analyze` both take them.
+pub(crate) fn parse_filters(
+    dst: Option<&str>,
+    dport: Option<&str>,
+) -> Result<(Option<Cidr>, Option<u16>), UsageError> {
+    let dst = dst
+        .map(str::parse::<Cidr>)
+        .transpose()
+        .map_err(|e| usage("--filter-dst", e))?;
+    let dport = dport
+        .map(parse_port)
+        .transpose()
+        .map_err(|e| usage("--filter-dport", e))?;
+    Ok((dst, dport))
+}
+
 pub(crate) fn parse_port(p: &str) -> Result<u16, String> {
     match p.parse::<u16>() {
         Ok(n) if n > 0 => Ok(n),
