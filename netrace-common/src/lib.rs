@@ -57,8 +57,17 @@ pub struct PendingSyn {
     pub ifindex: u32,
     /// Bytes of data the SYN carried (TCP Fast Open): the answer may acknowledge
     /// `isn + 1 + data_len`. Zero for an ordinary SYN.
-    pub data_len: u32,
+    pub data_len: u16,
+    /// [`STATE_WAITING`] or [`STATE_LOST`].
+    pub state: u8,
+    pub _pad: u8,
 }
+
+/// [`PendingSyn::state`]: no answer yet, not reported.
+pub const STATE_WAITING: u8 = 0;
+/// [`PendingSyn::state`]: user space reported the attempt lost (it took the entry and put it
+/// back in this state), so an answer now is *late* and always sent as an event.
+pub const STATE_LOST: u8 = 1;
 
 impl PendingSyn {
     /// The entry for the first SYN of an attempt, seen at `now` on `ifindex`.
@@ -70,8 +79,199 @@ impl PendingSyn {
             syns: 1,
             ifindex,
             data_len: 0,
+            state: STATE_WAITING,
+            _pad: 0,
         }
     }
+
+    /// The compact form the kernel's pending maps store.
+    #[inline(always)]
+    pub fn to_slot(&self) -> PendingSlot {
+        let after = self.last_ns.saturating_sub(self.first_ns) / 1000;
+        PendingSlot {
+            first_ns: self.first_ns,
+            isn: self.isn,
+            ifindex: self.ifindex,
+            last_us: if after > u32::MAX as u64 {
+                u32::MAX
+            } else {
+                after as u32
+            },
+            data_len: self.data_len,
+            syns: if self.syns > u8::MAX as u32 {
+                u8::MAX
+            } else {
+                self.syns as u8
+            },
+            state: self.state,
+        }
+    }
+}
+
+/// A pending entry as the kernel's maps store it: 24 bytes instead of [`PendingSyn`]'s 32, so
+/// that a million pending SYNs fit in about 100 MiB of preallocated map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PendingSlot {
+    pub first_ns: u64,
+    pub isn: u32,
+    pub ifindex: u32,
+    /// Microseconds from the first SYN to the latest (saturating: 71 minutes).
+    pub last_us: u32,
+    pub data_len: u16,
+    /// SYNs sent with this ISN (saturating at 255).
+    pub syns: u8,
+    pub state: u8,
+}
+
+impl PendingSlot {
+    /// The full form, as events and user space carry it.
+    #[inline(always)]
+    pub fn to_pending(&self) -> PendingSyn {
+        PendingSyn {
+            first_ns: self.first_ns,
+            last_ns: self.first_ns + self.last_us as u64 * 1000,
+            isn: self.isn,
+            syns: self.syns as u32,
+            ifindex: self.ifindex,
+            data_len: self.data_len,
+            state: self.state,
+            _pad: 0,
+        }
+    }
+}
+
+/// The key of the IPv4 pending map: 12 bytes instead of [`FlowKey`]'s 40.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct V4Key {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// The key of the IPv6 pending map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct V6Key {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl FlowKey {
+    /// The IPv4 map's key, for an IPv4 key.
+    #[inline(always)]
+    pub fn v4(&self) -> V4Key {
+        let (s, d) = (&self.src_addr, &self.dst_addr);
+        V4Key {
+            src_addr: [s[0], s[1], s[2], s[3]],
+            dst_addr: [d[0], d[1], d[2], d[3]],
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+        }
+    }
+
+    /// The IPv6 map's key, for an IPv6 key.
+    #[inline(always)]
+    pub fn v6(&self) -> V6Key {
+        V6Key {
+            src_addr: self.src_addr,
+            dst_addr: self.dst_addr,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+        }
+    }
+}
+
+impl From<V4Key> for FlowKey {
+    fn from(k: V4Key) -> Self {
+        let mut key = FlowKey {
+            family: FAMILY_V4,
+            src_port: k.src_port,
+            dst_port: k.dst_port,
+            ..FlowKey::default()
+        };
+        key.src_addr[..4].copy_from_slice(&k.src_addr);
+        key.dst_addr[..4].copy_from_slice(&k.dst_addr);
+        key
+    }
+}
+
+impl From<V6Key> for FlowKey {
+    fn from(k: V6Key) -> Self {
+        FlowKey {
+            family: FAMILY_V6,
+            _pad: [0; 3],
+            src_port: k.src_port,
+            dst_port: k.dst_port,
+            src_addr: k.src_addr,
+            dst_addr: k.dst_addr,
+        }
+    }
+}
+
+/// Source ports per answer book: a book counts the answered attempts of one interface and
+/// destination for `BOOK_PORTS` consecutive source ports.
+pub const BOOK_PORTS: usize = 256;
+/// Default capacity of the answer books (each 1 KiB, allocated as used): 4096 books cover 16
+/// destinations on every source port, or many more destinations on fewer ports.
+pub const DEFAULT_MAX_BOOKS: u32 = 4096;
+
+/// The key of the kernel's answer books.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct BookKey {
+    /// Interface the SYN left through.
+    pub ifindex: u32,
+    pub family: u8,
+    pub _pad: u8,
+    pub dst_port: u16,
+    /// `src_port / BOOK_PORTS`.
+    pub port_group: u16,
+    pub _pad2: u16,
+    pub dst_addr: [u8; 16],
+}
+
+/// Answered attempts per source port of a book (`src_port % BOOK_PORTS`), cumulative and
+/// wrapping: user space reads differences.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnswerBook {
+    pub answered: [u32; BOOK_PORTS],
+}
+
+impl Default for AnswerBook {
+    fn default() -> Self {
+        Self {
+            answered: [0; BOOK_PORTS],
+        }
+    }
+}
+
+/// Upper bounds of the kernel's connect round-trip histogram, in microseconds; the last slot
+/// counts everything above. The `netrace_connect_rtt_seconds` metric uses the same bounds.
+pub const RTT_BOUNDS_US: [u64; 12] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    3_000_000,
+];
+/// Slots of the kernel's round-trip histogram.
+pub const RTT_SLOTS: u32 = RTT_BOUNDS_US.len() as u32 + 1;
+
+/// The slot of [`RTT_BOUNDS_US`] a round trip of `ns` falls into.
+#[inline(always)]
+pub fn rtt_slot(ns: u64) -> u32 {
+    let us = ns / 1000;
+    let mut i = 0;
+    while i < RTT_BOUNDS_US.len() {
+        if us <= RTT_BOUNDS_US[i] {
+            return i as u32;
+        }
+        i += 1;
+    }
+    RTT_BOUNDS_US.len() as u32
 }
 
 /// What happened to a pending SYN, as decided in the kernel.
@@ -232,7 +432,8 @@ pub const XMIT_LINK_RAW_IP: u32 = 1;
 /// How many devices the device hook can watch.
 pub const MAX_XMIT_IFACES: u32 = 256;
 
-/// Filters applied in the kernel before a SYN takes a slot in the pending map.
+/// Filters applied in the kernel before a SYN takes a slot in the pending map, and what the
+/// kernel sends one by one (read on every packet, so one lookup serves both).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct KernelFilter {
@@ -242,10 +443,18 @@ pub struct KernelFilter {
     pub dst_family: u8,
     /// Prefix length of `dst_net` in bits.
     pub dst_prefix_len: u8,
-    pub _pad: u32,
+    /// [`SEND_SYNS`] and [`SEND_ANSWERS`]; 0: the kernel keeps the books.
+    pub send: u32,
     /// Destination network, network byte order, same layout as [`FlowKey::dst_addr`].
     pub dst_net: [u8; 16],
 }
+
+/// [`KernelFilter::send`]: an [`EventKind::Syn`] event for every new pending entry (for
+/// pod and process attribution, which pair SYNs one by one).
+pub const SEND_SYNS: u32 = 1;
+/// [`KernelFilter::send`]: an [`EventKind::Answered`] event for every answered attempt
+/// (per-connection output); without it answers are counted in the answer books.
+pub const SEND_ANSWERS: u32 = 2;
 
 /// Indices into the per-CPU counter array. Never renumber or reuse one.
 #[repr(u32)]
@@ -283,10 +492,14 @@ pub enum Counter {
     SockEvents = 14,
     /// SYN-ACKs (past the destination filters) for a 4-tuple with no pending entry.
     SynAckUnmatched = 15,
+    /// Answered attempts counted in the answer books instead of sent as events.
+    AnsweredBooked = 16,
+    /// Answered attempts sent as events because the answer books were full.
+    BooksFull = 17,
 }
 
 /// Number of counters (size of the per-CPU counter array).
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 18;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -307,6 +520,16 @@ mod pod {
     unsafe impl aya::Pod for super::SkbOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::XmitIface {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PendingSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::V4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::V6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BookKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AnswerBook {}
 }
 
 #[cfg(test)]
@@ -329,6 +552,39 @@ mod tests {
         assert_eq!(core::mem::size_of::<TpOffsets>(), 24);
         assert_eq!(core::mem::size_of::<SkbOffsets>(), 16);
         assert_eq!(core::mem::size_of::<XmitIface>(), 8);
+        assert_eq!(core::mem::size_of::<PendingSlot>(), 24);
+        assert_eq!(core::mem::size_of::<V4Key>(), 12);
+        assert_eq!(core::mem::size_of::<V6Key>(), 36);
+        assert_eq!(core::mem::size_of::<BookKey>(), 28);
+        assert_eq!(core::mem::size_of::<AnswerBook>(), 4 * BOOK_PORTS);
+    }
+
+    #[test]
+    fn slots_and_keys_round_trip() {
+        let mut p = PendingSyn::first(5_000_000_000, 77, 3);
+        p.last_ns = p.first_ns + 3_000_123_000;
+        p.syns = 3;
+        p.data_len = 100;
+        p.state = STATE_LOST;
+        assert_eq!(p.to_slot().to_pending(), p);
+        p.syns = 1000;
+        assert_eq!(p.to_slot().syns, 255);
+        let mut k = FlowKey {
+            family: FAMILY_V4,
+            src_port: 40000,
+            dst_port: 443,
+            ..FlowKey::default()
+        };
+        k.src_addr[..4].copy_from_slice(&[198, 18, 0, 1]);
+        k.dst_addr[..4].copy_from_slice(&[198, 19, 0, 2]);
+        assert_eq!(FlowKey::from(k.v4()), k);
+        k.family = FAMILY_V6;
+        k.src_addr = [0x20; 16];
+        assert_eq!(FlowKey::from(k.v6()), k);
+        assert_eq!(rtt_slot(0), 0);
+        assert_eq!(rtt_slot(500_000), 0);
+        assert_eq!(rtt_slot(501_000), 1);
+        assert_eq!(rtt_slot(u64::MAX), RTT_BOUNDS_US.len() as u32);
     }
 
     #[test]

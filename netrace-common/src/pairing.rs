@@ -1,21 +1,22 @@
 //! The SYN/answer pairing rules, one code path for the kernel (over its BPF maps and ring
 //! buffer) and user space (over a `HashMap` and a `Vec` of events, for `netrace analyze`).
 //!
-//! - An outbound SYN that passes the filter creates a pending entry keyed by its 4-tuple and
-//!   reports [`EventKind::Syn`]. The same ISN again is a retransmission: the entry's SYN count
-//!   and last time move, nothing is reported. Another ISN on the same 4-tuple replaces the
-//!   entry: the old one is reported [`EventKind::Superseded`], the new one [`EventKind::Syn`].
-//!   A full map is counted, never an eviction.
+//! - An outbound SYN that passes the filter creates a pending entry keyed by its 4-tuple (and
+//!   reports [`EventKind::Syn`] when the sink [sends SYNs](EventSink::sends_syns)). The same
+//!   ISN again is a retransmission: the entry's SYN count and last time move, nothing is
+//!   reported. Another ISN on the same 4-tuple replaces the entry: the old one, if still
+//!   waiting, is reported [`EventKind::Superseded`]. A full map is counted, never an eviction.
 //! - An inbound SYN-ACK or RST+ACK acknowledging `isn + 1` (or `isn + 1 + data`, for a SYN
 //!   that carried data: TCP Fast Open), or an ICMP error quoting the SYN's own sequence number,
-//!   removes the entry and reports its outcome. Whoever removes the entry reports it, so a
-//!   duplicated answer is reported once.
+//!   removes the entry and reports its outcome: an event, or for an answered attempt still
+//!   waiting, a count in the sink's answer books when it keeps them. Whoever removes the entry
+//!   reports it, so a duplicated answer, or one racing user space's sweep, is reported once.
 //!
 //! *Lost* and *late* are decided in user space from time (the tracker), not here.
 
 use crate::{
     parse::{Answer, Parsed},
-    Counter, EventKind, FlowKey, KernelFilter, PendingSyn,
+    Counter, EventKind, FlowKey, KernelFilter, PendingSyn, STATE_WAITING,
 };
 
 /// The outcome of inserting a new pending entry.
@@ -28,10 +29,19 @@ pub enum Insert {
     Full,
 }
 
+/// What a SYN did to an existing entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Touched {
+    /// The same ISN again: a retransmission.
+    Retransmit,
+    /// Another ISN: the entry now holds the new attempt; this was the old one.
+    Replaced(PendingSyn),
+}
+
 /// The pending-SYN map.
 pub trait PendingTable {
-    /// The entry for `key`, to update in place.
-    fn get_mut(&mut self, key: &FlowKey) -> Option<&mut PendingSyn>;
+    /// Applies `f` to the entry for `key` in place; `None` when there is none.
+    fn modify<R, F: FnOnce(&mut PendingSyn) -> R>(&mut self, key: &FlowKey, f: F) -> Option<R>;
     /// A copy of the entry for `key`.
     fn get(&self, key: &FlowKey) -> Option<PendingSyn>;
     /// Inserts an entry for a key that had none.
@@ -75,6 +85,18 @@ pub trait EventSink {
     /// egress hook changed the SYN's source); others ignore it.
     #[inline(always)]
     fn unmatched(&mut self, _key: &FlowKey, _ack: u32, _answer: Answer) {}
+    /// Whether every new pending entry is reported ([`EventKind::Syn`]); the kernel sends
+    /// them only when user space pairs SYNs one by one (attribution).
+    #[inline(always)]
+    fn sends_syns(&self) -> bool {
+        true
+    }
+    /// Counts an answered attempt without an event (the kernel's answer books); `false`
+    /// when it must be sent as an event (per-connection output asked for, or no room).
+    #[inline(always)]
+    fn book_answer(&mut self, _key: &FlowKey, _pending: &PendingSyn, _now: u64) -> bool {
+        false
+    }
     /// Reports an event (the ring buffer's record).
     fn emit(
         &mut self,
@@ -130,7 +152,7 @@ pub fn acknowledges(pending: &PendingSyn, ack: u32, answer: Answer) -> bool {
         Answer::Unreachable { .. } => ack == pending.isn,
         _ => {
             let next = pending.isn.wrapping_add(1);
-            ack == next || ack == next.wrapping_add(pending.data_len)
+            ack == next || ack == next.wrapping_add(pending.data_len as u32)
         }
     }
 }
@@ -167,7 +189,14 @@ pub fn on_syn<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
     sink.count(Counter::SynSeen);
     sink.syn_port(key.src_port);
     let now = sink.now();
-    if let Some(entry) = table.get_mut(key) {
+    let data_len = if data_len > u16::MAX as u32 {
+        u16::MAX
+    } else {
+        data_len as u16
+    };
+    let mut fresh = PendingSyn::first(now, isn, sink.ifindex());
+    fresh.data_len = data_len;
+    let touched = table.modify(key, |entry| {
         let old = *entry;
         if old.isn == isn {
             entry.syns = old.syns.saturating_add(1);
@@ -177,28 +206,37 @@ pub fn on_syn<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
             if data_len > old.data_len {
                 entry.data_len = data_len;
             }
-            sink.count(Counter::SynRetransmit);
-            return;
+            return Touched::Retransmit;
         }
-        // Same 4-tuple, new ISN: the old attempt was abandoned without an answer.
-        let mut fresh = PendingSyn::first(now, isn, sink.ifindex());
-        fresh.data_len = data_len;
         *entry = fresh;
-        sink.emit(EventKind::Superseded, key, &old, now, 0, 0);
-        sink.emit(EventKind::Syn, key, &fresh, now, 0, 0);
-        return;
-    }
-    let mut fresh = PendingSyn::first(now, isn, sink.ifindex());
-    fresh.data_len = data_len;
-    match table.insert_new(key, &fresh) {
-        Insert::Inserted => sink.emit(EventKind::Syn, key, &fresh, now, 0, 0),
-        Insert::Exists => {}
-        Insert::Full => {
-            sink.count(Counter::PendingMapFull);
-            sink.note(Note::PendingMapFull {
-                src_port: key.src_port,
-            });
+        Touched::Replaced(old)
+    });
+    match touched {
+        Some(Touched::Retransmit) => sink.count(Counter::SynRetransmit),
+        Some(Touched::Replaced(old)) => {
+            // Same 4-tuple, new ISN: the old attempt was abandoned without an answer (unless
+            // it was reported lost already).
+            if old.state == STATE_WAITING {
+                sink.emit(EventKind::Superseded, key, &old, now, 0, 0);
+            }
+            if sink.sends_syns() {
+                sink.emit(EventKind::Syn, key, &fresh, now, 0, 0);
+            }
         }
+        None => match table.insert_new(key, &fresh) {
+            Insert::Inserted => {
+                if sink.sends_syns() {
+                    sink.emit(EventKind::Syn, key, &fresh, now, 0, 0);
+                }
+            }
+            Insert::Exists => {}
+            Insert::Full => {
+                sink.count(Counter::PendingMapFull);
+                sink.note(Note::PendingMapFull {
+                    src_port: key.src_port,
+                });
+            }
+        },
     }
 }
 
@@ -232,6 +270,12 @@ pub fn on_answer<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
     let now = sink.now();
     let (kind, counter) = resolution(answer);
     sink.count(counter);
+    // An answer to an attempt reported lost is late: always an event.
+    if let (EventKind::Answered, STATE_WAITING) = (kind, pending.state) {
+        if sink.book_answer(key, &pending, now) {
+            return;
+        }
+    }
     let (icmp_type, icmp_code) = match answer {
         Answer::Unreachable { icmp_type, code } => (icmp_type, code),
         _ => (0, 0),
@@ -257,7 +301,11 @@ pub fn on_pod_syn<S: EventSink + ?Sized>(
     sink.count(Counter::PodSynSeen);
     let now = sink.now();
     let mut seen = PendingSyn::first(now, isn, sink.ifindex());
-    seen.data_len = data_len;
+    seen.data_len = if data_len > u16::MAX as u32 {
+        u16::MAX
+    } else {
+        data_len as u16
+    };
     sink.emit(EventKind::PodSyn, key, &seen, now, 0, 0);
 }
 
@@ -285,6 +333,7 @@ mod memory {
     use std::{collections::HashMap, vec::Vec};
 
     use super::{EventSink, Insert, PendingTable};
+    use crate::parse::Answer;
     use crate::{Counter, EventKind, FlowKey, OutcomeEvent, PendingSyn, COUNTER_SLOTS};
 
     /// A pending map in memory, optionally bounded like the kernel's (`max_entries`).
@@ -296,8 +345,8 @@ mod memory {
     }
 
     impl PendingTable for MemoryTable {
-        fn get_mut(&mut self, key: &FlowKey) -> Option<&mut PendingSyn> {
-            self.map.get_mut(key)
+        fn modify<R, F: FnOnce(&mut PendingSyn) -> R>(&mut self, key: &FlowKey, f: F) -> Option<R> {
+            self.map.get_mut(key).map(f)
         }
         fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
             self.map.get(key).copied()
@@ -319,8 +368,8 @@ mod memory {
 
     /// The same rules over a bare `HashMap` (e.g. the one inside the tracker's in-memory map).
     impl PendingTable for HashMap<FlowKey, PendingSyn> {
-        fn get_mut(&mut self, key: &FlowKey) -> Option<&mut PendingSyn> {
-            HashMap::get_mut(self, key)
+        fn modify<R, F: FnOnce(&mut PendingSyn) -> R>(&mut self, key: &FlowKey, f: F) -> Option<R> {
+            HashMap::get_mut(self, key).map(f)
         }
         fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
             HashMap::get(self, key).copied()
@@ -349,6 +398,14 @@ mod memory {
         pub syn_ports: HashMap<u16, u64>,
         /// The ring buffer's records, in order; drain them with [`MemorySink::take_events`].
         pub events: Vec<OutcomeEvent>,
+        /// Whether new pending entries are reported (as the kernel does for attribution).
+        pub send_syns: bool,
+        /// The answer books, when kept (as the kernel keeps them by default): answered
+        /// attempts still waiting, with the time of the answer, instead of events.
+        pub books: Option<Vec<(FlowKey, PendingSyn, u64)>>,
+        /// Whether SYN-ACKs with no pending entry are reported, as the kernel does
+        /// ([`EventKind::UnmatchedSynAck`]).
+        pub report_unmatched: bool,
     }
 
     impl Default for MemorySink {
@@ -359,6 +416,9 @@ mod memory {
                 counters: [0; COUNTER_SLOTS as usize],
                 syn_ports: HashMap::new(),
                 events: Vec::new(),
+                send_syns: true,
+                books: None,
+                report_unmatched: false,
             }
         }
     }
@@ -387,6 +447,27 @@ mod memory {
         }
         fn syn_port(&mut self, port: u16) {
             *self.syn_ports.entry(port).or_default() += 1;
+        }
+        fn sends_syns(&self) -> bool {
+            self.send_syns
+        }
+        fn unmatched(&mut self, key: &FlowKey, ack: u32, answer: Answer) {
+            if self.report_unmatched && answer == Answer::SynAck {
+                self.counters[Counter::SynAckUnmatched as usize] += 1;
+                let now = self.now;
+                let seen = PendingSyn::first(now, ack.wrapping_sub(1), self.ifindex);
+                self.emit(EventKind::UnmatchedSynAck, key, &seen, now, 0, 0);
+            }
+        }
+        fn book_answer(&mut self, key: &FlowKey, pending: &PendingSyn, now: u64) -> bool {
+            match self.books.as_mut() {
+                Some(b) => {
+                    b.push((*key, *pending, now));
+                    self.counters[Counter::AnsweredBooked as usize] += 1;
+                    true
+                }
+                None => false,
+            }
         }
         fn emit(
             &mut self,

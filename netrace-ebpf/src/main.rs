@@ -35,15 +35,37 @@ use aya_log_ebpf::debug;
 use netrace_common::{
     pairing::{on_packet, on_pod_syn, EventSink, Insert, Note, PendingTable},
     parse::{Answer, Direction, Link, Parsed},
-    Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent, PendingSyn, TpOffsets, COUNTER_SLOTS,
-    DEFAULT_MAX_PENDING, DEFAULT_RINGBUF_BYTES, PORT_SLOTS,
+    rtt_slot, AnswerBook, BookKey, Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent,
+    PendingSlot, PendingSyn, TpOffsets, BOOK_PORTS, COUNTER_SLOTS, DEFAULT_MAX_BOOKS,
+    DEFAULT_MAX_PENDING, DEFAULT_RINGBUF_BYTES, FAMILY_V4, PORT_SLOTS, RTT_SLOTS, SEND_ANSWERS,
+    SEND_SYNS,
 };
 
-/// Unanswered SYNs. Not preallocated: memory follows the live entries, and a full map is an
-/// insert failure that is counted, never a silent eviction.
+/// Unanswered IPv4 SYNs, with a compact key. Preallocated: an insert takes an element from a
+/// free list instead of allocating, and a full map is an insert failure that is counted,
+/// never a silent eviction.
 #[map]
-static PENDING: HashMap<FlowKey, PendingSyn> =
-    HashMap::with_max_entries(DEFAULT_MAX_PENDING, BPF_F_NO_PREALLOC);
+static PENDING_V4: HashMap<netrace_common::V4Key, PendingSlot> =
+    HashMap::with_max_entries(DEFAULT_MAX_PENDING, 0);
+
+/// Unanswered IPv6 SYNs (sized by user space, a quarter of the IPv4 map by default).
+#[map]
+static PENDING_V6: HashMap<netrace_common::V6Key, PendingSlot> =
+    HashMap::with_max_entries(DEFAULT_MAX_PENDING / 4, 0);
+
+/// Answered attempts counted here instead of sent one by one, per interface, destination and
+/// source port (cumulative; user space reads the differences). Allocated as used.
+#[map]
+static BOOKS: HashMap<BookKey, AnswerBook> =
+    HashMap::with_max_entries(DEFAULT_MAX_BOOKS, BPF_F_NO_PREALLOC);
+
+/// One zeroed book, the value a new book is created from (1 KiB does not fit the stack).
+#[map]
+static ZERO_BOOK: Array<AnswerBook> = Array::with_max_entries(1, 0);
+
+/// Booked answers by connect round trip (`netrace_common::RTT_BOUNDS_US`).
+#[map]
+static RTT: Array<u64> = Array::with_max_entries(RTT_SLOTS, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
@@ -64,29 +86,49 @@ static TP_OFFSETS: Array<TpOffsets> = Array::with_max_entries(1, 0);
 
 const EEXIST: i32 = 17;
 
-/// The pending map as the shared pairing rules see it (for every program in this object).
+/// The pending maps as the shared pairing rules see them (for every program in this object).
 pub(crate) struct KernelTable;
 
 impl PendingTable for KernelTable {
     #[inline(always)]
-    fn get_mut(&mut self, key: &FlowKey) -> Option<&mut PendingSyn> {
+    fn modify<R, F: FnOnce(&mut PendingSyn) -> R>(&mut self, key: &FlowKey, f: F) -> Option<R> {
+        let slot = if key.family == FAMILY_V4 {
+            PENDING_V4.get_ptr_mut(key.v4())
+        } else {
+            PENDING_V6.get_ptr_mut(key.v6())
+        }?;
         // SAFETY: the pointer comes from a successful lookup and stays valid for this run of
         // the program (an entry removed meanwhile by another CPU is freed only after an RCU
         // grace period). Retransmissions of one SYN are a second or more apart, so two CPUs
-        // never update the same entry at once in practice; a lost increment would only
+        // never update the same entry at once in practice; a lost update would only
         // undercount retransmissions.
-        PENDING.get_ptr_mut(key).map(|p| unsafe { &mut *p })
+        let slot = unsafe { &mut *slot };
+        let mut entry = slot.to_pending();
+        let r = f(&mut entry);
+        *slot = entry.to_slot();
+        Some(r)
     }
 
     #[inline(always)]
     fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
+        let slot = if key.family == FAMILY_V4 {
+            PENDING_V4.get_ptr(key.v4())
+        } else {
+            PENDING_V6.get_ptr(key.v6())
+        }?;
         // SAFETY: the pointer comes from a successful lookup and is copied out at once.
-        PENDING.get_ptr(key).map(|p| unsafe { *p })
+        Some(unsafe { *slot }.to_pending())
     }
 
     #[inline(always)]
     fn insert_new(&mut self, key: &FlowKey, value: &PendingSyn) -> Insert {
-        match PENDING.insert(key, value, BPF_NOEXIST as u64) {
+        let slot = value.to_slot();
+        let r = if key.family == FAMILY_V4 {
+            PENDING_V4.insert(key.v4(), slot, BPF_NOEXIST as u64)
+        } else {
+            PENDING_V6.insert(key.v6(), slot, BPF_NOEXIST as u64)
+        };
+        match r {
             Ok(()) => Insert::Inserted,
             Err(e) if e == -EEXIST => Insert::Exists,
             Err(_) => Insert::Full,
@@ -95,8 +137,58 @@ impl PendingTable for KernelTable {
 
     #[inline(always)]
     fn remove(&mut self, key: &FlowKey) -> bool {
-        PENDING.remove(key).is_ok()
+        if key.family == FAMILY_V4 {
+            PENDING_V4.remove(key.v4()).is_ok()
+        } else {
+            PENDING_V6.remove(key.v6()).is_ok()
+        }
     }
+}
+
+/// What user space asked the kernel to send one by one ([`KernelFilter::send`]).
+#[inline(always)]
+fn sends(flag: u32) -> bool {
+    FILTER.get(0).is_some_and(|f| f.send & flag != 0)
+}
+
+/// Counts an answered attempt in its book; `false` when the book could not be created (the
+/// books are full): the caller sends the event instead, so nothing is lost.
+#[inline(always)]
+fn book(key: &FlowKey, pending: &PendingSyn, now: u64) -> bool {
+    let bk = BookKey {
+        ifindex: pending.ifindex,
+        family: key.family,
+        _pad: 0,
+        dst_port: key.dst_port,
+        port_group: key.src_port / BOOK_PORTS as u16,
+        _pad2: 0,
+        dst_addr: key.dst_addr,
+    };
+    let mut page = BOOKS.get_ptr_mut(bk);
+    if page.is_none() {
+        let Some(zero) = ZERO_BOOK.get(0) else {
+            return false;
+        };
+        // Another CPU creating the same book at once is fine (BPF_NOEXIST fails, the lookup
+        // below finds theirs).
+        let _ = BOOKS.insert(bk, zero, BPF_NOEXIST as u64);
+        page = BOOKS.get_ptr_mut(bk);
+    }
+    let Some(page) = page else {
+        return false;
+    };
+    let port = (key.src_port as usize) % BOOK_PORTS;
+    // SAFETY: a valid map value shared by all CPUs; the index is below BOOK_PORTS, and the
+    // counter is updated only through an atomic add.
+    unsafe {
+        let cell = (*page).answered.as_mut_ptr().add(port);
+        atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(cell, 1);
+    }
+    if let Some(slot) = RTT.get_ptr_mut(rtt_slot(now.saturating_sub(pending.first_ns))) {
+        // SAFETY: a valid array slot shared by all CPUs, updated only through an atomic add.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
+    }
+    true
 }
 
 /// The ring buffer, counters and clock as the shared pairing rules see them, for a packet on
@@ -153,6 +245,25 @@ impl EventSink for KernelSink {
                 ack,
                 expected
             ),
+        }
+    }
+
+    #[inline(always)]
+    fn sends_syns(&self) -> bool {
+        sends(SEND_SYNS)
+    }
+
+    #[inline(always)]
+    fn book_answer(&mut self, key: &FlowKey, pending: &PendingSyn, now: u64) -> bool {
+        if sends(SEND_ANSWERS) {
+            return false;
+        }
+        if book(key, pending, now) {
+            count(Counter::AnsweredBooked);
+            true
+        } else {
+            count(Counter::BooksFull);
+            false
         }
     }
 

@@ -43,9 +43,13 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use crate::{ports::PortRange, track::tracker::OutcomeKind};
 
 /// Upper bounds (seconds) of the connect-RTT histogram buckets.
-const RTT_BOUNDS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0,
-];
+/// The kernel's round-trip histogram's bounds, in seconds: booked answers are observed by
+/// slot, so the buckets must be the same.
+fn rtt_bounds() -> impl Iterator<Item = f64> {
+    netrace_common::RTT_BOUNDS_US
+        .iter()
+        .map(|us| *us as f64 / 1e6)
+}
 /// Connections served at once; more are closed right after accept.
 pub const MAX_CONNECTIONS: usize = 16;
 /// A client must send its request headers within this time.
@@ -177,15 +181,15 @@ fn attempts(c: &[u64; 6]) -> u64 {
 }
 
 impl Destinations {
-    fn add(&self, dst: SocketAddr, outcome: usize) {
+    fn add(&self, dst: SocketAddr, outcome: usize, n: u64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let full = s.by_dst.len() >= MAX_DESTINATIONS;
         match s.by_dst.get_mut(&dst) {
-            Some(c) => c[outcome] += 1,
-            None if full => s.overflow[outcome] += 1,
+            Some(c) => c[outcome] += n,
+            None if full => s.overflow[outcome] += n,
             None => {
                 let mut c = [0; 6];
-                c[outcome] = 1;
+                c[outcome] = n;
                 s.by_dst.insert(dst, c);
             }
         }
@@ -312,7 +316,7 @@ impl Metrics {
             "SYNs waiting for an answer right now",
             pending.clone(),
         );
-        let rtt = Histogram::new(RTT_BOUNDS);
+        let rtt = Histogram::new(rtt_bounds());
         registry.register(
             "netrace_connect_rtt_seconds",
             "Time from the first SYN to its SYN-ACK, for answered connections",
@@ -419,6 +423,28 @@ impl Metrics {
         dst: SocketAddr,
         rtt_ns: Option<u64>,
     ) {
+        self.outcomes(iface, kind, port, dst, 1);
+        if let (OutcomeKind::Answered, Some(ns)) = (kind, rtt_ns) {
+            self.0.rtt.observe(ns as f64 / 1e9);
+        }
+    }
+
+    /// Answered connections the kernel counted in its round-trip histogram: `n` in `slot`
+    /// of `netrace_common::RTT_BOUNDS_US` (observed at the slot's bound, so the buckets are
+    /// exact and the sum an upper estimate).
+    pub fn rtt_slot(&self, slot: usize, n: u64) {
+        let bounds = netrace_common::RTT_BOUNDS_US;
+        let us = bounds
+            .get(slot)
+            .copied()
+            .unwrap_or(bounds[bounds.len() - 1] * 2);
+        for _ in 0..n {
+            self.0.rtt.observe(us as f64 / 1e6);
+        }
+    }
+
+    /// `n` decided connections of one kind from one source port to one destination.
+    pub fn outcomes(&self, iface: &str, kind: OutcomeKind, port: u16, dst: SocketAddr, n: u64) {
         let m = &self.0;
         let bucket = m
             .buckets
@@ -437,11 +463,8 @@ impl Metrics {
                 port_bucket: bucket,
                 range,
             })
-            .inc();
-        m.destinations.add(dst, outcome_index(kind));
-        if let (OutcomeKind::Answered, Some(ns)) = (kind, rtt_ns) {
-            m.rtt.observe(ns as f64 / 1e9);
-        }
+            .inc_by(n);
+        m.destinations.add(dst, outcome_index(kind), n);
     }
 
     /// The kernel's counters (cumulative, by their names in `loader::COUNTERS`) and the number
@@ -763,7 +786,7 @@ mod tests {
         let d = Destinations::default();
         for i in 0..15u8 {
             for _ in 0..=i {
-                d.add(dst(i), 1);
+                d.add(dst(i), 1, 1);
             }
         }
         let s = d.snapshot();

@@ -175,8 +175,6 @@ pub struct Drops {
     pub pending_map_full: u64,
     /// Ring-buffer records that did not decode.
     pub decode_errors: u64,
-    /// Connections answered whose outcome event was lost (known not lost, kind unknown).
-    pub answered_unseen: u64,
     /// Connections whose every event was lost (ring buffer full), answered since their kernel
     /// entry is gone: source ports the kernel tallied SYNs for that netrace never heard of.
     /// Counted as answered; their destination is unknown.
@@ -283,7 +281,7 @@ impl Report {
                 "syns_after_lost": self.tracker.syns_after_lost,
                 "lost_memory_overflow": self.tracker.lost_memory_overflow,
                 "repeated_syns": self.tracker.repeated_syns,
-                "adopted": self.tracker.adopted,
+                "sweep_races": self.tracker.sweep_races,
             },
             "counters": self.counters,
             "syn_packets_by_port": self.syn_packets_by_port,

@@ -18,8 +18,10 @@ mod support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use netrace::track::tracker::PendingMap;
 use netrace_common::{
-    Counter, EventKind, FlowKey, KernelFilter, FAMILY_V4, FAMILY_V6, MAX_IPV6_EXT_HEADERS,
+    Counter, EventKind, FlowKey, KernelFilter, BOOK_PORTS, FAMILY_V4, FAMILY_V6,
+    MAX_IPV6_EXT_HEADERS, STATE_LOST,
 };
 use netrace_lab::wire::{
     answer, arp_request, dot1ad, dot1q, ethernet, icmp, icmp_error, icmp_proto, syn, tcp4, tcp6,
@@ -1412,4 +1414,69 @@ fn bare_ip_programs_skip_what_is_not_a_syn() {
     assert_eq!(bpf.pending_all(), vec![]);
     assert_eq!(bpf.events(), vec![]);
     bpf.assert_counters(&[(Counter::Truncated, 1)]);
+}
+
+/// As `watch` runs by default: a new SYN sends nothing, an answered SYN is counted in the
+/// kernel's answer book for its interface, destination and source port (and its round trip),
+/// and sends nothing either; refused, unreachable and a late answer (to an entry user space
+/// marked lost) are still events.
+#[test]
+fn books_count_answers_without_events() {
+    each_family(|fam| {
+        let mut bpf = Bpf::load_books();
+        let key = fam.key(SPORT);
+        bpf.egress(&fam.syn(SPORT, ISN));
+        assert_eq!(bpf.events(), Vec::new(), "no event for a new SYN");
+        assert_eq!(bpf.pending_all().len(), 1);
+        bpf.ingress(&fam.answer(SPORT, TCP_SYN | TCP_ACK, ISN + 1));
+        assert_eq!(bpf.events(), Vec::new(), "no event for a booked answer");
+        assert_eq!(bpf.pending_all(), Vec::new());
+        let mut books = Vec::new();
+        bpf.maps.books.walk_into(&mut books).unwrap();
+        assert_eq!(books.len(), 1);
+        let (bk, book) = books[0];
+        assert_eq!(
+            (bk.family, bk.dst_addr, bk.dst_port),
+            (key.family, key.dst_addr, key.dst_port)
+        );
+        let port = usize::from(bk.port_group) * BOOK_PORTS;
+        let answered: Vec<(usize, u32)> = book
+            .answered
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (port + i, *n))
+            .collect();
+        assert_eq!(answered, vec![(usize::from(SPORT), 1)]);
+        assert_eq!(bpf.maps.books.rtt().iter().sum::<u64>(), 1);
+        bpf.assert_counters(&[
+            (Counter::SynSeen, 1),
+            (Counter::SynAckMatched, 1),
+            (Counter::AnsweredBooked, 1),
+        ]);
+
+        // Refused: an event.
+        bpf.egress(&fam.syn(SPORT + 1, ISN));
+        bpf.ingress(&fam.answer(SPORT + 1, TCP_RST | TCP_ACK, ISN + 1));
+        one_event(&mut bpf, EventKind::Refused);
+
+        // An entry user space marked lost: its answer is an event, not booked.
+        bpf.egress(&fam.syn(SPORT + 2, ISN));
+        let lost_key = fam.key(SPORT + 2);
+        let mut p = bpf.pending(&lost_key).unwrap();
+        p.state = STATE_LOST;
+        let taken = PendingMap::take(&mut bpf.maps.pending, &lost_key);
+        assert!(taken.is_some());
+        assert!(PendingMap::put_back(&mut bpf.maps.pending, &lost_key, &p));
+        assert!(
+            !PendingMap::put_back(&mut bpf.maps.pending, &lost_key, &p),
+            "put back only where there is no entry"
+        );
+        bpf.ingress(&fam.answer(SPORT + 2, TCP_SYN | TCP_ACK, ISN + 1));
+        let ev = one_event(&mut bpf, EventKind::Answered);
+        assert_eq!(ev.raw.pending.state, STATE_LOST);
+        assert_eq!(bpf.counter(Counter::AnsweredBooked), 1);
+        // Taking an entry that is gone finds nothing (the kernel took it first).
+        assert_eq!(PendingMap::take(&mut bpf.maps.pending, &lost_key), None);
+    });
 }

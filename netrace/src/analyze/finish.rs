@@ -137,10 +137,7 @@ pub fn report(
         verdict,
         fix,
         node,
-        drops: Drops {
-            answered_unseen: replay.answered_unseen(),
-            ..Drops::default()
-        },
+        drops: Drops { ..Drops::default() },
         counters: COUNTERS
             .iter()
             .map(|(c, name)| (*name, replay.counter(*c)))

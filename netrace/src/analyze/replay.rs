@@ -136,11 +136,6 @@ impl Replay {
         self.sink.counter(c)
     }
 
-    /// Connections answered whose outcome the tracker never heard of (should stay 0 here).
-    pub fn answered_unseen(&self) -> u64 {
-        self.tracker.stats.answered_unseen
-    }
-
     /// What the tracker noticed besides outcomes (translated answers, unmatched SYN-ACKs).
     pub fn tracker_stats(&self) -> &crate::track::tracker::TrackerStats {
         &self.tracker.stats
@@ -248,7 +243,8 @@ impl Replay {
         let j = join_key(&key, isn);
         if let Some((earlier, t)) = self.recent.get(&j).copied() {
             if earlier != key && self.now.saturating_sub(t) <= JOIN_WINDOW_NS {
-                if self.tracker.forget(&earlier, isn) {
+                let seen = self.table.0.get(&earlier).copied().filter(|p| p.isn == isn);
+                if self.tracker.forget(&earlier, isn, &mut self.table) {
                     // Counted as a SYN of the uplink when it was not one: take it back.
                     self.sink.counters[Counter::SynSeen as usize] =
                         self.sink.counter(Counter::SynSeen).saturating_sub(1);
@@ -256,7 +252,7 @@ impl Replay {
                         *n = n.saturating_sub(1);
                     }
                 }
-                if let Some(p) = self.table.0.get(&earlier).copied().filter(|p| p.isn == isn) {
+                if let Some(p) = seen {
                     self.table.0.remove(&earlier);
                     if let Some(n) = self
                         .syns_by_iface

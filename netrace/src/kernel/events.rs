@@ -100,7 +100,9 @@ fn outcome_event(mut b: &[u8]) -> OutcomeEvent {
         isn: b.get_u32_ne(),
         syns: b.get_u32_ne(),
         ifindex: b.get_u32_ne(),
-        data_len: b.get_u32_ne(),
+        data_len: b.get_u16_ne(),
+        state: b.get_u8(),
+        _pad: b.get_u8(),
     };
     let ts_ns = b.get_u64_ne();
     let icmp_type = b.get_u8();
@@ -259,6 +261,8 @@ mod tests {
             syns: 2,
             ifindex: 7,
             data_len: 300,
+            state: netrace_common::STATE_LOST,
+            _pad: 0,
         };
         assert_eq!(outcome_event(&bytes_of(&ev)), ev);
         let s = SockEvent {

@@ -1,14 +1,19 @@
 //! Loads the embedded kernel object, sizes its maps, sets the filter, and hands out the maps.
 
+use std::os::fd::AsFd as _;
+
 use anyhow::{anyhow, Context as _};
+use aya::maps::IterableMap as _;
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
 use netrace_common::{
-    Counter, FlowKey, KernelFilter, PendingSyn, SkbOffsets, TpOffsets, XmitIface,
+    AnswerBook, BookKey, Counter, FlowKey, KernelFilter, PendingSlot, PendingSyn, SkbOffsets,
+    TpOffsets, V4Key, V6Key, XmitIface, FAMILY_V4, RTT_SLOTS,
 };
 
+use super::batch;
 use crate::track::tracker::PendingMap;
 
 /// The kernel programs, compiled from `netrace-ebpf` by build.rs.
@@ -36,6 +41,7 @@ pub const NOOP_PROGRAM: &str = "netrace_noop";
 pub struct Maps {
     pub events: RingBuf<MapData>,
     pub pending: Pending,
+    pub books: Books,
     pub counters: PerCpuArray<MapData, u64>,
     pub syn_ports: Array<MapData, u64>,
     /// Held only so the map outlives the programs that read it.
@@ -50,21 +56,101 @@ pub struct Maps {
     pub xmit_ifaces: HashMap<MapData, u32, XmitIface>,
 }
 
-pub struct Pending(pub HashMap<MapData, FlowKey, PendingSyn>);
+/// The pending maps, IPv4 and IPv6, as one.
+pub struct Pending {
+    pub v4: HashMap<MapData, V4Key, PendingSlot>,
+    pub v6: HashMap<MapData, V6Key, PendingSlot>,
+    /// Errors of the last operations (reported once by the caller, never fatal: a failed
+    /// walk only delays decisions to the next one).
+    pub errors: u64,
+}
+
+impl Pending {
+    /// Every entry, into `out` (cleared first).
+    pub fn walk_into(&mut self, out: &mut Vec<(FlowKey, PendingSyn)>) {
+        out.clear();
+        let v4 = batch::walk(self.v4.map().fd().as_fd(), |k: &V4Key, v: &PendingSlot| {
+            out.push((FlowKey::from(*k), v.to_pending()));
+        });
+        let v6 = batch::walk(self.v6.map().fd().as_fd(), |k: &V6Key, v: &PendingSlot| {
+            out.push((FlowKey::from(*k), v.to_pending()));
+        });
+        for r in [v4, v6] {
+            if let Err(e) = r {
+                self.errors += 1;
+                log::debug!("walking the pending map: {e}");
+            }
+        }
+    }
+}
 
 impl PendingMap for Pending {
-    fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
-        self.0.get(key, 0).ok()
+    fn scan(&mut self, out: &mut Vec<(FlowKey, PendingSyn)>) {
+        self.walk_into(out);
     }
 
-    fn remove(&mut self, key: &FlowKey) {
-        // Already gone (answered meanwhile) is fine.
-        let _ = self.0.remove(key);
+    fn take(&mut self, key: &FlowKey) -> Option<PendingSyn> {
+        let r = if key.family == FAMILY_V4 {
+            batch::take::<_, PendingSlot>(self.v4.map().fd().as_fd(), &key.v4())
+        } else {
+            batch::take::<_, PendingSlot>(self.v6.map().fd().as_fd(), &key.v6())
+        };
+        match r {
+            Ok(v) => v.map(|s| s.to_pending()),
+            Err(e) => {
+                self.errors += 1;
+                log::debug!("taking a pending entry: {e}");
+                None
+            }
+        }
     }
 
-    fn scan(&self) -> Vec<(FlowKey, PendingSyn)> {
-        self.0.iter().filter_map(Result::ok).collect()
+    fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> bool {
+        // BPF_NOEXIST: a SYN that made a new entry meanwhile wins.
+        let slot = value.to_slot();
+        let r = if key.family == FAMILY_V4 {
+            self.v4.insert(key.v4(), slot, BPF_NOEXIST)
+        } else {
+            self.v6.insert(key.v6(), slot, BPF_NOEXIST)
+        };
+        r.is_ok()
     }
+}
+
+/// The kernel's answer books and round-trip histogram: answered attempts counted without an
+/// event each.
+pub struct Books {
+    pub books: HashMap<MapData, BookKey, AnswerBook>,
+    pub rtt: Array<MapData, u64>,
+}
+
+impl Books {
+    /// Every book, into `out` (cleared first).
+    pub fn walk_into(&self, out: &mut Vec<(BookKey, AnswerBook)>) -> std::io::Result<()> {
+        out.clear();
+        batch::walk(
+            self.books.map().fd().as_fd(),
+            |k: &BookKey, v: &AnswerBook| {
+                out.push((*k, *v));
+            },
+        )
+    }
+
+    /// The round-trip histogram's slots (cumulative).
+    pub fn rtt(&self) -> Vec<u64> {
+        (0..RTT_SLOTS)
+            .map(|i| self.rtt.get(&i, 0).unwrap_or(0))
+            .collect()
+    }
+}
+
+/// `BPF_NOEXIST`: insert only if the key has no entry.
+const BPF_NOEXIST: u64 = 1;
+
+/// Capacity of the IPv6 pending map for a given `--max-pending`: a quarter (IPv6 entries are
+/// larger, and most nodes connect out over IPv4), at least 1024.
+pub fn max_pending_v6(max_pending: u32) -> u32 {
+    (max_pending / 4).max(1024)
 }
 
 /// Loads the object with the configured map sizes.
@@ -82,7 +168,8 @@ pub fn load(
     };
     let mut ebpf = EbpfLoader::new()
         .override_global(aya_log::LEVEL, &kernel_log, true)
-        .map_max_entries("PENDING", max_pending)
+        .map_max_entries("PENDING_V4", max_pending)
+        .map_max_entries("PENDING_V6", max_pending_v6(max_pending))
         .map_max_entries("EVENTS", ringbuf_bytes)
         .load(EBPF_OBJECT)
         .context("loading netrace's kernel programs")?;
@@ -91,7 +178,15 @@ pub fn load(
             .ok_or_else(|| anyhow!("the kernel object has no map {name}"))
     };
     let events = RingBuf::try_from(take("EVENTS")?)?;
-    let pending = HashMap::try_from(take("PENDING")?)?;
+    let pending = Pending {
+        v4: HashMap::try_from(take("PENDING_V4")?)?,
+        v6: HashMap::try_from(take("PENDING_V6")?)?,
+        errors: 0,
+    };
+    let books = Books {
+        books: HashMap::try_from(take("BOOKS")?)?,
+        rtt: Array::try_from(take("RTT")?)?,
+    };
     let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
     let syn_ports = Array::try_from(take("SYN_PORTS")?)?;
     let mut filter_map: Array<MapData, KernelFilter> = Array::try_from(take("FILTER")?)?;
@@ -116,7 +211,8 @@ pub fn load(
         ebpf,
         Maps {
             events,
-            pending: Pending(pending),
+            pending,
+            books,
             counters,
             syn_ports,
             filter: filter_map,
@@ -129,7 +225,7 @@ pub fn load(
 }
 
 /// Every counter the kernel keeps, summed over CPUs, by name.
-pub const COUNTERS: [(Counter, &str); 16] = [
+pub const COUNTERS: [(Counter, &str); 18] = [
     (Counter::SynSeen, "syn_seen"),
     (Counter::SynRetransmit, "syn_retransmit"),
     (Counter::PendingMapFull, "pending_map_full"),
@@ -146,6 +242,8 @@ pub const COUNTERS: [(Counter, &str); 16] = [
     (Counter::PodSynSeen, "pod_syn_seen"),
     (Counter::SockEvents, "sock_events"),
     (Counter::SynAckUnmatched, "synack_unmatched"),
+    (Counter::AnsweredBooked, "answered_booked"),
+    (Counter::BooksFull, "books_full"),
 ];
 
 /// Read-only access to the counters and the per-port SYN tally.

@@ -6,6 +6,7 @@
 //! needs (`btf`). Everything that touches the kernel lives here.
 
 pub mod attach;
+pub mod batch;
 pub mod btf;
 pub mod egress_hook;
 pub mod events;

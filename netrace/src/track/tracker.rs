@@ -1,34 +1,47 @@
-//! The only owner of connection state in user space, and the only place that decides *lost*,
-//! *late* and *abandoned*. The kernel decides answered, refused and unreachable; user space
-//! decides what never got an answer, by time.
+//! The only place in user space that decides *lost*, *late* and *abandoned*. The kernel
+//! decides answered, refused and unreachable, and keeps every waiting SYN in its pending map;
+//! user space holds no copy of them. A sweep walks the kernel map in batches and takes (removes
+//! atomically) each entry older than the SYN timeout: whoever removes an entry reports it, so
+//! an answer racing the sweep is counted once. A taken entry is reported lost and put back
+//! marked lost, so that a late answer, or a retransmitted SYN of the same attempt, is still
+//! recognised; after the late window it is taken for good and remembered until the client's
+//! retry horizon.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
-use netrace_common::{EventKind, FlowKey, PendingSyn};
+use netrace_common::{EventKind, FlowKey, PendingSyn, STATE_LOST, STATE_WAITING};
 
 use crate::kernel::events::Event;
 
-/// The kernel's pending map, as the tracker needs it (a fake one in unit tests).
+/// The kernel's pending map, as the tracker needs it (an in-memory one for `analyze`, unit
+/// tests and fuzzing).
 pub trait PendingMap {
-    fn get(&self, key: &FlowKey) -> Option<PendingSyn>;
-    fn remove(&mut self, key: &FlowKey);
-    /// Every entry, for adopting SYNs whose events were lost.
-    fn scan(&self) -> Vec<(FlowKey, PendingSyn)>;
+    /// Every entry, into `out` (cleared first).
+    fn scan(&mut self, out: &mut Vec<(FlowKey, PendingSyn)>);
+    /// Removes the entry for `key` and returns it: whoever takes an entry reports it.
+    fn take(&mut self, key: &FlowKey) -> Option<PendingSyn>;
+    /// Puts an entry back unless the key has one again (a new SYN wins); whether it went in.
+    fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> bool;
 }
 
-/// A pending map in memory: the tracker without a kernel (unit tests, fuzzing, models).
+/// A pending map in memory: the kernel's map for `analyze`, unit tests and models.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryMap(pub HashMap<FlowKey, PendingSyn>);
 
 impl PendingMap for MemoryMap {
-    fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
-        self.0.get(key).copied()
+    fn scan(&mut self, out: &mut Vec<(FlowKey, PendingSyn)>) {
+        out.clear();
+        out.extend(self.0.iter().map(|(k, v)| (*k, *v)));
     }
-    fn remove(&mut self, key: &FlowKey) {
-        self.0.remove(key);
+    fn take(&mut self, key: &FlowKey) -> Option<PendingSyn> {
+        self.0.remove(key)
     }
-    fn scan(&self) -> Vec<(FlowKey, PendingSyn)> {
-        self.0.iter().map(|(k, v)| (*k, *v)).collect()
+    fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> bool {
+        if self.0.contains_key(key) {
+            return false;
+        }
+        self.0.insert(*key, *value);
+        true
     }
 }
 
@@ -66,27 +79,9 @@ pub struct Outcome {
     pub answered_as: Option<FlowKey>,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Tracked {
-    pending: PendingSyn,
-    /// When user space reported it lost; the kernel entry stays for the late window so that a
-    /// late answer is still paired with this connection.
-    lost_at: Option<u64>,
-    /// A retransmission of the SYN of an attempt already decided by an answer (same 4-tuple,
-    /// same ISN): the same connection, not a new one. Its answer or silence is not reported.
-    /// (A client stack takes an ICMP error that arrives while `connect()` still holds the
-    /// socket for a soft error and sends the SYN again.)
-    repeat: bool,
-}
-
 /// Counts of things the tracker noticed that are not outcomes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackerStats {
-    /// Connections answered in the kernel whose outcome event was dropped (ring buffer full):
-    /// known not lost, outcome unknown.
-    pub answered_unseen: u64,
-    /// SYNs adopted from the kernel map because their event was dropped.
-    pub adopted: u64,
     /// SYNs retransmitted after their attempt had been answered (not counted again).
     pub repeated_syns: u64,
     /// SYNs of an attempt already reported lost, seen after its kernel entry was cleared
@@ -102,6 +97,8 @@ pub struct TrackerStats {
     pub translated_example: Option<(FlowKey, FlowKey)>,
     /// SYN-ACKs for 4-tuples never seen leaving that no pending SYN explains.
     pub unmatched_synacks: u64,
+    /// Entries the sweep took that had changed since the walk (put back, decided later).
+    pub sweep_races: u64,
 }
 
 /// The key of the ISN index: family, remote address, remote port, ISN. Translation of the
@@ -112,15 +109,15 @@ fn isn_key(key: &FlowKey, isn: u32) -> IsnKey {
     (key.family, key.dst_addr, key.dst_port, isn)
 }
 
-/// How long an answered attempt is remembered, to recognise a retransmission of its SYN:
-/// Linux resends an unacknowledged SYN after 1, 3 and 7 s. Bounded, as every answered
-/// connection costs memory for this long.
+/// How long an attempt decided by an event is remembered, to recognise a retransmission of
+/// its SYN: Linux resends an unacknowledged SYN after 1, 3 and 7 s. Bounded, as every such
+/// attempt costs memory for this long.
 const REPEAT_WINDOW_NS: u64 = 10_000_000_000;
 
 /// At most this many lost attempts are remembered after their late window (about 5 MiB).
 pub const MAX_LOST_MEMORY: usize = 65_536;
-/// At most this many keys of answers whose events were dropped wait to be collected.
-const MAX_UNSEEN: usize = 65_536;
+/// At most this many answers to unknown 4-tuples wait for the next sweep to be paired.
+const MAX_UNMATCHED: usize = 65_536;
 
 /// How long a client keeps sending SYNs for one connect, from its first SYN, plus a little:
 /// Linux's timeouts double from 1 s, so `retries` retransmissions give up after
@@ -135,26 +132,29 @@ pub struct Tracker {
     syn_timeout_ns: u64,
     late_window_ns: u64,
     repeat_window_ns: u64,
-    entries: HashMap<FlowKey, Tracked>,
-    /// Attempts decided by an answer in the last repeat window: ISN and when, so that a
+    /// Attempts reported lost whose kernel entry is kept (marked lost) for the late window:
+    /// the only connections user space holds, and only the lost ones.
+    lost: HashMap<FlowKey, PendingSyn>,
+    /// Attempts decided by an event in the last repeat window: ISN and when, so that a
     /// retransmitted SYN of one is recognised as the same attempt.
     decided: HashMap<FlowKey, (u32, u64)>,
     decided_order: VecDeque<(u64, FlowKey)>,
-    /// SYNs by remote address, remote port and ISN, for answers that come back to another
-    /// 4-tuple. Stale entries are dropped by the sweep.
+    /// SYNs by remote address, remote port and ISN, from SYN events (when the kernel sends
+    /// them), for answers that come back to another 4-tuple.
     by_isn: HashMap<IsnKey, FlowKey>,
-    /// Kernel entries (with their ISN) of attempts decided here by the ISN index, removed from
-    /// the kernel map at the next sweep.
-    kernel_removals: Vec<(FlowKey, u32)>,
+    /// Answers to 4-tuples with no entry, with the ISN they answer and when: paired at the
+    /// next sweep with a waiting entry of the same remote address, port and ISN.
+    unmatched: Vec<(FlowKey, u32, u64)>,
     /// Lost attempts whose kernel entry was cleared after the late window: ISN and until
     /// when a SYN or an answer of theirs still belongs to them (their retry horizon).
     lost_memory: HashMap<FlowKey, (u32, u64)>,
     lost_order: VecDeque<(u64, FlowKey)>,
     retry_horizon_ns: u64,
     max_lost_memory: usize,
-    /// Attempts answered whose outcome event was dropped, for the caller to count as
-    /// answered ([`Tracker::take_unseen_answers`]).
-    unseen_answers: Vec<(FlowKey, PendingSyn)>,
+    /// Entries waiting for an answer at the last sweep.
+    waiting: usize,
+    /// The last walk of the kernel map (kept to reuse its allocation).
+    scan: Vec<(FlowKey, PendingSyn)>,
     pub stats: TrackerStats,
 }
 
@@ -164,16 +164,17 @@ impl Tracker {
             syn_timeout_ns,
             late_window_ns: late_window_ns.max(syn_timeout_ns),
             repeat_window_ns: late_window_ns.min(REPEAT_WINDOW_NS).max(syn_timeout_ns),
-            entries: HashMap::new(),
+            lost: HashMap::new(),
             decided: HashMap::new(),
             decided_order: VecDeque::new(),
             by_isn: HashMap::new(),
-            kernel_removals: Vec::new(),
+            unmatched: Vec::new(),
             lost_memory: HashMap::new(),
             lost_order: VecDeque::new(),
             retry_horizon_ns: 0,
             max_lost_memory: MAX_LOST_MEMORY,
-            unseen_answers: Vec::new(),
+            waiting: 0,
+            scan: Vec::new(),
             stats: TrackerStats::default(),
         }
     }
@@ -196,6 +197,11 @@ impl Tracker {
         self.lost_memory.get(key).is_some_and(|(i, _)| *i == isn)
     }
 
+    /// Whether `key` with `isn` is an attempt already reported lost.
+    fn was_lost(&self, key: &FlowKey, isn: u32) -> bool {
+        self.lost.get(key).is_some_and(|p| p.isn == isn) || self.is_remembered_lost(key, isn)
+    }
+
     fn remember_lost(&mut self, key: FlowKey, isn: u32, until_ns: u64) {
         if let Some(e) = self.lost_memory.get_mut(&key) {
             *e = (isn, until_ns);
@@ -215,10 +221,12 @@ impl Tracker {
         self.lost_order.push_back((until_ns, key));
     }
 
-    /// Keys of attempts answered whose outcome event was dropped since the last call: they
-    /// count as answered attempts (their kind and RTT are unknown).
-    pub fn take_unseen_answers(&mut self) -> Vec<(FlowKey, PendingSyn)> {
-        std::mem::take(&mut self.unseen_answers)
+    /// A lost attempt leaves the late window: forgotten, but remembered until its horizon.
+    fn retire_lost(&mut self, key: FlowKey, p: PendingSyn, now_ns: u64) {
+        let until = p.first_ns.saturating_add(self.retry_horizon_ns);
+        if until > now_ns && !self.is_remembered_lost(&key, p.isn) {
+            self.remember_lost(key, p.isn, until);
+        }
     }
 
     fn is_decided(&self, key: &FlowKey, isn: u32) -> bool {
@@ -230,22 +238,33 @@ impl Tracker {
         self.decided_order.push_back((at_ns, key));
     }
 
-    /// Connections waiting for an answer (not yet reported).
+    /// Connections waiting for an answer at the last sweep (not yet reported).
     pub fn pending(&self) -> usize {
-        self.entries
-            .values()
-            .filter(|t| t.lost_at.is_none() && !t.repeat)
-            .count()
+        self.waiting
     }
 
-    /// Entries held, including lost ones kept for the late window.
+    /// Source ports of the entries still waiting at the last sweep.
+    pub fn waiting_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.scan
+            .iter()
+            .filter(|(_, p)| p.state == STATE_WAITING)
+            .map(|(k, _)| k.src_port)
+    }
+
+    /// Lost attempts held for their late window.
     pub fn held(&self) -> usize {
-        self.entries.len()
+        self.lost.len()
     }
 
-    /// Source ports of every entry held (waiting, lost within the late window, repeats).
-    pub fn held_ports(&self) -> Vec<u16> {
-        self.entries.keys().map(|k| k.src_port).collect()
+    fn outcome(kind: OutcomeKind, key: FlowKey, pending: PendingSyn) -> Outcome {
+        Outcome {
+            kind,
+            key,
+            pending,
+            rtt_ns: None,
+            icmp: None,
+            answered_as: None,
+        }
     }
 
     pub fn on_event(&mut self, ev: &Event, out: &mut Vec<Outcome>) {
@@ -253,84 +272,28 @@ impl Tracker {
         let p = ev.raw.pending;
         match ev.kind {
             EventKind::Syn => {
-                // A waiting entry replaced by a SYN with another ISN, its Superseded event
-                // dropped (ring buffer full): the kernel gave the old attempt up, as `sweep`
-                // reports when the map holds another ISN. Overwritten silently, it was never
-                // counted.
-                if let Some(old) = self.entries.get(&key) {
-                    if old.lost_at.is_none() && !old.repeat && old.pending.isn != p.isn {
-                        out.push(Outcome {
-                            kind: OutcomeKind::Abandoned,
-                            key,
-                            pending: old.pending,
-                            rtt_ns: None,
-                            icmp: None,
-                            answered_as: None,
-                        });
-                    }
-                }
-                if self.is_remembered_lost(&key, p.isn) {
-                    // The same connection, still retrying after it was reported lost.
-                    self.stats.syns_after_lost += 1;
-                    self.entries.insert(
-                        key,
-                        Tracked {
-                            pending: p,
-                            lost_at: Some(ev.raw.ts_ns),
-                            repeat: false,
-                        },
-                    );
-                    return;
-                }
-                let repeat = self.is_decided(&key, p.isn);
-                if repeat {
-                    self.stats.repeated_syns += 1;
-                }
+                // Only for answers that come back to another 4-tuple: the kernel map holds the
+                // attempt itself.
                 self.by_isn.insert(isn_key(&key, p.isn), key);
-                self.entries.insert(
-                    key,
-                    Tracked {
-                        pending: p,
-                        lost_at: None,
-                        repeat,
-                    },
-                );
             }
             EventKind::Superseded => {
-                let reported = match self.entries.get(&key) {
-                    Some(t) if t.pending.isn == p.isn => t.lost_at.is_some() || t.repeat,
-                    _ => self.is_decided(&key, p.isn) || self.is_remembered_lost(&key, p.isn),
-                };
-                if let Some(t) = self.entries.get(&key) {
-                    if t.pending.isn == p.isn {
-                        self.entries.remove(&key);
-                    }
+                // The kernel reports only entries still waiting; one of an attempt reported
+                // already (a repeat, or a retry after the late window) is not a new loss.
+                let reported = self.is_decided(&key, p.isn) || self.was_lost(&key, p.isn);
+                if self.lost.get(&key).is_some_and(|l| l.isn == p.isn) {
+                    self.lost.remove(&key);
                 }
                 if !reported {
-                    out.push(Outcome {
-                        kind: OutcomeKind::Abandoned,
-                        key,
-                        pending: p,
-                        rtt_ns: None,
-                        icmp: None,
-                        answered_as: None,
-                    });
+                    out.push(Self::outcome(OutcomeKind::Abandoned, key, p));
                 }
             }
             EventKind::Answered | EventKind::Refused | EventKind::Unreachable => {
-                let (was_lost, repeat) = match self.entries.get(&key) {
-                    Some(t) if t.pending.isn == p.isn => {
-                        let seen = (t.lost_at.is_some(), t.repeat);
-                        self.entries.remove(&key);
-                        seen
-                    }
-                    _ => (
-                        self.is_remembered_lost(&key, p.isn),
-                        self.is_decided(&key, p.isn),
-                    ),
-                };
-                if repeat {
-                    // This attempt's outcome was reported at its first answer.
+                let was_lost = p.state == STATE_LOST || self.was_lost(&key, p.isn);
+                if self.lost.get(&key).is_some_and(|l| l.isn == p.isn) {
+                    self.lost.remove(&key);
+                }
+                if self.is_decided(&key, p.isn) {
+                    // A repeat: this attempt's outcome was reported at its first answer.
                     return;
                 }
                 self.remember_decided(key, p.isn, ev.raw.ts_ns);
@@ -343,12 +306,9 @@ impl Tracker {
                 let icmp = (ev.kind == EventKind::Unreachable)
                     .then_some((ev.raw.icmp_type, ev.raw.icmp_code));
                 out.push(Outcome {
-                    kind,
-                    key,
-                    pending: p,
                     rtt_ns: Some(ev.raw.ts_ns.saturating_sub(p.first_ns)),
                     icmp,
-                    answered_as: None,
+                    ..Self::outcome(kind, key, p)
                 });
             }
             EventKind::UnmatchedSynAck => self.on_unmatched_synack(ev, out),
@@ -357,163 +317,156 @@ impl Tracker {
         }
     }
 
-    /// A SYN-ACK for a 4-tuple with no kernel entry: the answer to a SYN seen under another
-    /// local address or port (translated after netrace saw it) if one waits with the same
-    /// remote address, remote port and ISN; else a sign that SYNs leave unseen.
+    /// A SYN-ACK for a 4-tuple with no kernel entry: late, if it answers an attempt reported
+    /// lost whose entry the sweep had taken; else kept for the next sweep, which pairs it with
+    /// a SYN seen under another local address or port (translated after netrace saw it).
     fn on_unmatched_synack(&mut self, ev: &Event, out: &mut Vec<Outcome>) {
-        let answer_key = ev.raw.key;
+        let key = ev.raw.key;
         let isn = ev.raw.pending.isn;
-        if self.is_decided(&answer_key, isn) {
+        if self.is_decided(&key, isn) {
             return; // A repeated SYN-ACK of an answered connection.
         }
-        let Some(&syn_key) = self.by_isn.get(&isn_key(&answer_key, isn)) else {
+        if self.was_lost(&key, isn) {
+            let p = self
+                .lost
+                .remove(&key)
+                .unwrap_or_else(|| PendingSyn::first(ev.raw.ts_ns, isn, ev.raw.ifindex));
+            self.lost_memory.remove(&key);
+            self.remember_decided(key, isn, ev.raw.ts_ns);
+            out.push(Outcome {
+                rtt_ns: Some(ev.raw.ts_ns.saturating_sub(p.first_ns)),
+                ..Self::outcome(OutcomeKind::Late, key, p)
+            });
+            return;
+        }
+        if self.unmatched.len() < MAX_UNMATCHED {
+            self.unmatched.push((key, isn, ev.raw.ts_ns));
+        } else {
             self.stats.unmatched_synacks += 1;
-            return;
-        };
-        if self.is_decided(&syn_key, isn) {
-            return; // A repeated SYN-ACK of a connection paired this way already.
         }
-        let Some(t) = self
-            .entries
-            .get(&syn_key)
-            .copied()
-            .filter(|t| t.pending.isn == isn)
-        else {
-            self.stats.unmatched_synacks += 1;
-            return;
-        };
-        self.entries.remove(&syn_key);
-        self.kernel_removals.push((syn_key, isn));
-        self.remember_decided(syn_key, isn, ev.raw.ts_ns);
-        if t.repeat {
-            return;
+    }
+
+    /// Pairs the answers that came back to unknown 4-tuples with waiting entries of the same
+    /// remote address, port and ISN; returns the keys taken.
+    fn pair_translated(
+        &mut self,
+        map: &mut impl PendingMap,
+        out: &mut Vec<Outcome>,
+    ) -> HashSet<FlowKey> {
+        let mut taken = HashSet::new();
+        if self.unmatched.is_empty() {
+            return taken;
         }
-        self.stats.translated_answers += 1;
-        if self.stats.translated_example.is_none() {
-            self.stats.translated_example = Some((syn_key, answer_key));
-        }
-        out.push(Outcome {
-            kind: if t.lost_at.is_some() {
+        let index: HashMap<IsnKey, FlowKey> = self
+            .scan
+            .iter()
+            .map(|(k, p)| (isn_key(k, p.isn), *k))
+            .collect();
+        for (answer_key, isn, ts) in std::mem::take(&mut self.unmatched) {
+            if self.is_decided(&answer_key, isn) {
+                continue;
+            }
+            let ik = isn_key(&answer_key, isn);
+            let Some(syn_key) = index.get(&ik).or_else(|| self.by_isn.get(&ik)).copied() else {
+                self.stats.unmatched_synacks += 1;
+                continue;
+            };
+            if self.is_decided(&syn_key, isn) {
+                continue; // A repeated SYN-ACK of a connection paired this way already.
+            }
+            let Some(p) = map.take(&syn_key) else {
+                self.stats.unmatched_synacks += 1;
+                continue;
+            };
+            if p.isn != isn {
+                map.put_back(&syn_key, &p);
+                self.stats.unmatched_synacks += 1;
+                continue;
+            }
+            taken.insert(syn_key);
+            // A repeated SYN-ACK of this connection finds it decided.
+            self.by_isn.insert(ik, syn_key);
+            let was_lost = p.state == STATE_LOST || self.was_lost(&syn_key, isn);
+            self.lost.remove(&syn_key);
+            self.remember_decided(syn_key, isn, ts);
+            self.stats.translated_answers += 1;
+            if self.stats.translated_example.is_none() {
+                self.stats.translated_example = Some((syn_key, answer_key));
+            }
+            let kind = if was_lost {
                 OutcomeKind::Late
             } else {
                 OutcomeKind::Answered
-            },
-            key: syn_key,
-            pending: t.pending,
-            rtt_ns: Some(ev.raw.ts_ns.saturating_sub(t.pending.first_ns)),
-            icmp: None,
-            answered_as: Some(answer_key),
-        });
+            };
+            out.push(Outcome {
+                rtt_ns: Some(ts.saturating_sub(p.first_ns)),
+                answered_as: Some(answer_key),
+                ..Self::outcome(kind, syn_key, p)
+            });
+        }
+        taken
     }
 
     /// Forgets an attempt still waiting for its answer, without an outcome: it was not a
     /// connection of the watched side after all (`analyze`: a SYN seen before its SNAT twin on
     /// the uplink, which is the connection the report counts). `false` when no waiting attempt
-    /// of that ISN was held.
-    pub fn forget(&mut self, key: &FlowKey, isn: u32) -> bool {
-        match self.entries.get(key) {
-            Some(t) if t.pending.isn == isn && t.lost_at.is_none() && !t.repeat => {
-                self.entries.remove(key);
-                true
+    /// of that ISN was there.
+    pub fn forget(&mut self, key: &FlowKey, isn: u32, map: &mut impl PendingMap) -> bool {
+        match map.take(key) {
+            Some(p) if p.isn == isn && p.state == STATE_WAITING => true,
+            Some(p) => {
+                map.put_back(key, &p);
+                false
             }
-            _ => false,
+            None => false,
         }
     }
 
-    /// Decides *lost* for entries older than the SYN timeout, and forgets lost entries once
-    /// their late window has passed.
+    /// Walks the kernel map: pairs translated answers, decides *lost* for entries older than
+    /// the SYN timeout, and clears lost entries once their late window has passed.
     pub fn sweep(&mut self, now_ns: u64, map: &mut impl PendingMap, out: &mut Vec<Outcome>) {
-        for (key, isn) in std::mem::take(&mut self.kernel_removals) {
-            if map.get(&key).is_some_and(|k| k.isn == isn) {
-                map.remove(&key);
+        let mut scan = std::mem::take(&mut self.scan);
+        map.scan(&mut scan);
+        self.scan = scan;
+        let taken = self.pair_translated(map, out);
+        let mut waiting = 0;
+        let scan = std::mem::take(&mut self.scan);
+        for (key, seen) in &scan {
+            if taken.contains(key) {
+                continue;
             }
-        }
-        let mut expired = Vec::new();
-        let mut due = Vec::new();
-        for (key, t) in &self.entries {
-            let age = now_ns.saturating_sub(t.pending.first_ns);
-            match t.lost_at {
-                None if age >= self.syn_timeout_ns => due.push(*key),
-                Some(_) if age >= self.late_window_ns => expired.push(*key),
+            let age = now_ns.saturating_sub(seen.first_ns);
+            match seen.state {
+                STATE_WAITING if age < self.syn_timeout_ns => waiting += 1,
+                STATE_WAITING => self.decide_lost(*key, seen, map, out),
+                STATE_LOST if age >= self.late_window_ns => {
+                    let Some(p) = map.take(key) else {
+                        continue; // Answered a moment ago: its late event is on its way.
+                    };
+                    if p.isn != seen.isn || p.state != STATE_LOST {
+                        self.stats.sweep_races += 1;
+                        map.put_back(key, &p);
+                        continue;
+                    }
+                    self.lost.remove(key);
+                    self.retire_lost(*key, p, now_ns);
+                }
                 _ => {}
             }
         }
-        for key in due {
-            let Some(t) = self.entries.get(&key).copied() else {
-                continue;
-            };
-            if t.repeat {
-                // Unanswered again: still the attempt decided before, nothing to report.
-                self.entries.remove(&key);
-                if map.get(&key).is_some_and(|k| k.isn == t.pending.isn) {
-                    map.remove(&key);
-                }
-                continue;
-            }
-            match map.get(&key) {
-                Some(k) if k.isn == t.pending.isn => {
-                    let pending = PendingSyn {
-                        syns: k.syns,
-                        last_ns: k.last_ns,
-                        ..t.pending
-                    };
-                    self.entries.insert(
-                        key,
-                        Tracked {
-                            pending,
-                            lost_at: Some(now_ns),
-                            repeat: false,
-                        },
-                    );
-                    out.push(Outcome {
-                        kind: OutcomeKind::Lost,
-                        key,
-                        pending,
-                        rtt_ns: None,
-                        icmp: None,
-                        answered_as: None,
-                    });
-                }
-                Some(k) => {
-                    // The kernel replaced the entry and both events were dropped.
-                    out.push(Outcome {
-                        kind: OutcomeKind::Abandoned,
-                        key,
-                        pending: t.pending,
-                        rtt_ns: None,
-                        icmp: None,
-                        answered_as: None,
-                    });
-                    self.entries.insert(
-                        key,
-                        Tracked {
-                            pending: k,
-                            lost_at: None,
-                            repeat: self.is_decided(&key, k.isn),
-                        },
-                    );
-                }
-                None => {
-                    // Only an answer removes a kernel entry: the outcome event was dropped.
-                    // Still an answered attempt: not counting it would inflate the loss rate.
-                    self.entries.remove(&key);
-                    self.stats.answered_unseen += 1;
-                    if self.unseen_answers.len() < MAX_UNSEEN {
-                        self.unseen_answers.push((key, t.pending));
-                    }
-                }
-            }
-        }
-        for key in expired {
-            if let Some(t) = self.entries.remove(&key) {
-                if map.get(&key).is_some_and(|k| k.isn == t.pending.isn) {
-                    map.remove(&key);
-                }
-                let until = t.pending.first_ns.saturating_add(self.retry_horizon_ns);
-                if until > now_ns && !self.is_remembered_lost(&key, t.pending.isn) {
-                    self.remember_lost(key, t.pending.isn, until);
-                }
-            }
+        self.scan = scan;
+        self.waiting = waiting;
+        // Lost attempts whose kernel entry went another way (a new ISN took the 4-tuple).
+        let late = self.late_window_ns;
+        let gone: Vec<(FlowKey, PendingSyn)> = self
+            .lost
+            .iter()
+            .filter(|(_, p)| now_ns.saturating_sub(p.first_ns) >= late)
+            .map(|(k, p)| (*k, *p))
+            .collect();
+        for (k, p) in gone {
+            self.lost.remove(&k);
+            self.retire_lost(k, p, now_ns);
         }
         while let Some(&(until, key)) = self.lost_order.front() {
             if until > now_ns {
@@ -533,35 +486,60 @@ impl Tracker {
                 self.decided.remove(&key);
             }
         }
-        if self.by_isn.len() > 2 * (self.entries.len() + self.decided.len()) + 64 {
-            let (entries, decided) = (&self.entries, &self.decided);
-            self.by_isn.retain(|(_, _, _, isn), key| {
-                entries.get(key).is_some_and(|t| t.pending.isn == *isn)
-                    || decided.get(key).is_some_and(|(i, _)| i == isn)
+        if self.by_isn.len() > 2 * (self.scan.len() + self.decided.len()) + 64 {
+            let live: HashSet<IsnKey> = self.scan.iter().map(|(k, p)| isn_key(k, p.isn)).collect();
+            let decided = &self.decided;
+            self.by_isn.retain(|ik, key| {
+                live.contains(ik) || decided.get(key).is_some_and(|(isn, _)| *isn == ik.3)
             });
         }
     }
 
-    /// Takes in kernel entries the tracker has not heard of (their SYN events were dropped).
-    pub fn adopt(&mut self, map: &impl PendingMap) {
-        for (key, p) in map.scan() {
-            let repeat = self.is_decided(&key, p.isn);
-            let lost_at = self
-                .is_remembered_lost(&key, p.isn)
-                .then_some(p.last_ns.max(p.first_ns));
-            if let std::collections::hash_map::Entry::Vacant(v) = self.entries.entry(key) {
-                v.insert(Tracked {
-                    pending: p,
-                    lost_at,
-                    repeat,
-                });
-                self.stats.adopted += 1;
-            }
+    /// An entry older than the SYN timeout: take it (unless an answer took it first), report
+    /// it lost, and put it back marked lost for the late window.
+    fn decide_lost(
+        &mut self,
+        key: FlowKey,
+        seen: &PendingSyn,
+        map: &mut impl PendingMap,
+        out: &mut Vec<Outcome>,
+    ) {
+        let Some(p) = map.take(&key) else {
+            return; // Answered a moment ago: the kernel reported it.
+        };
+        if p.isn != seen.isn || p.state != STATE_WAITING {
+            // A new attempt took the 4-tuple since the walk: decided at a later sweep.
+            self.stats.sweep_races += 1;
+            map.put_back(&key, &p);
+            return;
+        }
+        if self.is_decided(&key, p.isn) {
+            // A retransmission of an attempt decided by its answer, unanswered again: nothing
+            // new to report, and no entry to keep.
+            self.stats.repeated_syns += 1;
+            return;
+        }
+        map.put_back(
+            &key,
+            &PendingSyn {
+                state: STATE_LOST,
+                ..p
+            },
+        );
+        let again = self.was_lost(&key, p.isn);
+        if again {
+            // The same connection, still retrying after it was reported lost.
+            self.stats.syns_after_lost += 1;
+            self.lost_memory.remove(&key);
+        }
+        self.lost.insert(key, p);
+        if !again {
+            out.push(Self::outcome(OutcomeKind::Lost, key, p));
         }
     }
 
     /// Final sweep at exit: returns how many connections were still waiting (younger than
-    /// the SYN timeout), which are neither answered nor lost. Clears every kernel entry.
+    /// the SYN timeout), which are neither answered nor lost.
     pub fn finish(
         &mut self,
         now_ns: u64,
@@ -569,19 +547,19 @@ impl Tracker {
         out: &mut Vec<Outcome>,
     ) -> u64 {
         self.sweep(now_ns, map, out);
-        let waiting = self.pending() as u64;
-        for key in self.entries.keys() {
-            map.remove(key);
-        }
-        self.entries.clear();
-        waiting
+        self.pending() as u64
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use netrace_common::{
+        pairing::{self, MemorySink},
+        parse::{Answer, Parsed},
+        FAMILY_V4,
+    };
+
     use super::*;
-    use netrace_common::FAMILY_V4;
 
     const S: u64 = 1_000_000_000;
 
@@ -594,156 +572,234 @@ mod tests {
         }
     }
 
-    fn pending(first: u64, isn: u32) -> PendingSyn {
-        PendingSyn::first(first, isn, 0)
+    /// The pairing rules over an in-memory map and sink (the kernel's part) and the tracker.
+    struct Lab {
+        map: MemoryMap,
+        sink: MemorySink,
+        t: Tracker,
+        out: Vec<Outcome>,
     }
 
-    fn ev(kind: EventKind, key: FlowKey, p: PendingSyn, ts: u64) -> Event {
-        Event::new(kind, key, p, ts)
+    impl Lab {
+        /// `books`: the kernel keeps answered attempts in its books and sends no SYN events,
+        /// as `watch` runs by default.
+        fn new(t: Tracker, books: bool) -> Self {
+            let mut sink = MemorySink {
+                report_unmatched: true,
+                ..MemorySink::default()
+            };
+            if books {
+                sink.send_syns = false;
+                sink.books = Some(Vec::new());
+            }
+            Self {
+                map: MemoryMap::default(),
+                sink,
+                t,
+                out: Vec::new(),
+            }
+        }
+
+        fn pump(&mut self) {
+            for raw in self.sink.take_events() {
+                if let Some(kind) = EventKind::from_u32(raw.kind) {
+                    self.t.on_event(&Event { kind, raw }, &mut self.out);
+                }
+            }
+        }
+
+        fn packet(&mut self, ns: u64, parsed: Parsed) {
+            self.sink.now = ns;
+            pairing::on_packet(&mut self.map.0, &mut self.sink, None, &parsed);
+            self.pump();
+        }
+
+        fn syn(&mut self, ns: u64, key: FlowKey, isn: u32) {
+            self.packet(
+                ns,
+                Parsed::Syn {
+                    key,
+                    isn,
+                    data_len: 0,
+                },
+            );
+        }
+
+        fn answer(&mut self, ns: u64, key: FlowKey, isn: u32, answer: Answer) {
+            let ack = match answer {
+                Answer::Unreachable { .. } => isn,
+                _ => isn.wrapping_add(1),
+            };
+            self.packet(ns, Parsed::Answer { key, ack, answer });
+        }
+
+        fn sweep(&mut self, ns: u64) {
+            self.pump();
+            self.t.sweep(ns, &mut self.map, &mut self.out);
+        }
+
+        fn kinds(&self) -> Vec<OutcomeKind> {
+            self.out.iter().map(|o| o.kind).collect()
+        }
+
+        fn booked(&self) -> usize {
+            self.sink.books.as_ref().map_or(0, Vec::len)
+        }
     }
+
+    const UNREACHABLE: Answer = Answer::Unreachable {
+        icmp_type: 3,
+        code: 1,
+    };
 
     #[test]
     fn answered_lost_late() {
-        let mut t = Tracker::new(3 * S, 60 * S);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
-        let (a, b) = (key(40000), key(2000));
-        let (pa, pb) = (pending(S, 7), pending(S, 9));
-        m.0.insert(a, pa);
-        m.0.insert(b, pb);
-        t.on_event(&ev(EventKind::Syn, a, pa, S), &mut out);
-        t.on_event(&ev(EventKind::Syn, b, pb, S), &mut out);
-        m.0.remove(&a);
-        t.on_event(&ev(EventKind::Answered, a, pa, S + 500), &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].kind, OutcomeKind::Answered);
-        assert_eq!(out[0].rtt_ns, Some(500));
-        t.sweep(3 * S, &mut m, &mut out);
-        assert_eq!(out.len(), 1, "not yet timed out at 2 s");
-        if let Some(p) = m.0.get_mut(&b) {
-            p.syns = 3;
+        for books in [false, true] {
+            let mut l = Lab::new(Tracker::new(3 * S, 60 * S), books);
+            let (a, b) = (key(40000), key(2000));
+            l.syn(S, a, 7);
+            l.syn(S, b, 9);
+            l.answer(S + 500, a, 7, Answer::SynAck);
+            if books {
+                assert_eq!((l.booked(), l.out.len()), (1, 0), "counted in the books");
+            } else {
+                assert_eq!(l.kinds(), [OutcomeKind::Answered]);
+                assert_eq!(l.out[0].rtt_ns, Some(500));
+            }
+            let before = l.out.len();
+            l.sweep(3 * S);
+            assert_eq!(l.t.pending(), 1);
+            l.syn(2 * S, b, 9);
+            l.syn(3 * S, b, 9);
+            l.sweep(4 * S);
+            assert_eq!(l.out.len(), before + 1);
+            let lost = l.out[before];
+            assert_eq!((lost.kind, lost.pending.syns), (OutcomeKind::Lost, 3));
+            assert_eq!(l.map.0[&b].state, STATE_LOST, "kept, marked lost");
+            l.sweep(5 * S);
+            assert_eq!(l.out.len(), before + 1, "lost is reported once");
+            l.answer(10 * S, b, 9, Answer::SynAck);
+            assert_eq!(l.out[before + 1].kind, OutcomeKind::Late);
+            assert_eq!(
+                l.booked(),
+                usize::from(books),
+                "a late answer is never booked"
+            );
+            assert_eq!(l.t.held(), 0);
+            assert!(l.map.0.is_empty());
         }
-        t.sweep(4 * S, &mut m, &mut out);
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[1].kind, OutcomeKind::Lost);
-        assert_eq!(out[1].pending.syns, 3);
-        t.sweep(5 * S, &mut m, &mut out);
-        assert_eq!(out.len(), 2, "lost is reported once");
-        m.0.remove(&b);
-        t.on_event(&ev(EventKind::Answered, b, pb, 10 * S), &mut out);
-        assert_eq!(out[2].kind, OutcomeKind::Late);
-        assert_eq!(t.held(), 0);
+    }
+
+    /// A pending map whose `take` races an answer: the answer is applied just before the take
+    /// (the kernel removed the entry first) or just after it (before the entry is put back).
+    struct RacyMap<'a> {
+        lab_map: &'a mut MemoryMap,
+        sink: &'a mut MemorySink,
+        race: Option<(bool, FlowKey, u32)>,
+    }
+
+    impl RacyMap<'_> {
+        fn answer(&mut self, key: FlowKey, isn: u32) {
+            let parsed = Parsed::Answer {
+                key,
+                ack: isn.wrapping_add(1),
+                answer: Answer::SynAck,
+            };
+            pairing::on_packet(&mut self.lab_map.0, &mut *self.sink, None, &parsed);
+        }
+    }
+
+    impl PendingMap for RacyMap<'_> {
+        fn scan(&mut self, out: &mut Vec<(FlowKey, PendingSyn)>) {
+            self.lab_map.scan(out);
+        }
+        fn take(&mut self, key: &FlowKey) -> Option<PendingSyn> {
+            match self.race.take() {
+                Some((true, k, isn)) => {
+                    self.answer(k, isn);
+                    self.lab_map.take(key)
+                }
+                Some((false, k, isn)) => {
+                    let p = self.lab_map.take(key);
+                    self.answer(k, isn);
+                    p
+                }
+                None => self.lab_map.take(key),
+            }
+        }
+        fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> bool {
+            self.lab_map.put_back(key, value)
+        }
+    }
+
+    #[test]
+    fn an_answer_racing_the_sweep_is_counted_once() {
+        for (before, books) in [(true, true), (true, false), (false, true), (false, false)] {
+            let mut l = Lab::new(Tracker::new(S, 60 * S), books);
+            let k = key(3000);
+            l.syn(0, k, 5);
+            let mut racy = RacyMap {
+                lab_map: &mut l.map,
+                sink: &mut l.sink,
+                race: Some((before, k, 5)),
+            };
+            l.t.sweep(2 * S, &mut racy, &mut l.out);
+            l.pump();
+            let kinds = l.kinds();
+            if before {
+                // The kernel took the entry: answered (booked or sent), never lost.
+                let answered = l.booked() + kinds.len();
+                assert_eq!(answered, 1, "{kinds:?}");
+                assert!(!kinds.contains(&OutcomeKind::Lost));
+            } else {
+                // The sweep took it: lost, and the answer that found no entry is late.
+                assert_eq!(kinds, [OutcomeKind::Lost, OutcomeKind::Late]);
+                assert_eq!(l.booked(), 0);
+            }
+            l.sweep(100 * S);
+            assert_eq!(l.kinds(), kinds, "nothing more");
+        }
     }
 
     #[test]
     fn syn_retransmitted_after_an_answer_is_the_same_attempt() {
         // An ICMP error that reaches the client while connect() holds its socket is a soft
         // error there: the stack sends the same SYN again and gets the same error.
-        let mut t = Tracker::new(S, 10 * S);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
+        let mut l = Lab::new(Tracker::new(S, 10 * S), true);
         let k = key(40000);
-        let p1 = pending(0, 7);
-        t.on_event(&ev(EventKind::Syn, k, p1, 0), &mut out);
-        t.on_event(&ev(EventKind::Unreachable, k, p1, S / 1000), &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].kind, OutcomeKind::Unreachable);
-        let p2 = pending(S, 7);
-        t.on_event(&ev(EventKind::Syn, k, p2, S), &mut out);
-        assert_eq!(t.pending(), 0, "a repeat is not a new attempt waiting");
-        t.on_event(&ev(EventKind::Unreachable, k, p2, S + 1), &mut out);
-        assert_eq!(out.len(), 1, "the repeat's answer is not reported again");
-        assert_eq!(t.stats.repeated_syns, 1);
+        l.syn(0, k, 7);
+        l.answer(S / 1000, k, 7, UNREACHABLE);
+        assert_eq!(l.kinds(), [OutcomeKind::Unreachable]);
+        l.syn(S, k, 7);
+        l.answer(S + 1, k, 7, UNREACHABLE);
+        assert_eq!(l.out.len(), 1, "the repeat's answer is not reported again");
         // Unanswered repeat: cleared silently, kernel entry too.
-        let p3 = pending(3 * S, 7);
-        m.0.insert(k, p3);
-        t.on_event(&ev(EventKind::Syn, k, p3, 3 * S), &mut out);
-        t.sweep(5 * S, &mut m, &mut out);
-        assert_eq!(out.len(), 1);
-        assert!(m.0.is_empty());
-        assert_eq!(t.held(), 0);
-        // A new ISN on the same tuple is a new attempt; after the window the old one is gone.
-        let p4 = pending(6 * S, 8);
-        t.on_event(&ev(EventKind::Syn, k, p4, 6 * S), &mut out);
-        t.on_event(&ev(EventKind::Answered, k, p4, 6 * S + 5), &mut out);
-        assert_eq!(out.len(), 2);
-        t.sweep(30 * S, &mut m, &mut out);
-        let p5 = pending(31 * S, 8);
-        t.on_event(&ev(EventKind::Syn, k, p5, 31 * S), &mut out);
-        assert_eq!(
-            t.pending(),
-            1,
-            "outside the window it counts as a new attempt"
-        );
-    }
-
-    #[test]
-    fn late_window_clears_kernel_entry() {
-        let mut t = Tracker::new(S, 10 * S);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
-        let k = key(1500);
-        let p = pending(0, 1);
-        m.0.insert(k, p);
-        t.on_event(&ev(EventKind::Syn, k, p, 0), &mut out);
-        t.sweep(2 * S, &mut m, &mut out);
-        assert_eq!(out[0].kind, OutcomeKind::Lost);
-        assert!(m.0.contains_key(&k));
-        t.sweep(11 * S, &mut m, &mut out);
-        assert!(!m.0.contains_key(&k));
-        assert_eq!(t.held(), 0);
-        assert_eq!(out.len(), 1);
-    }
-
-    #[test]
-    fn dropped_answer_event_is_not_a_loss() {
-        let mut t = Tracker::new(S, 10 * S);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
-        let k = key(1500);
-        t.on_event(&ev(EventKind::Syn, k, pending(0, 1), 0), &mut out);
-        t.sweep(2 * S, &mut m, &mut out);
-        assert!(out.is_empty());
-        assert_eq!(t.stats.answered_unseen, 1);
-        assert_eq!(
-            t.take_unseen_answers(),
-            vec![(k, pending(0, 1))],
-            "still an answered attempt"
-        );
-        assert!(t.take_unseen_answers().is_empty());
-    }
-
-    #[test]
-    fn dropped_syn_event_is_adopted_then_lost() {
-        let mut t = Tracker::new(S, 10 * S);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
-        let k = key(1500);
-        m.0.insert(k, pending(0, 1));
-        t.adopt(&m);
-        assert_eq!(t.stats.adopted, 1);
-        t.sweep(2 * S, &mut m, &mut out);
-        assert_eq!(out[0].kind, OutcomeKind::Lost);
+        l.syn(3 * S, k, 7);
+        l.sweep(5 * S);
+        assert_eq!(l.out.len(), 1);
+        assert!(l.map.0.is_empty());
+        assert_eq!(l.t.stats.repeated_syns, 1);
+        // A new ISN on the same tuple is a new attempt.
+        l.syn(6 * S, k, 8);
+        l.sweep(6 * S);
+        assert_eq!(l.t.pending(), 1);
     }
 
     #[test]
     fn superseded_is_abandoned_once() {
-        let mut t = Tracker::new(S, 10 * S);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
+        let mut l = Lab::new(Tracker::new(S, 10 * S), true);
         let k = key(1500);
-        let old = pending(0, 1);
-        t.on_event(&ev(EventKind::Syn, k, old, 0), &mut out);
-        t.on_event(&ev(EventKind::Superseded, k, old, S / 2), &mut out);
-        let new = pending(S / 2, 99);
-        m.0.insert(k, new);
-        t.on_event(&ev(EventKind::Syn, k, new, S / 2), &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].kind, OutcomeKind::Abandoned);
-        assert!(out[0].kind.is_loss());
-        m.0.remove(&k);
-        t.on_event(&ev(EventKind::Answered, k, new, S), &mut out);
-        assert_eq!(out[1].kind, OutcomeKind::Answered);
+        l.syn(0, k, 1);
+        l.syn(S / 2, k, 99);
+        assert_eq!(l.kinds(), [OutcomeKind::Abandoned]);
+        assert!(l.out[0].kind.is_loss());
+        l.answer(S, k, 99, Answer::SynAck);
+        assert_eq!((l.out.len(), l.booked()), (1, 1));
+        // A lost attempt replaced by a new ISN is not abandoned a second time.
+        l.syn(2 * S, k, 200);
+        l.sweep(4 * S);
+        l.syn(5 * S, k, 300);
+        assert_eq!(l.kinds(), [OutcomeKind::Abandoned, OutcomeKind::Lost]);
     }
 
     /// A client with tcp_syn_retries = 6 sends SYNs at 0, 1, 3, 7, 15, 31 and 63 s. The kernel
@@ -751,150 +807,122 @@ mod tests {
     /// same attempt, and an answer to it is late, not a second connection.
     #[test]
     fn syn_after_the_late_window_is_the_same_attempt() {
-        let mut t = Tracker::new(3 * S, 60 * S).with_retry_horizon(retry_horizon_ns(6), 10);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
+        let t = Tracker::new(3 * S, 60 * S).with_retry_horizon(retry_horizon_ns(6), 10);
+        let mut l = Lab::new(t, true);
         let k = key(2000);
-        let p = pending(0, 42);
-        m.0.insert(k, p);
-        t.on_event(&ev(EventKind::Syn, k, p, 0), &mut out);
+        l.syn(0, k, 42);
         for s in [1, 3, 7, 15, 31] {
-            if let Some(e) = m.0.get_mut(&k) {
-                e.syns += 1;
-                e.last_ns = s * S;
-            }
-            t.sweep(s * S + 1, &mut m, &mut out);
+            l.syn(s * S, k, 42);
+            l.sweep(s * S + 1);
         }
-        t.sweep(62 * S, &mut m, &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].kind, OutcomeKind::Lost);
+        l.sweep(62 * S);
+        assert_eq!(l.kinds(), [OutcomeKind::Lost]);
         assert_eq!(
-            out[0].pending.syns, 3,
+            l.out[0].pending.syns, 3,
             "lost at the SYN timeout, after three SYNs"
         );
         assert!(
-            m.0.is_empty(),
+            l.map.0.is_empty(),
             "the kernel entry is cleared after the late window"
         );
-        assert_eq!(t.lost_remembered(), 1);
-        // The seventh SYN recreates the kernel entry.
-        let p7 = pending(63 * S, 42);
-        m.0.insert(k, p7);
-        t.on_event(&ev(EventKind::Syn, k, p7, 63 * S), &mut out);
-        assert_eq!(t.pending(), 0, "not a new attempt waiting");
-        t.sweep(70 * S, &mut m, &mut out);
-        assert_eq!(out.len(), 1, "not reported lost a second time");
-        assert_eq!(t.stats.syns_after_lost, 1);
+        assert_eq!(l.t.lost_remembered(), 1);
+        // The seventh SYN recreates the kernel entry: not reported lost a second time.
+        l.syn(63 * S, k, 42);
+        l.sweep(70 * S);
+        assert_eq!(l.out.len(), 1);
+        assert_eq!(l.t.stats.syns_after_lost, 1);
         // Its SYN-ACK makes the attempt late.
-        m.0.remove(&k);
-        t.on_event(&ev(EventKind::Answered, k, p7, 71 * S), &mut out);
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[1].kind, OutcomeKind::Late);
-        // After the horizon, the memory is gone; a new ISN is a new attempt anyway.
-        t.sweep(200 * S, &mut m, &mut out);
-        assert_eq!(t.lost_remembered(), 0);
-        let p2 = pending(201 * S, 43);
-        t.on_event(&ev(EventKind::Syn, k, p2, 201 * S), &mut out);
-        assert_eq!(t.pending(), 1);
+        l.answer(71 * S, k, 42, Answer::SynAck);
+        assert_eq!(l.kinds(), [OutcomeKind::Lost, OutcomeKind::Late]);
+        assert_eq!(l.booked(), 0);
+        // After the horizon, a new ISN is a new attempt.
+        l.sweep(200 * S);
+        assert_eq!(l.t.lost_remembered(), 0);
+        l.syn(201 * S, k, 43);
+        l.sweep(201 * S);
+        assert_eq!(l.t.pending(), 1);
     }
 
     #[test]
     fn lost_memory_is_capped_and_overflow_counted() {
-        let mut t = Tracker::new(S, 2 * S).with_retry_horizon(retry_horizon_ns(6), 2);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
+        let t = Tracker::new(S, 2 * S).with_retry_horizon(retry_horizon_ns(6), 2);
+        let mut l = Lab::new(t, true);
         for port in 1..=3 {
-            let p = pending(0, u32::from(port));
-            m.0.insert(key(port), p);
-            t.on_event(&ev(EventKind::Syn, key(port), p, 0), &mut out);
+            l.syn(0, key(port), u32::from(port));
         }
-        t.sweep(S, &mut m, &mut out);
-        t.sweep(3 * S, &mut m, &mut out);
-        assert_eq!(out.len(), 3);
-        assert_eq!(t.lost_remembered(), 2);
-        assert_eq!(t.stats.lost_memory_overflow, 1);
+        l.sweep(S);
+        l.sweep(3 * S);
+        assert_eq!(l.out.len(), 3);
+        assert_eq!(l.t.lost_remembered(), 2);
+        assert_eq!(l.t.stats.lost_memory_overflow, 1);
         assert_eq!(retry_horizon_ns(6), 130 * S);
     }
 
     #[test]
-    fn finish_counts_waiting_and_clears_kernel() {
-        let mut t = Tracker::new(3 * S, 10 * S);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
-        let k = key(1500);
-        m.0.insert(k, pending(0, 1));
-        t.on_event(&ev(EventKind::Syn, k, pending(0, 1), 0), &mut out);
-        assert_eq!(t.finish(S, &mut m, &mut out), 1);
-        assert!(out.is_empty());
-        assert!(m.0.is_empty());
+    fn finish_counts_waiting() {
+        let mut l = Lab::new(Tracker::new(3 * S, 10 * S), true);
+        l.syn(0, key(1500), 1);
+        assert_eq!(l.t.finish(S, &mut l.map, &mut l.out), 1);
+        assert!(l.out.is_empty());
+    }
+
+    fn unmatched(l: &mut Lab, ns: u64, answer_key: FlowKey, isn: u32) {
+        let ev = Event::new(
+            EventKind::UnmatchedSynAck,
+            answer_key,
+            PendingSyn::first(ns, isn, 0),
+            ns,
+        );
+        l.t.on_event(&ev, &mut l.out);
     }
 
     #[test]
     fn answer_to_a_translated_tuple_pairs_by_isn() {
-        let mut t = Tracker::new(3 * S, 60 * S);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
-        let pod = FlowKey {
-            src_addr: [198, 18, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            dst_addr: [198, 18, 3, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            ..key(40001)
-        };
-        let node = FlowKey {
-            src_port: 8257,
-            src_addr: [198, 18, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            ..pod
-        };
-        let p = pending(S, 77);
-        m.0.insert(pod, p);
-        t.on_event(&ev(EventKind::Syn, pod, p, S), &mut out);
-        t.on_event(
-            &ev(EventKind::UnmatchedSynAck, node, pending(S + 5, 77), S + 5),
-            &mut out,
-        );
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].kind, OutcomeKind::Answered);
-        assert_eq!(out[0].key, pod);
-        assert_eq!(out[0].answered_as, Some(node));
-        assert_eq!(out[0].rtt_ns, Some(5));
-        assert_eq!(t.stats.translated_answers, 1);
-        assert_eq!(t.stats.translated_example, Some((pod, node)));
-        t.sweep(2 * S, &mut m, &mut out);
-        assert!(m.0.is_empty(), "the kernel entry goes with the answer");
-        assert_eq!(out.len(), 1);
-        // The server repeats its SYN-ACK: the same connection, nothing new.
-        t.on_event(
-            &ev(EventKind::UnmatchedSynAck, node, pending(S + 9, 77), S + 9),
-            &mut out,
-        );
-        assert_eq!((out.len(), t.stats.unmatched_synacks), (1, 0));
-        // A SYN-ACK no SYN explains (same remote, other ISN).
-        t.on_event(
-            &ev(EventKind::UnmatchedSynAck, node, pending(S + 9, 78), S + 9),
-            &mut out,
-        );
-        assert_eq!((out.len(), t.stats.unmatched_synacks), (1, 1));
+        for books in [false, true] {
+            let mut l = Lab::new(Tracker::new(3 * S, 60 * S), books);
+            let pod = FlowKey {
+                src_addr: [198, 18, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                dst_addr: [198, 18, 3, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                ..key(40001)
+            };
+            let node = FlowKey {
+                src_port: 8257,
+                src_addr: [198, 18, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                ..pod
+            };
+            l.syn(S, pod, 77);
+            unmatched(&mut l, S + 5, node, 77);
+            l.sweep(S + 10);
+            assert_eq!(l.kinds(), [OutcomeKind::Answered]);
+            assert_eq!(l.out[0].key, pod);
+            assert_eq!(l.out[0].answered_as, Some(node));
+            assert_eq!(l.out[0].rtt_ns, Some(5));
+            assert_eq!(l.t.stats.translated_answers, 1);
+            assert_eq!(l.t.stats.translated_example, Some((pod, node)));
+            assert!(l.map.0.is_empty(), "the kernel entry goes with the answer");
+            // The server repeats its SYN-ACK: the same connection, nothing new.
+            unmatched(&mut l, S + 9, node, 77);
+            l.sweep(2 * S);
+            assert_eq!((l.out.len(), l.t.stats.unmatched_synacks), (1, 0));
+            // A SYN-ACK no SYN explains (same remote, other ISN).
+            unmatched(&mut l, S + 9, node, 78);
+            l.sweep(2 * S);
+            assert_eq!((l.out.len(), l.t.stats.unmatched_synacks), (1, 1));
+        }
     }
 
     #[test]
     fn translated_answer_after_the_timeout_is_late() {
-        let mut t = Tracker::new(S, 60 * S);
-        let mut m = MemoryMap::default();
-        let mut out = Vec::new();
-        let pod = key(40001);
-        let node = key(8257);
-        let p = pending(0, 7);
-        m.0.insert(pod, p);
-        t.on_event(&ev(EventKind::Syn, pod, p, 0), &mut out);
-        t.sweep(2 * S, &mut m, &mut out);
-        assert_eq!(out[0].kind, OutcomeKind::Lost);
-        t.on_event(
-            &ev(EventKind::UnmatchedSynAck, node, pending(3 * S, 7), 3 * S),
-            &mut out,
-        );
-        assert_eq!(out[1].kind, OutcomeKind::Late);
-        assert_eq!(out[1].answered_as, Some(node));
-        t.sweep(4 * S, &mut m, &mut out);
-        assert!(m.0.is_empty());
-        assert_eq!(t.held(), 0);
+        let mut l = Lab::new(Tracker::new(S, 60 * S), true);
+        let (pod, node) = (key(40001), key(8257));
+        l.syn(0, pod, 7);
+        l.sweep(2 * S);
+        assert_eq!(l.kinds(), [OutcomeKind::Lost]);
+        unmatched(&mut l, 3 * S, node, 7);
+        l.sweep(3 * S);
+        assert_eq!(l.kinds(), [OutcomeKind::Lost, OutcomeKind::Late]);
+        assert_eq!(l.out[1].answered_as, Some(node));
+        assert!(l.map.0.is_empty());
+        assert_eq!(l.t.held(), 0);
     }
 }

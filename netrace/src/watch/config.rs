@@ -201,7 +201,16 @@ impl WatchConfig {
 
     /// What the kernel programs keep (`--filter-dst`, `--filter-dport`).
     pub fn kernel_filter(&self) -> KernelFilter {
-        kernel_filter(self.filter_dst, self.filter_dport)
+        let mut f = kernel_filter(self.filter_dst, self.filter_dport);
+        // Attribution pairs SYNs and answers one by one; per-connection output needs every
+        // answered connection. Otherwise the kernel counts answers in its books.
+        if self.correlating() {
+            f.send |= netrace_common::SEND_SYNS | netrace_common::SEND_ANSWERS;
+        }
+        if self.events == Events::All {
+            f.send |= netrace_common::SEND_ANSWERS;
+        }
+        f
     }
 
     /// An empty histogram over the configured buckets.

@@ -30,7 +30,6 @@ pub fn report(pump: &mut Pump, kernel: &Kernel, node: NodePorts, pending_at_exit
         events_lost: kernel.counter(Counter::RingbufFull),
         pending_map_full: kernel.counter(Counter::PendingMapFull),
         decode_errors: pump.decode_errors,
-        answered_unseen: pump.tracker.stats.answered_unseen,
         answered_invisible: 0,
     };
     let mut drops = drops;

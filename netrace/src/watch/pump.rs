@@ -4,14 +4,17 @@
 //! the last interface ends the run.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io::{self, Write},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use netrace_common::{Counter, EventKind, FlowKey, FAMILY_V4};
+use netrace_common::{
+    AnswerBook, BookKey, Counter, EventKind, FlowKey, BOOK_PORTS, FAMILY_V4, RTT_SLOTS,
+};
 use tokio::{
     signal::unix::{signal, Signal, SignalKind},
     time::{interval, sleep_until, MissedTickBehavior},
@@ -27,7 +30,7 @@ use crate::{
     kernel::{
         egress_hook::Hook,
         events::{addrs, Record},
-        loader,
+        loader::{self, Books},
     },
     metrics::{self, Metrics},
     node::NodePorts,
@@ -49,6 +52,9 @@ const TICK: Duration = Duration::from_millis(250);
 /// The kernel wakes netrace only when a quarter of the ring buffer is full; below that,
 /// events are collected this often.
 const DRAIN: Duration = Duration::from_millis(50);
+/// The kernel map is walked at most this often (and at least every quarter of the SYN
+/// timeout): each walk visits every bucket of the map.
+const SWEEP_MAX: Duration = Duration::from_secs(1);
 /// How often the live progress line is redrawn.
 const DRAW: Duration = Duration::from_secs(1);
 /// How often the verdict so far is worked out for the metrics.
@@ -116,7 +122,11 @@ pub struct Pump {
     outcomes: Vec<Outcome>,
     live: render::live::Live,
     last_drawn: Instant,
-    seen_ring_drops: u64,
+    /// The kernel's answer books and round-trip histogram as last read, to take differences.
+    books_seen: HashMap<BookKey, Box<AnswerBook>>,
+    books_buf: Vec<(BookKey, AnswerBook)>,
+    rtt_seen: Vec<u64>,
+    last_sweep: Instant,
     /// The node's port settings, for the verdict so far.
     pub node: NodePorts,
     last_judged: Instant,
@@ -159,7 +169,10 @@ impl Pump {
             outcomes: Vec::new(),
             live: render::live::Live::new(),
             last_drawn: Instant::now(),
-            seen_ring_drops: 0,
+            books_seen: HashMap::new(),
+            books_buf: Vec::new(),
+            rtt_seen: vec![0; RTT_SLOTS as usize],
+            last_sweep: Instant::now(),
             node,
             last_judged: Instant::now(),
             interval_start: Instant::now(),
@@ -221,16 +234,16 @@ impl Pump {
         // sweep would count it twice (or as abandoned).
         self.drain(kernel.ring.get_mut());
         let ring_drops = kernel.counter(Counter::RingbufFull);
-        if ring_drops > self.seen_ring_drops {
-            // Some SYN events never arrived: take their entries from the kernel map.
-            self.seen_ring_drops = ring_drops;
-            self.tracker.adopt(&kernel.pending);
-        }
-        let now = monotonic_ns();
-        self.tracker
-            .sweep(now, &mut kernel.pending, &mut self.outcomes);
-        if let Some(c) = self.correlator.as_mut() {
-            c.prune(now);
+        let every = (self.cfg.syn_timeout / 4).clamp(TICK, SWEEP_MAX);
+        if self.last_sweep.elapsed() >= every {
+            self.last_sweep = Instant::now();
+            let now = monotonic_ns();
+            self.tracker
+                .sweep(now, &mut kernel.pending, &mut self.outcomes);
+            self.read_books(&kernel.books);
+            if let Some(c) = self.correlator.as_mut() {
+                c.prune(now);
+            }
         }
         self.metrics.kernel_counters(
             loader::COUNTERS
@@ -400,13 +413,68 @@ impl Pump {
     /// takes the records.
     pub fn finish(&mut self, kernel: &mut Kernel) -> (u64, io::Result<()>) {
         self.drain(kernel.ring.get_mut());
-        for port in self.tracker.held_ports() {
-            self.know(port);
-        }
         let pending_at_exit =
             self.tracker
                 .finish(monotonic_ns(), &mut kernel.pending, &mut self.outcomes);
+        let waiting: Vec<u16> = self.tracker.waiting_ports().collect();
+        for port in waiting {
+            self.know(port);
+        }
+        self.read_books(&kernel.books);
         (pending_at_exit, self.record())
+    }
+
+    /// Counts what the kernel booked since the last read: answered connections by interface,
+    /// destination and source port, and their round trips.
+    fn read_books(&mut self, books: &Books) {
+        let mut buf = std::mem::take(&mut self.books_buf);
+        if let Err(e) = books.walk_into(&mut buf) {
+            log::debug!("reading the answer books: {e}");
+        }
+        let mut fresh = Vec::new();
+        for (k, b) in &buf {
+            let seen = self.books_seen.entry(*k).or_default();
+            for (i, (now, before)) in b.answered.iter().zip(seen.answered.iter()).enumerate() {
+                let n = now.wrapping_sub(*before);
+                if n > 0 {
+                    let port = usize::from(k.port_group) * BOOK_PORTS + i;
+                    fresh.push((*k, port as u16, u64::from(n)));
+                }
+            }
+            **seen = *b;
+        }
+        self.books_buf = buf;
+        for (k, port, n) in &fresh {
+            let key = FlowKey {
+                family: k.family,
+                dst_port: k.dst_port,
+                dst_addr: k.dst_addr,
+                ..FlowKey::default()
+            };
+            let dst = destination(&key);
+            self.know(*port);
+            for _ in 0..*n {
+                self.histogram.add(*port, OutcomeKind::Answered);
+                self.destinations.add(dst, *port, OutcomeKind::Answered);
+            }
+            let name = self.interfaces.name(k.ifindex);
+            self.metrics.outcomes(
+                &name,
+                OutcomeKind::Answered,
+                *port,
+                SocketAddr::new(dst.addr, dst.port),
+                *n,
+            );
+        }
+        let rtt = books.rtt();
+        for (slot, (now, before)) in rtt.iter().zip(self.rtt_seen.iter()).enumerate() {
+            self.metrics.rtt_slot(slot, now.saturating_sub(*before));
+        }
+        self.rtt_seen = rtt;
+        if !fresh.is_empty() {
+            self.unjudged = true;
+            self.last_outcome = Instant::now();
+        }
     }
 
     /// Reads every record waiting in the ring buffer into the tracker and the correlator.
@@ -444,22 +512,6 @@ impl Pump {
     /// closed standard output.
     fn record(&mut self) -> io::Result<()> {
         let mut lines = Vec::new();
-        for (key, p) in self.tracker.take_unseen_answers() {
-            // Answered, but the event was dropped: an attempt that was not lost.
-            self.know(key.src_port);
-            self.histogram.add(key.src_port, OutcomeKind::Answered);
-            let dst = destination(&key);
-            self.destinations.add_unseen_answer(dst, key.src_port);
-            let name = self.interfaces.name(p.ifindex);
-            self.metrics.outcome(
-                &name,
-                OutcomeKind::Answered,
-                key.src_port,
-                metrics::destination(dst.addr, dst.port),
-                None,
-            );
-            self.unjudged = true;
-        }
         if !self.outcomes.is_empty() {
             self.unjudged = true;
             self.last_outcome = Instant::now();

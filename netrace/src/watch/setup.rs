@@ -16,7 +16,7 @@ use crate::{
     kernel::{
         attach::{Attachments, Via},
         egress_hook::{self, Hook},
-        loader::{self, Maps, Pending},
+        loader::{self, Books, Maps, Pending},
         mounts, tracefs,
     },
     metrics::{self, Metrics},
@@ -87,6 +87,7 @@ pub struct Kernel {
     pub attachments: Attachments,
     pub ring: AsyncFd<RingBuf<MapData>>,
     pub pending: Pending,
+    pub books: Books,
     counters: PerCpuArray<MapData, u64>,
     syn_ports: Array<MapData, u64>,
     /// Held only so the maps outlive the programs that read them.
@@ -135,6 +136,7 @@ pub fn attach(cfg: &WatchConfig, metrics: &Metrics) -> anyhow::Result<Attached> 
     let Maps {
         events,
         pending,
+        books,
         counters,
         syn_ports,
         filter,
@@ -188,6 +190,7 @@ pub fn attach(cfg: &WatchConfig, metrics: &Metrics) -> anyhow::Result<Attached> 
             attachments,
             ring,
             pending,
+            books,
             counters,
             syn_ports,
             _filter: filter,

@@ -10,9 +10,10 @@ use netrace::{
     kernel::loader::{
         self, Maps, EGRESS_L3_PROGRAM, EGRESS_PROGRAM, INGRESS_L3_PROGRAM, INGRESS_PROGRAM,
     },
-    track::tracker::PendingMap as _,
 };
-use netrace_common::{Counter, FlowKey, KernelFilter, PendingSyn, FAMILY_V4, FAMILY_V6};
+use netrace_common::{
+    Counter, FlowKey, KernelFilter, PendingSyn, FAMILY_V4, FAMILY_V6, SEND_ANSWERS, SEND_SYNS,
+};
 
 /// `TC_ACT_UNSPEC`, the only verdict netrace's programs may return.
 pub const TC_ACT_UNSPEC: i32 = -1;
@@ -27,9 +28,19 @@ pub struct Bpf {
 }
 
 impl Bpf {
-    /// Loads a fresh object without a destination filter. Panics, with the reason, when the
-    /// kernel refuses (typically: not running as root).
+    /// Loads a fresh object without a destination filter, sending every SYN and answer as an
+    /// event (as `watch` does with attribution), so each packet's effect is visible. Panics,
+    /// with the reason, when the kernel refuses (typically: not running as root).
     pub fn load() -> Self {
+        Self::load_with_filter(KernelFilter {
+            send: SEND_SYNS | SEND_ANSWERS,
+            ..KernelFilter::default()
+        })
+    }
+
+    /// Loads a fresh object as `watch` runs by default: no SYN events, answers counted in the
+    /// kernel's books.
+    pub fn load_books() -> Self {
         Self::load_with_filter(KernelFilter::default())
     }
 
@@ -184,12 +195,19 @@ impl Bpf {
         Maps::counters_view(&self.maps.counters, &self.maps.syn_ports).syn_ports()
     }
 
-    pub fn pending(&self, key: &FlowKey) -> Option<PendingSyn> {
-        self.maps.pending.get(key)
+    pub fn pending(&mut self, key: &FlowKey) -> Option<PendingSyn> {
+        self.pending_all()
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, p)| p)
     }
 
-    pub fn pending_all(&self) -> Vec<(FlowKey, PendingSyn)> {
-        self.maps.pending.scan()
+    /// Every pending entry, IPv4 and IPv6 maps together (a batched walk, as `watch` does).
+    pub fn pending_all(&mut self) -> Vec<(FlowKey, PendingSyn)> {
+        let mut all = Vec::new();
+        self.maps.pending.walk_into(&mut all);
+        assert_eq!(self.maps.pending.errors, 0, "walking the pending maps");
+        all
     }
 
     /// Drains the ring buffer.

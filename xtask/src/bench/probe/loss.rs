@@ -169,9 +169,7 @@ fn paced(ring: u32, rate: Option<f64>, secs: f64) -> anyhow::Result<(Value, bool
         let (sent, elapsed) = produced?;
         anyhow::Ok((sent, elapsed, received, tracker))
     })?;
-    let mut tracker = tracker;
     let t = Tally::of(&k, sent, received);
-    tracker.adopt(&k.maps.pending);
     let clean = t.ring_full == 0 && t.map_full == 0;
     let achieved = sent as f64 / elapsed.as_secs_f64();
     Ok((
@@ -180,7 +178,6 @@ fn paced(ring: u32, rate: Option<f64>, secs: f64) -> anyhow::Result<(Value, bool
             "target_rate": rate.map(|r| round(r, 0)),
             "achieved_rate": round(achieved, 0),
             "tally": t.json(),
-            "adopted_after": tracker.stats.adopted,
             "tracker_knows_all": tracker.pending() as u64 == sent,
         }),
         clean,

@@ -190,7 +190,7 @@ fn single_flows(k: &mut Kernel, calls: u32) -> anyhow::Result<Value> {
              map-full"
         );
     }
-    let left = k.maps.pending.0.keys().count();
+    let left = k.maps.pending.v4.keys().count() + k.maps.pending.v6.keys().count();
     Ok(json!({
         "calls": calls,
         "noop_ns": round(trimmed_mean(&noop), 2),
