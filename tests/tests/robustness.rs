@@ -1295,7 +1295,7 @@ fn steady_run(length: Duration) {
     const WORKERS: usize = 8;
     let run = start(&lab, &["--metrics-addr", METRICS, "--ringbuf-kib", "256"]);
     let pid = run.pid();
-    let map = inspect::process_map(pid, "PENDING").unwrap_or_else(|e| panic!("{e:#}"));
+    let map = inspect::process_map(pid, "PENDING_V4").unwrap_or_else(|e| panic!("{e:#}"));
     let metrics: SocketAddr = METRICS.parse().unwrap();
     let client = lab.client_with(ClientOptions {
         workers: WORKERS,
@@ -1372,7 +1372,6 @@ fn steady_run(length: Duration) {
         "events_lost",
         "pending_map_full",
         "decode_errors",
-        "answered_unseen",
     ] {
         assert_eq!(summary_u64(&out, &format!("/drops/{d}")), 0, "{d}\n{ctx}");
     }
