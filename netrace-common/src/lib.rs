@@ -235,6 +235,28 @@ pub struct BookKey {
     pub dst_addr: [u8; 16],
 }
 
+impl BookKey {
+    /// The book that counts `key`'s answer, for a SYN that left through `ifindex`.
+    #[inline(always)]
+    pub fn of(key: &FlowKey, ifindex: u32) -> Self {
+        Self {
+            ifindex,
+            family: key.family,
+            _pad: 0,
+            dst_port: key.dst_port,
+            port_group: key.src_port / BOOK_PORTS as u16,
+            _pad2: 0,
+            dst_addr: key.dst_addr,
+        }
+    }
+
+    /// `src_port`'s cell in its book.
+    #[inline(always)]
+    pub fn cell(src_port: u16) -> usize {
+        src_port as usize % BOOK_PORTS
+    }
+}
+
 /// Answered attempts per source port of a book (`src_port % BOOK_PORTS`), cumulative and
 /// wrapping: user space reads differences.
 #[repr(C)]
@@ -496,10 +518,13 @@ pub enum Counter {
     AnsweredBooked = 16,
     /// Answered attempts sent as events because the answer books were full.
     BooksFull = 17,
+    /// SYN-ACKs with no pending entry for a 4-tuple whose book holds an answer: a server
+    /// repeating the SYN-ACK of a connection counted in the books (not a sign of translation).
+    SynAckRepeated = 18,
 }
 
 /// Number of counters (size of the per-CPU counter array).
-pub const COUNTER_SLOTS: u32 = 18;
+pub const COUNTER_SLOTS: u32 = 19;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -334,7 +334,7 @@ mod memory {
 
     use super::{EventSink, Insert, PendingTable};
     use crate::parse::Answer;
-    use crate::{Counter, EventKind, FlowKey, OutcomeEvent, PendingSyn, COUNTER_SLOTS};
+    use crate::{BookKey, Counter, EventKind, FlowKey, OutcomeEvent, PendingSyn, COUNTER_SLOTS};
 
     /// A pending map in memory, optionally bounded like the kernel's (`max_entries`).
     #[derive(Clone, Debug, Default)]
@@ -453,6 +453,16 @@ mod memory {
         }
         fn unmatched(&mut self, key: &FlowKey, ack: u32, answer: Answer) {
             if self.report_unmatched && answer == Answer::SynAck {
+                let booked = self.books.as_ref().is_some_and(|b| {
+                    b.iter().any(|(k, p, _)| {
+                        BookKey::of(k, p.ifindex) == BookKey::of(key, self.ifindex)
+                            && k.src_port == key.src_port
+                    })
+                });
+                if booked {
+                    self.counters[Counter::SynAckRepeated as usize] += 1;
+                    return;
+                }
                 self.counters[Counter::SynAckUnmatched as usize] += 1;
                 let now = self.now;
                 let seen = PendingSyn::first(now, ack.wrapping_sub(1), self.ifindex);

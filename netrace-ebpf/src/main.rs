@@ -36,9 +36,8 @@ use netrace_common::{
     pairing::{on_packet, on_pod_syn, EventSink, Insert, Note, PendingTable},
     parse::{Answer, Direction, Link, Parsed},
     rtt_slot, AnswerBook, BookKey, Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent,
-    PendingSlot, PendingSyn, TpOffsets, BOOK_PORTS, COUNTER_SLOTS, DEFAULT_MAX_BOOKS,
-    DEFAULT_MAX_PENDING, DEFAULT_RINGBUF_BYTES, FAMILY_V4, PORT_SLOTS, RTT_SLOTS, SEND_ANSWERS,
-    SEND_SYNS,
+    PendingSlot, PendingSyn, TpOffsets, COUNTER_SLOTS, DEFAULT_MAX_BOOKS, DEFAULT_MAX_PENDING,
+    DEFAULT_RINGBUF_BYTES, FAMILY_V4, PORT_SLOTS, RTT_SLOTS, SEND_ANSWERS, SEND_SYNS,
 };
 
 /// Unanswered IPv4 SYNs, with a compact key. Preallocated: an insert takes an element from a
@@ -155,15 +154,7 @@ fn sends(flag: u32) -> bool {
 /// books are full): the caller sends the event instead, so nothing is lost.
 #[inline(always)]
 fn book(key: &FlowKey, pending: &PendingSyn, now: u64) -> bool {
-    let bk = BookKey {
-        ifindex: pending.ifindex,
-        family: key.family,
-        _pad: 0,
-        dst_port: key.dst_port,
-        port_group: key.src_port / BOOK_PORTS as u16,
-        _pad2: 0,
-        dst_addr: key.dst_addr,
-    };
+    let bk = BookKey::of(key, pending.ifindex);
     let mut page = BOOKS.get_ptr_mut(bk);
     if page.is_none() {
         let Some(zero) = ZERO_BOOK.get(0) else {
@@ -177,7 +168,7 @@ fn book(key: &FlowKey, pending: &PendingSyn, now: u64) -> bool {
     let Some(page) = page else {
         return false;
     };
-    let port = (key.src_port as usize) % BOOK_PORTS;
+    let port = BookKey::cell(key.src_port);
     // SAFETY: a valid map value shared by all CPUs; the index is below BOOK_PORTS, and the
     // counter is updated only through an atomic add.
     unsafe {
@@ -287,6 +278,17 @@ impl EventSink for KernelSink {
     fn unmatched(&mut self, key: &FlowKey, ack: u32, answer: Answer) {
         if answer != Answer::SynAck || FILTER.get(0).is_some_and(|f| !f.matches(key)) {
             return;
+        }
+        // The books hold no ISN: a 4-tuple with a booked answer is taken as that connection's
+        // SYN-ACK repeated (the server did not get the ACK), as the tracker recognises repeats
+        // of answers it was sent.
+        if let Some(book) = BOOKS.get_ptr(&BookKey::of(key, self.ifindex)) {
+            // SAFETY: a valid map value; a racy read of a counter only decides between two
+            // counted outcomes.
+            if unsafe { (*book).answered[BookKey::cell(key.src_port)] } > 0 {
+                count(Counter::SynAckRepeated);
+                return;
+            }
         }
         count(Counter::SynAckUnmatched);
         let now = self.now();

@@ -1455,6 +1455,16 @@ fn books_count_answers_without_events() {
             (Counter::AnsweredBooked, 1),
         ]);
 
+        // The server repeats the SYN-ACK (our ACK was lost): no entry, but the books hold the
+        // answer: a repeat, not a sign of translation.
+        bpf.ingress(&fam.answer(SPORT, TCP_SYN | TCP_ACK, ISN + 1));
+        assert_eq!(bpf.events(), Vec::new(), "no event for a repeated SYN-ACK");
+        assert_eq!(bpf.counter(Counter::SynAckRepeated), 1);
+        assert_eq!(bpf.counter(Counter::SynAckUnmatched), 0);
+        // One to a port nothing was answered on is unmatched, as with events.
+        bpf.ingress(&fam.answer(SPORT + 7, TCP_SYN | TCP_ACK, ISN + 1));
+        one_event(&mut bpf, EventKind::UnmatchedSynAck);
+
         // Refused: an event.
         bpf.egress(&fam.syn(SPORT + 1, ISN));
         bpf.ingress(&fam.answer(SPORT + 1, TCP_RST | TCP_ACK, ISN + 1));

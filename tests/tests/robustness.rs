@@ -1368,11 +1368,7 @@ fn steady_run(length: Duration) {
         "{ctx}"
     );
     assert_eq!(summary_u64(&out, "/totals/pending_at_exit"), 0, "{ctx}");
-    for d in [
-        "events_lost",
-        "pending_map_full",
-        "decode_errors",
-    ] {
+    for d in ["events_lost", "pending_map_full", "decode_errors"] {
         assert_eq!(summary_u64(&out, &format!("/drops/{d}")), 0, "{d}\n{ctx}");
     }
     assert_eq!(out.code(), Some(i32::from(c.timed_out > 0)), "{ctx}");

@@ -225,7 +225,7 @@ pub fn load(
 }
 
 /// Every counter the kernel keeps, summed over CPUs, by name.
-pub const COUNTERS: [(Counter, &str); 18] = [
+pub const COUNTERS: [(Counter, &str); 19] = [
     (Counter::SynSeen, "syn_seen"),
     (Counter::SynRetransmit, "syn_retransmit"),
     (Counter::PendingMapFull, "pending_map_full"),
@@ -244,6 +244,7 @@ pub const COUNTERS: [(Counter, &str); 18] = [
     (Counter::SynAckUnmatched, "synack_unmatched"),
     (Counter::AnsweredBooked, "answered_booked"),
     (Counter::BooksFull, "books_full"),
+    (Counter::SynAckRepeated, "synack_repeated"),
 ];
 
 /// Read-only access to the counters and the per-port SYN tally.
