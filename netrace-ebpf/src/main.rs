@@ -47,10 +47,12 @@ use netrace_common::{
 static PENDING_V4: HashMap<netrace_common::V4Key, PendingSlot> =
     HashMap::with_max_entries(DEFAULT_MAX_PENDING, 0);
 
-/// Unanswered IPv6 SYNs (sized by user space, a quarter of the IPv4 map by default).
+/// Unanswered IPv6 SYNs (a quarter of the IPv4 map's capacity). Not preallocated: most
+/// nodes connect out over IPv4, and a preallocated IPv6 map would cost a third more memory
+/// than the IPv4 one for entries that are rarely used; an insert allocates instead.
 #[map]
 static PENDING_V6: HashMap<netrace_common::V6Key, PendingSlot> =
-    HashMap::with_max_entries(DEFAULT_MAX_PENDING / 4, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_PENDING / 4, BPF_F_NO_PREALLOC);
 
 /// Answered attempts counted here instead of sent one by one, per interface, destination and
 /// source port (cumulative; user space reads the differences). Allocated as used.

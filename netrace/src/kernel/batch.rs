@@ -63,55 +63,95 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     }
 }
 
+/// A walk of a hash map in batches: its position and its buffers.
+pub struct Walk<K, V> {
+    keys: Vec<K>,
+    values: Vec<V>,
+    /// The bucket to continue from; `None` before the first batch.
+    pos: Option<u32>,
+    done: bool,
+}
+
+impl<K: Pod + Default, V: Pod + Default> Default for Walk<K, V> {
+    fn default() -> Self {
+        Self {
+            keys: vec![K::default(); CHUNK],
+            values: vec![V::default(); CHUNK],
+            pos: None,
+            done: false,
+        }
+    }
+}
+
+impl<K: Pod + Default, V: Pod + Default> Walk<K, V> {
+    /// Starts over from the first bucket (the buffers are kept).
+    pub fn restart(&mut self) {
+        self.pos = None;
+        self.done = false;
+    }
+
+    /// Whether the last batch reached the end of the map.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// The next batch of entries (empty at the end). Entries may be taken or put back between
+    /// batches: the walk goes on from the next bucket.
+    pub fn next_batch(&mut self, fd: BorrowedFd<'_>) -> io::Result<(&[K], &[V])> {
+        if self.done {
+            return Ok((&[], &[]));
+        }
+        loop {
+            let chunk = self.keys.len();
+            let mut in_pos = self.pos.unwrap_or(0);
+            let mut out_pos: u32 = 0;
+            let mut attr = BatchAttr {
+                // Hash maps take a u32 bucket index as the position.
+                in_batch: match self.pos {
+                    None => 0,
+                    Some(_) => &mut in_pos as *mut u32 as u64,
+                },
+                out_batch: &mut out_pos as *mut u32 as u64,
+                keys: self.keys.as_mut_ptr() as u64,
+                values: self.values.as_mut_ptr() as u64,
+                count: chunk as u32,
+                map_fd: fd.as_raw_fd() as u32,
+                ..BatchAttr::default()
+            };
+            let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let n = (attr.count as usize).min(chunk);
+            match r {
+                Ok(()) => self.pos = Some(out_pos),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.done = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                    // One bucket holds more entries than the buffer: a bigger buffer.
+                    self.keys.resize(chunk * 2, K::default());
+                    self.values.resize(chunk * 2, V::default());
+                    continue;
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Err(e);
+                }
+            }
+            return Ok((&self.keys[..n], &self.values[..n]));
+        }
+    }
+}
+
 /// Calls `f` on every entry of the hash map behind `fd`, in batches.
 pub fn walk<K: Pod + Default, V: Pod + Default>(
     fd: BorrowedFd<'_>,
     mut f: impl FnMut(&K, &V),
 ) -> io::Result<()> {
-    let mut chunk = CHUNK;
-    let mut keys = vec![K::default(); chunk];
-    let mut values = vec![V::default(); chunk];
-    // Hash maps take a u32 bucket index as the position.
-    let mut in_pos: u32 = 0;
-    let mut out_pos: u32 = 0;
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &mut in_pos as *mut u32 as u64
-            },
-            out_batch: &mut out_pos as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let n = (attr.count as usize).min(chunk);
-        let done = match r {
-            Ok(()) => false,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
-                // One bucket holds more entries than the buffer: a bigger buffer.
-                chunk *= 2;
-                keys.resize(chunk, K::default());
-                values.resize(chunk, V::default());
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        for (k, v) in keys.iter().zip(values.iter()).take(n) {
+    let mut w = Walk::<K, V>::default();
+    while !w.done() {
+        let (keys, values) = w.next_batch(fd)?;
+        for (k, v) in keys.iter().zip(values) {
             f(k, v);
         }
-        if done {
-            return Ok(());
-        }
-        in_pos = out_pos;
-        first = false;
     }
+    Ok(())
 }
 
 /// Removes the entry for `key` and returns it; `None` when there was none (someone else

@@ -14,7 +14,7 @@ use netrace_common::{
 };
 
 use super::batch;
-use crate::track::tracker::PendingMap;
+use crate::track::tracker::{PendingMap, ScanPos};
 
 /// The kernel programs, compiled from `netrace-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netrace"));
@@ -63,6 +63,8 @@ pub struct Pending {
     /// Errors of the last operations (reported once by the caller, never fatal: a failed
     /// walk only delays decisions to the next one).
     pub errors: u64,
+    walk_v4: batch::Walk<V4Key, PendingSlot>,
+    walk_v6: batch::Walk<V6Key, PendingSlot>,
 }
 
 impl Pending {
@@ -85,8 +87,40 @@ impl Pending {
 }
 
 impl PendingMap for Pending {
-    fn scan(&mut self, out: &mut Vec<(FlowKey, PendingSyn)>) {
-        self.walk_into(out);
+    fn scan_next(&mut self, pos: &mut ScanPos, out: &mut Vec<(FlowKey, PendingSyn)>) {
+        out.clear();
+        if pos.start() {
+            self.walk_v4.restart();
+            self.walk_v6.restart();
+        }
+        let r = if !self.walk_v4.done() {
+            self.walk_v4
+                .next_batch(self.v4.map().fd().as_fd())
+                .map(|(keys, values)| {
+                    out.extend(
+                        keys.iter()
+                            .zip(values)
+                            .map(|(k, v)| (FlowKey::from(*k), v.to_pending())),
+                    );
+                })
+        } else {
+            self.walk_v6
+                .next_batch(self.v6.map().fd().as_fd())
+                .map(|(keys, values)| {
+                    out.extend(
+                        keys.iter()
+                            .zip(values)
+                            .map(|(k, v)| (FlowKey::from(*k), v.to_pending())),
+                    );
+                })
+        };
+        if let Err(e) = r {
+            self.errors += 1;
+            log::debug!("walking the pending map: {e}");
+        }
+        if self.walk_v4.done() && self.walk_v6.done() {
+            pos.finish();
+        }
     }
 
     fn take(&mut self, key: &FlowKey) -> Option<PendingSyn> {
@@ -147,8 +181,9 @@ impl Books {
 /// `BPF_NOEXIST`: insert only if the key has no entry.
 const BPF_NOEXIST: u64 = 1;
 
-/// Capacity of the IPv6 pending map for a given `--max-pending`: a quarter (IPv6 entries are
-/// larger, and most nodes connect out over IPv4), at least 1024.
+/// Capacity of the IPv6 pending map for a given `--max-pending`: a quarter (most nodes connect
+/// out over IPv4; the IPv6 map is not preallocated, so only its buckets cost memory until
+/// used), at least 1024.
 pub fn max_pending_v6(max_pending: u32) -> u32 {
     (max_pending / 4).max(1024)
 }
@@ -182,6 +217,8 @@ pub fn load(
         v4: HashMap::try_from(take("PENDING_V4")?)?,
         v6: HashMap::try_from(take("PENDING_V6")?)?,
         errors: 0,
+        walk_v4: batch::Walk::default(),
+        walk_v6: batch::Walk::default(),
     };
     let books = Books {
         books: HashMap::try_from(take("BOOKS")?)?,

@@ -13,11 +13,36 @@ use netrace_common::{EventKind, FlowKey, PendingSyn, STATE_LOST, STATE_WAITING};
 
 use crate::kernel::events::Event;
 
+/// Where a walk of the pending map stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanPos {
+    started: bool,
+    done: bool,
+}
+
+impl ScanPos {
+    /// Whether this is the walk's first step (and marks it started).
+    pub fn start(&mut self) -> bool {
+        !std::mem::replace(&mut self.started, true)
+    }
+
+    /// The walk has seen every entry.
+    pub fn finish(&mut self) {
+        self.done = true;
+    }
+
+    pub fn done(&self) -> bool {
+        self.done
+    }
+}
+
 /// The kernel's pending map, as the tracker needs it (an in-memory one for `analyze`, unit
 /// tests and fuzzing).
 pub trait PendingMap {
-    /// Every entry, into `out` (cleared first).
-    fn scan(&mut self, out: &mut Vec<(FlowKey, PendingSyn)>);
+    /// The next entries of a walk at `pos` into `out` (cleared first), finishing `pos` with
+    /// the last ones. Entries may be taken or put back between steps. A walk goes in steps so
+    /// that user space never holds a copy of the whole map.
+    fn scan_next(&mut self, pos: &mut ScanPos, out: &mut Vec<(FlowKey, PendingSyn)>);
     /// Removes the entry for `key` and returns it: whoever takes an entry reports it.
     fn take(&mut self, key: &FlowKey) -> Option<PendingSyn>;
     /// Puts an entry back unless the key has one again (a new SYN wins); whether it went in.
@@ -29,9 +54,12 @@ pub trait PendingMap {
 pub struct MemoryMap(pub HashMap<FlowKey, PendingSyn>);
 
 impl PendingMap for MemoryMap {
-    fn scan(&mut self, out: &mut Vec<(FlowKey, PendingSyn)>) {
+    fn scan_next(&mut self, pos: &mut ScanPos, out: &mut Vec<(FlowKey, PendingSyn)>) {
         out.clear();
-        out.extend(self.0.iter().map(|(k, v)| (*k, *v)));
+        if pos.start() {
+            out.extend(self.0.iter().map(|(k, v)| (*k, *v)));
+        }
+        pos.finish();
     }
     fn take(&mut self, key: &FlowKey) -> Option<PendingSyn> {
         self.0.remove(key)
@@ -151,10 +179,11 @@ pub struct Tracker {
     lost_order: VecDeque<(u64, FlowKey)>,
     retry_horizon_ns: u64,
     max_lost_memory: usize,
-    /// Entries waiting for an answer at the last sweep.
+    /// Entries waiting for an answer at the last sweep, and their source ports (a bitmap).
     waiting: usize,
-    /// The last walk of the kernel map (kept to reuse its allocation).
-    scan: Vec<(FlowKey, PendingSyn)>,
+    waiting_ports: Vec<u64>,
+    /// One step of a walk of the kernel map (kept to reuse its allocation).
+    chunk: Vec<(FlowKey, PendingSyn)>,
     pub stats: TrackerStats,
 }
 
@@ -174,7 +203,8 @@ impl Tracker {
             retry_horizon_ns: 0,
             max_lost_memory: MAX_LOST_MEMORY,
             waiting: 0,
-            scan: Vec::new(),
+            waiting_ports: vec![0; 65536 / 64],
+            chunk: Vec::new(),
             stats: TrackerStats::default(),
         }
     }
@@ -245,10 +275,11 @@ impl Tracker {
 
     /// Source ports of the entries still waiting at the last sweep.
     pub fn waiting_ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.scan
-            .iter()
-            .filter(|(_, p)| p.state == STATE_WAITING)
-            .map(|(k, _)| k.src_port)
+        self.waiting_ports.iter().enumerate().flat_map(|(w, bits)| {
+            (0..64)
+                .filter(move |b| bits & (1u64 << b) != 0)
+                .map(move |b| (w * 64 + b) as u16)
+        })
     }
 
     /// Lost attempts held for their late window.
@@ -350,18 +381,10 @@ impl Tracker {
     /// remote address, port and ISN; returns the keys taken.
     fn pair_translated(
         &mut self,
+        index: &HashMap<IsnKey, FlowKey>,
         map: &mut impl PendingMap,
         out: &mut Vec<Outcome>,
-    ) -> HashSet<FlowKey> {
-        let mut taken = HashSet::new();
-        if self.unmatched.is_empty() {
-            return taken;
-        }
-        let index: HashMap<IsnKey, FlowKey> = self
-            .scan
-            .iter()
-            .map(|(k, p)| (isn_key(k, p.isn), *k))
-            .collect();
+    ) {
         for (answer_key, isn, ts) in std::mem::take(&mut self.unmatched) {
             if self.is_decided(&answer_key, isn) {
                 continue;
@@ -383,7 +406,6 @@ impl Tracker {
                 self.stats.unmatched_synacks += 1;
                 continue;
             }
-            taken.insert(syn_key);
             // A repeated SYN-ACK of this connection finds it decided.
             self.by_isn.insert(ik, syn_key);
             let was_lost = p.state == STATE_LOST || self.was_lost(&syn_key, isn);
@@ -404,7 +426,6 @@ impl Tracker {
                 ..Self::outcome(kind, syn_key, p)
             });
         }
-        taken
     }
 
     /// Forgets an attempt still waiting for its answer, without an outcome: it was not a
@@ -425,37 +446,63 @@ impl Tracker {
     /// Walks the kernel map: pairs translated answers, decides *lost* for entries older than
     /// the SYN timeout, and clears lost entries once their late window has passed.
     pub fn sweep(&mut self, now_ns: u64, map: &mut impl PendingMap, out: &mut Vec<Outcome>) {
-        let mut scan = std::mem::take(&mut self.scan);
-        map.scan(&mut scan);
-        self.scan = scan;
-        let taken = self.pair_translated(map, out);
+        // Entries that may be the SYNs of answers that came back to another 4-tuple: left for
+        // the pairing after the walk.
+        let wanted: HashSet<IsnKey> = self
+            .unmatched
+            .iter()
+            .map(|(k, isn, _)| isn_key(k, *isn))
+            .collect();
+        let mut candidates: HashMap<IsnKey, FlowKey> = HashMap::new();
+        let prune = self.by_isn.len() > 2 * (self.waiting + self.decided.len()) + 64;
+        let mut live: HashSet<IsnKey> = HashSet::new();
         let mut waiting = 0;
-        let scan = std::mem::take(&mut self.scan);
-        for (key, seen) in &scan {
-            if taken.contains(key) {
-                continue;
-            }
-            let age = now_ns.saturating_sub(seen.first_ns);
-            match seen.state {
-                STATE_WAITING if age < self.syn_timeout_ns => waiting += 1,
-                STATE_WAITING => self.decide_lost(*key, seen, map, out),
-                STATE_LOST if age >= self.late_window_ns => {
-                    let Some(p) = map.take(key) else {
-                        continue; // Answered a moment ago: its late event is on its way.
-                    };
-                    if p.isn != seen.isn || p.state != STATE_LOST {
-                        self.stats.sweep_races += 1;
-                        map.put_back(key, &p);
-                        continue;
-                    }
-                    self.lost.remove(key);
-                    self.retire_lost(*key, p, now_ns);
+        self.waiting_ports.fill(0);
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let mut pos = ScanPos::default();
+        while !pos.done() {
+            map.scan_next(&mut pos, &mut chunk);
+            for (key, seen) in &chunk {
+                let ik = isn_key(key, seen.isn);
+                if prune {
+                    live.insert(ik);
                 }
-                _ => {}
+                if wanted.contains(&ik) {
+                    candidates.insert(ik, *key);
+                    continue;
+                }
+                let age = now_ns.saturating_sub(seen.first_ns);
+                match seen.state {
+                    STATE_WAITING if age < self.syn_timeout_ns => {
+                        waiting += 1;
+                        if let Some(w) = self.waiting_ports.get_mut(usize::from(key.src_port) / 64)
+                        {
+                            *w |= 1 << (key.src_port % 64);
+                        }
+                    }
+                    STATE_WAITING => self.decide_lost(*key, seen, map, out),
+                    STATE_LOST if age >= self.late_window_ns => {
+                        let Some(p) = map.take(key) else {
+                            continue; // Answered a moment ago: its late event is on its way.
+                        };
+                        if p.isn != seen.isn || p.state != STATE_LOST {
+                            self.stats.sweep_races += 1;
+                            map.put_back(key, &p);
+                            continue;
+                        }
+                        self.lost.remove(key);
+                        self.retire_lost(*key, p, now_ns);
+                    }
+                    _ => {}
+                }
             }
         }
-        self.scan = scan;
+        chunk.clear();
+        self.chunk = chunk;
         self.waiting = waiting;
+        if !self.unmatched.is_empty() {
+            self.pair_translated(&candidates, map, out);
+        }
         // Lost attempts whose kernel entry went another way (a new ISN took the 4-tuple).
         let late = self.late_window_ns;
         let gone: Vec<(FlowKey, PendingSyn)> = self
@@ -486,8 +533,7 @@ impl Tracker {
                 self.decided.remove(&key);
             }
         }
-        if self.by_isn.len() > 2 * (self.scan.len() + self.decided.len()) + 64 {
-            let live: HashSet<IsnKey> = self.scan.iter().map(|(k, p)| isn_key(k, p.isn)).collect();
+        if prune {
             let decided = &self.decided;
             self.by_isn.retain(|ik, key| {
                 live.contains(ik) || decided.get(key).is_some_and(|(isn, _)| *isn == ik.3)
@@ -710,8 +756,8 @@ mod tests {
     }
 
     impl PendingMap for RacyMap<'_> {
-        fn scan(&mut self, out: &mut Vec<(FlowKey, PendingSyn)>) {
-            self.lab_map.scan(out);
+        fn scan_next(&mut self, pos: &mut ScanPos, out: &mut Vec<(FlowKey, PendingSyn)>) {
+            self.lab_map.scan_next(pos, out);
         }
         fn take(&mut self, key: &FlowKey) -> Option<PendingSyn> {
             match self.race.take() {

@@ -45,6 +45,11 @@ impl Bpf {
     }
 
     pub fn load_with_filter(filter: KernelFilter) -> Self {
+        Self::load_sized(filter, MAX_PENDING)
+    }
+
+    /// With `max_pending` entries in the IPv4 pending map (a quarter in the IPv6 one).
+    pub fn load_sized(filter: KernelFilter, max_pending: u32) -> Self {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let euid = unsafe { libc::geteuid() };
         let hint = if euid == 0 {
@@ -55,7 +60,7 @@ impl Bpf {
                  CAP_PERFMON, to load programs and use BPF_PROG_TEST_RUN)"
             )
         };
-        let (ebpf, maps) = loader::load(MAX_PENDING, RINGBUF_BYTES, filter)
+        let (ebpf, maps) = loader::load(max_pending, RINGBUF_BYTES, filter)
             .unwrap_or_else(|e| panic!("cannot load netrace's kernel object{hint}: {e:#}"));
         let attachments = Attachments::new(ebpf)
             .unwrap_or_else(|e| panic!("cannot load netrace's kernel programs{hint}: {e:#}"));
