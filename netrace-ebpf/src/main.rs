@@ -284,7 +284,7 @@ impl EventSink for KernelSink {
         // The books hold no ISN: a 4-tuple with a booked answer is taken as that connection's
         // SYN-ACK repeated (the server did not get the ACK), as the tracker recognises repeats
         // of answers it was sent.
-        if let Some(book) = BOOKS.get_ptr(&BookKey::of(key, self.ifindex)) {
+        if let Some(book) = BOOKS.get_ptr(BookKey::of(key, self.ifindex)) {
             // SAFETY: a valid map value; a racy read of a counter only decides between two
             // counted outcomes.
             if unsafe { (*book).answered[BookKey::cell(key.src_port)] } > 0 {
