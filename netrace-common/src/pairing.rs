@@ -23,7 +23,8 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Insert {
     Inserted,
-    /// Another CPU inserted the same key a moment ago (it reported it).
+    /// The key has an entry (a retransmission, another ISN on the same 4-tuple, or another
+    /// CPU's insert a moment ago).
     Exists,
     /// The map is full.
     Full,
@@ -196,21 +197,46 @@ pub fn on_syn<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
     };
     let mut fresh = PendingSyn::first(now, isn, sink.ifindex());
     fresh.data_len = data_len;
-    let touched = table.modify(key, |entry| {
-        let old = *entry;
-        if old.isn == isn {
-            entry.syns = old.syns.saturating_add(1);
-            entry.last_ns = now;
-            // A retransmitted Fast Open SYN usually carries no data; the first one's length
-            // stays acceptable.
-            if data_len > old.data_len {
-                entry.data_len = data_len;
+    // Most SYNs are new: insert first (one lookup), look at the entry only when there is one.
+    // Twice at most: the entry may go (answered, or taken by user space) between the two.
+    let mut tries = 0;
+    let touched = loop {
+        tries += 1;
+        match table.insert_new(key, &fresh) {
+            Insert::Inserted => {
+                if sink.sends_syns() {
+                    sink.emit(EventKind::Syn, key, &fresh, now, 0, 0);
+                }
+                return;
             }
-            return Touched::Retransmit;
+            Insert::Full => {
+                sink.count(Counter::PendingMapFull);
+                sink.note(Note::PendingMapFull {
+                    src_port: key.src_port,
+                });
+                return;
+            }
+            Insert::Exists => {}
         }
-        *entry = fresh;
-        Touched::Replaced(old)
-    });
+        let touched = table.modify(key, |entry| {
+            let old = *entry;
+            if old.isn == isn {
+                entry.syns = old.syns.saturating_add(1);
+                entry.last_ns = now;
+                // A retransmitted Fast Open SYN usually carries no data; the first one's length
+                // stays acceptable.
+                if data_len > old.data_len {
+                    entry.data_len = data_len;
+                }
+                return Touched::Retransmit;
+            }
+            *entry = fresh;
+            Touched::Replaced(old)
+        });
+        if touched.is_some() || tries == 2 {
+            break touched;
+        }
+    };
     match touched {
         Some(Touched::Retransmit) => sink.count(Counter::SynRetransmit),
         Some(Touched::Replaced(old)) => {
@@ -223,20 +249,9 @@ pub fn on_syn<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
                 sink.emit(EventKind::Syn, key, &fresh, now, 0, 0);
             }
         }
-        None => match table.insert_new(key, &fresh) {
-            Insert::Inserted => {
-                if sink.sends_syns() {
-                    sink.emit(EventKind::Syn, key, &fresh, now, 0, 0);
-                }
-            }
-            Insert::Exists => {}
-            Insert::Full => {
-                sink.count(Counter::PendingMapFull);
-                sink.note(Note::PendingMapFull {
-                    src_port: key.src_port,
-                });
-            }
-        },
+        // Gone twice between the insert and the look: a retransmission of an attempt being
+        // decided at that moment (counted as a SYN).
+        None => {}
     }
 }
 
