@@ -213,6 +213,50 @@ impl From<V6Key> for FlowKey {
     }
 }
 
+/// What the sweep's iterators report: entries waiting whose first SYN is before
+/// `waiting_before_ns` (past the SYN timeout), and lost entries before `lost_before_ns` (past
+/// the late window). Written by user space before each pass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ExpireCutoffs {
+    pub waiting_before_ns: u64,
+    pub lost_before_ns: u64,
+}
+
+/// An IPv4 entry due, as the iterator writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ExpiredV4 {
+    pub key: V4Key,
+    pub _pad: [u8; 4],
+    pub slot: PendingSlot,
+}
+
+/// An IPv6 entry due, as the iterator writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ExpiredV6 {
+    pub key: V6Key,
+    pub _pad: [u8; 4],
+    pub slot: PendingSlot,
+}
+
+/// The last record of an iterator pass: how many entries that are not due the map holds,
+/// waiting and lost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ExpireSummary {
+    /// [`ExpireSummary::MAGIC`], so that a reader that lost its place notices.
+    pub magic: u32,
+    pub _pad: u32,
+    pub waiting: u64,
+    pub lost: u64,
+}
+
+impl ExpireSummary {
+    pub const MAGIC: u32 = 0x6e72_6578;
+}
+
 /// Source ports per answer book: a book counts the answered attempts of one interface and
 /// destination for `BOOK_PORTS` consecutive source ports.
 pub const BOOK_PORTS: usize = 256;
@@ -555,6 +599,8 @@ mod pod {
     unsafe impl aya::Pod for super::BookKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AnswerBook {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ExpireCutoffs {}
 }
 
 #[cfg(test)]
@@ -578,6 +624,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<SkbOffsets>(), 16);
         assert_eq!(core::mem::size_of::<XmitIface>(), 8);
         assert_eq!(core::mem::size_of::<PendingSlot>(), 24);
+        assert_eq!(core::mem::size_of::<ExpiredV4>(), 12 + 4 + 24);
+        assert_eq!(core::mem::size_of::<ExpiredV6>(), 36 + 4 + 24);
+        assert_eq!(core::mem::size_of::<ExpireSummary>(), 24);
+        assert_eq!(core::mem::size_of::<ExpireCutoffs>(), 16);
         assert_eq!(core::mem::size_of::<V4Key>(), 12);
         assert_eq!(core::mem::size_of::<V6Key>(), 36);
         assert_eq!(core::mem::size_of::<BookKey>(), 28);

@@ -16,6 +16,7 @@ mod parse;
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
+mod expire;
 mod sock;
 mod xmit;
 
@@ -63,6 +64,14 @@ static BOOKS: HashMap<BookKey, AnswerBook> =
 /// One zeroed book, the value a new book is created from (1 KiB does not fit the stack).
 #[map]
 static ZERO_BOOK: Array<AnswerBook> = Array::with_max_entries(1, 0);
+
+/// What the sweep's iterators report as due, written by user space before each pass.
+#[map]
+static EXPIRE_CUTOFFS: Array<netrace_common::ExpireCutoffs> = Array::with_max_entries(1, 0);
+
+/// The iterators' count of waiting and lost entries during a pass.
+#[map]
+static EXPIRE_TALLY: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 /// Booked answers by connect round trip (`netrace_common::RTT_BOUNDS_US`).
 #[map]

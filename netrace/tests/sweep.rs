@@ -43,9 +43,20 @@ fn events(bpf: &mut Bpf, t: &mut Tracker, out: &mut Vec<netrace::track::tracker:
 
 /// More entries than one batch of the walk holds (4096), in both maps: every unanswered one is
 /// reported lost exactly once, every answered one is not, and the lost ones stay in the kernel
-/// marked lost, so that an answer now is late; after the late window the maps are empty.
+/// marked lost, so that an answer now is late; after the late window the maps are empty. The
+/// due entries found by the kernel's iterators (as `watch` does where they load), or by
+/// walking the whole map in batches (the fallback).
+#[test]
+fn the_sweep_finds_due_entries_and_takes_what_it_reports() {
+    sweep_case(true);
+}
+
 #[test]
 fn the_sweep_walks_both_maps_in_batches_and_takes_what_it_reports() {
+    sweep_case(false);
+}
+
+fn sweep_case(iterators: bool) {
     let mut bpf = Bpf::load_sized(KernelFilter::default(), 1 << 14);
     let mut tuples: Vec<(SocketAddr, SocketAddr)> = (1024..7024).map(v4).collect();
     tuples.extend((1024..1524).map(v6));
@@ -64,6 +75,13 @@ fn the_sweep_walks_both_maps_in_batches_and_takes_what_it_reports() {
         .filter(|(i, _)| i % 3 != 0)
         .map(|(_, (f, t))| key(*f, *t))
         .collect();
+    assert!(
+        bpf.maps.pending.expiry.is_some(),
+        "the sweep's iterators load on this kernel"
+    );
+    if !iterators {
+        bpf.maps.pending.expiry = None;
+    }
     let now = monotonic_ns();
     let mut t = Tracker::new(S, 60 * S);
     let mut out = Vec::new();

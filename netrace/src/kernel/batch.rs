@@ -1,18 +1,23 @@
-//! The bpf(2) map commands aya 0.14 does not wrap: a batched walk of a hash map
-//! (`BPF_MAP_LOOKUP_BATCH`, one system call per thousands of entries instead of two per entry)
-//! and take-an-entry (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, atomic against the kernel programs:
-//! whoever removes an entry reports it).
+//! The bpf(2) commands aya 0.14 does not wrap: a batched walk of a hash map
+//! (`BPF_MAP_LOOKUP_BATCH`, one system call per thousands of entries instead of two per entry),
+//! take-an-entry (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, atomic against the kernel programs:
+//! whoever removes an entry reports it), and a map-element iterator linked to a map and run
+//! (`BPF_LINK_CREATE` with the map in its link info, `BPF_ITER_CREATE`).
 
 use std::{
-    io,
+    io::{self, Read as _},
     mem::size_of,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
 use aya::Pod;
 
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ITER_CREATE: libc::c_long = 33;
+/// `BPF_TRACE_ITER`, the attach type of iterator links.
+const BPF_TRACE_ITER: u32 = 28;
 
 /// Entries asked for per batch call; a bucket with more than this many entries makes the
 /// kernel answer ENOSPC and the walk doubles it.
@@ -42,6 +47,83 @@ struct ElemAttr {
     key: u64,
     value: u64,
     flags: u64,
+}
+
+/// `union bpf_attr` for `BPF_LINK_CREATE` of an iterator.
+#[repr(C)]
+#[derive(Default)]
+struct IterLinkAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    iter_info: u64,
+    iter_info_len: u32,
+    _pad: u32,
+}
+
+/// `union bpf_iter_link_info`, its `map` member set.
+#[repr(C)]
+#[derive(Default)]
+struct IterLinkInfo {
+    map_fd: u32,
+    _rest: [u32; 3],
+}
+
+/// `union bpf_attr` for `BPF_ITER_CREATE`.
+#[repr(C)]
+#[derive(Default)]
+struct IterCreateAttr {
+    link_fd: u32,
+    flags: u32,
+}
+
+/// Links the iterator program `prog` (loaded for `bpf_map_elem`) to the map `map`.
+pub fn link_map_iter(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut info = IterLinkInfo {
+        map_fd: map.as_raw_fd() as u32,
+        ..IterLinkInfo::default()
+    };
+    let mut attr = IterLinkAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_TRACE_ITER,
+        iter_info: &mut info as *mut IterLinkInfo as u64,
+        iter_info_len: size_of::<IterLinkInfo>() as u32,
+        ..IterLinkAttr::default()
+    };
+    let fd = bpf_fd(BPF_LINK_CREATE, &mut attr)?;
+    Ok(fd)
+}
+
+/// Runs the iterator behind `link` once: its whole output, into `out` (cleared first).
+pub fn run_iter(link: BorrowedFd<'_>, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut attr = IterCreateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        ..IterCreateAttr::default()
+    };
+    let fd = bpf_fd(BPF_ITER_CREATE, &mut attr)?;
+    out.clear();
+    std::fs::File::from(fd).read_to_end(out)?;
+    Ok(())
+}
+
+/// A bpf(2) command that returns a new file descriptor.
+fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    // SAFETY: as in `bpf`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw = i32::try_from(r).map_err(|_| io::Error::other("bpf(2) returned no descriptor"))?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {

@@ -1,16 +1,20 @@
 //! Loads the embedded kernel object, sizes its maps, sets the filter, and hands out the maps.
 
-use std::os::fd::AsFd as _;
+use std::{
+    mem::size_of,
+    os::fd::{AsFd as _, BorrowedFd},
+};
 
 use anyhow::{anyhow, Context as _};
-use aya::maps::IterableMap as _;
+use aya::{maps::IterableMap as _, programs::Iter};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
 use netrace_common::{
-    AnswerBook, BookKey, Counter, FlowKey, KernelFilter, PendingSlot, PendingSyn, SkbOffsets,
-    TpOffsets, V4Key, V6Key, XmitIface, FAMILY_V4, RTT_SLOTS,
+    AnswerBook, BookKey, Counter, ExpireCutoffs, ExpireSummary, ExpiredV4, ExpiredV6, FlowKey,
+    KernelFilter, PendingSlot, PendingSyn, SkbOffsets, TpOffsets, V4Key, V6Key, XmitIface,
+    FAMILY_V4, RTT_SLOTS,
 };
 
 use super::batch;
@@ -33,6 +37,9 @@ pub const SOCK_STATE_PROGRAM: &str = "netrace_sock_state";
 pub const XMIT_PROGRAM: &str = "netrace_xmit";
 /// The raw tracepoint the device hook attaches to.
 pub const XMIT_TRACEPOINT: &str = "net_dev_start_xmit";
+/// The sweep's iterators over the pending maps.
+pub const EXPIRE_V4_PROGRAM: &str = "netrace_expire_v4";
+pub const EXPIRE_V6_PROGRAM: &str = "netrace_expire_v6";
 /// An empty classifier in the same object, the baseline for benchmarks.
 pub const NOOP_PROGRAM: &str = "netrace_noop";
 
@@ -65,6 +72,97 @@ pub struct Pending {
     pub errors: u64,
     walk_v4: batch::Walk<V4Key, PendingSlot>,
     walk_v6: batch::Walk<V6Key, PendingSlot>,
+    /// The kernel's finder of due entries; `None` where iterators cannot load (the sweep
+    /// walks the whole map instead).
+    pub expiry: Option<Expiry>,
+}
+
+/// The sweep's iterators (`netrace_expire_v4`, `netrace_expire_v6`), linked to the pending
+/// maps, and the cutoffs they read.
+pub struct Expiry {
+    links: [std::os::fd::OwnedFd; 2],
+    cutoffs: Array<MapData, ExpireCutoffs>,
+    buf: Vec<u8>,
+}
+
+impl Expiry {
+    /// Loads the iterators and links them to the maps. Needs the kernel's BTF.
+    fn new(ebpf: &mut Ebpf, v4: BorrowedFd<'_>, v6: BorrowedFd<'_>) -> anyhow::Result<Self> {
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let mut link = |name: &str, map: BorrowedFd<'_>| -> anyhow::Result<std::os::fd::OwnedFd> {
+            let prog: &mut Iter = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?
+                .try_into()?;
+            prog.load("bpf_map_elem", &btf)
+                .with_context(|| format!("the kernel refused program {name}"))?;
+            let fd = prog.fd()?;
+            batch::link_map_iter(fd.as_fd(), map).with_context(|| format!("linking {name}"))
+        };
+        let links = [link(EXPIRE_V4_PROGRAM, v4)?, link(EXPIRE_V6_PROGRAM, v6)?];
+        let cutoffs = Array::try_from(
+            ebpf.take_map("EXPIRE_CUTOFFS")
+                .ok_or_else(|| anyhow!("the kernel object has no map EXPIRE_CUTOFFS"))?,
+        )?;
+        Ok(Self {
+            links,
+            cutoffs,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Runs both iterators: the due entries into `out`, and the number of entries waiting and
+    /// lost.
+    fn due(
+        &mut self,
+        cut: ExpireCutoffs,
+        out: &mut Vec<(FlowKey, PendingSyn)>,
+    ) -> anyhow::Result<(u64, u64)> {
+        self.cutoffs.set(0, cut, 0)?;
+        out.clear();
+        let (mut waiting, mut lost) = (0, 0);
+        for (i, link) in self.links.iter().enumerate() {
+            batch::run_iter(link.as_fd(), &mut self.buf)?;
+            let summary = if i == 0 {
+                decode_due::<ExpiredV4>(&self.buf, out, |r| (FlowKey::from(r.key), r.slot))?
+            } else {
+                decode_due::<ExpiredV6>(&self.buf, out, |r| (FlowKey::from(r.key), r.slot))?
+            };
+            waiting += summary.waiting;
+            lost += summary.lost;
+        }
+        Ok((waiting, lost))
+    }
+}
+
+/// An iterator's output: records of type `R`, then one [`ExpireSummary`].
+fn decode_due<R: Copy>(
+    buf: &[u8],
+    out: &mut Vec<(FlowKey, PendingSyn)>,
+    entry: impl Fn(&R) -> (FlowKey, PendingSlot),
+) -> anyhow::Result<ExpireSummary> {
+    let tail = size_of::<ExpireSummary>();
+    let size = size_of::<R>();
+    let body = buf
+        .len()
+        .checked_sub(tail)
+        .filter(|n| n % size == 0)
+        .ok_or_else(|| anyhow!("the sweep's iterator wrote {} bytes", buf.len()))?;
+    out.reserve(body / size);
+    for rec in buf[..body].chunks_exact(size) {
+        // SAFETY: `rec` holds exactly size_of::<R>() bytes written by the iterator from a value
+        // of type R, a plain #[repr(C)] type of integers and byte arrays; read unaligned.
+        let r: R = unsafe { std::ptr::read_unaligned(rec.as_ptr().cast::<R>()) };
+        let (key, slot) = entry(&r);
+        out.push((key, slot.to_pending()));
+    }
+    // SAFETY: the last `tail` bytes are an ExpireSummary, as above.
+    let s: ExpireSummary =
+        unsafe { std::ptr::read_unaligned(buf[body..].as_ptr().cast::<ExpireSummary>()) };
+    if s.magic != ExpireSummary::MAGIC {
+        anyhow::bail!("the sweep's iterator output does not end with its summary");
+    }
+    Ok(s)
 }
 
 impl Pending {
@@ -87,6 +185,24 @@ impl Pending {
 }
 
 impl PendingMap for Pending {
+    fn due(
+        &mut self,
+        cut: ExpireCutoffs,
+        out: &mut Vec<(FlowKey, PendingSyn)>,
+    ) -> Option<(u64, u64)> {
+        let expiry = self.expiry.as_mut()?;
+        match expiry.due(cut, out) {
+            Ok(counts) => Some(counts),
+            Err(e) => {
+                // Walk the whole map from now on.
+                log::debug!("the sweep's iterators failed, walking the map instead: {e:#}");
+                self.errors += 1;
+                self.expiry = None;
+                None
+            }
+        }
+    }
+
     fn scan_next(&mut self, pos: &mut ScanPos, out: &mut Vec<(FlowKey, PendingSyn)>) {
         out.clear();
         if pos.start() {
@@ -219,7 +335,9 @@ pub fn load(
         errors: 0,
         walk_v4: batch::Walk::default(),
         walk_v6: batch::Walk::default(),
+        expiry: None,
     };
+
     let books = Books {
         books: HashMap::try_from(take("BOOKS")?)?,
         rtt: Array::try_from(take("RTT")?)?,
@@ -233,6 +351,15 @@ pub fn load(
     let tp_offsets = Array::try_from(take("TP_OFFSETS")?)?;
     let skb_offsets = Array::try_from(take("SKB_OFFSETS")?)?;
     let xmit_ifaces = HashMap::try_from(take("XMIT_IFACES")?)?;
+    let mut pending = pending;
+    match Expiry::new(
+        &mut ebpf,
+        pending.v4.map().fd().as_fd(),
+        pending.v6.map().fd().as_fd(),
+    ) {
+        Ok(e) => pending.expiry = Some(e),
+        Err(e) => log::debug!("the sweep walks the whole pending map: {e:#}"),
+    }
     let kernel_log = if kernel_log == 0 {
         None
     } else {

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use netrace_common::{EventKind, FlowKey, PendingSyn, STATE_LOST, STATE_WAITING};
+use netrace_common::{EventKind, ExpireCutoffs, FlowKey, PendingSyn, STATE_LOST, STATE_WAITING};
 
 use crate::kernel::events::Event;
 
@@ -43,6 +43,17 @@ pub trait PendingMap {
     /// the last ones. Entries may be taken or put back between steps. A walk goes in steps so
     /// that user space never holds a copy of the whole map.
     fn scan_next(&mut self, pos: &mut ScanPos, out: &mut Vec<(FlowKey, PendingSyn)>);
+    /// Only the entries due (waiting with a first SYN before `cut.waiting_before_ns`, lost
+    /// before `cut.lost_before_ns`), found where the map is, into `out` (cleared first); and
+    /// how many of the others wait and how many are held lost. `None` when the map cannot
+    /// (then the tracker walks it).
+    fn due(
+        &mut self,
+        _cut: ExpireCutoffs,
+        _out: &mut Vec<(FlowKey, PendingSyn)>,
+    ) -> Option<(u64, u64)> {
+        None
+    }
     /// Removes the entry for `key` and returns it: whoever takes an entry reports it.
     fn take(&mut self, key: &FlowKey) -> Option<PendingSyn>;
     /// Puts an entry back unless the key has one again (a new SYN wins); whether it went in.
@@ -54,6 +65,28 @@ pub trait PendingMap {
 pub struct MemoryMap(pub HashMap<FlowKey, PendingSyn>);
 
 impl PendingMap for MemoryMap {
+    fn due(
+        &mut self,
+        cut: ExpireCutoffs,
+        out: &mut Vec<(FlowKey, PendingSyn)>,
+    ) -> Option<(u64, u64)> {
+        out.clear();
+        let (mut waiting, mut lost) = (0, 0);
+        for (k, p) in &self.0 {
+            let (due, count) = match p.state {
+                STATE_WAITING => (p.first_ns < cut.waiting_before_ns, &mut waiting),
+                STATE_LOST => (p.first_ns < cut.lost_before_ns, &mut lost),
+                _ => continue,
+            };
+            if due {
+                out.push((*k, *p));
+            } else {
+                *count += 1;
+            }
+        }
+        Some((waiting, lost))
+    }
+
     fn scan_next(&mut self, pos: &mut ScanPos, out: &mut Vec<(FlowKey, PendingSyn)>) {
         out.clear();
         if pos.start() {
@@ -446,6 +479,18 @@ impl Tracker {
     /// Walks the kernel map: pairs translated answers, decides *lost* for entries older than
     /// the SYN timeout, and clears lost entries once their late window has passed.
     pub fn sweep(&mut self, now_ns: u64, map: &mut impl PendingMap, out: &mut Vec<Outcome>) {
+        self.sweep_with(now_ns, map, out, false);
+    }
+
+    /// The sweep; `full` walks the whole map even where the map finds the due entries itself
+    /// (for the ports of the entries still waiting, at the end).
+    fn sweep_with(
+        &mut self,
+        now_ns: u64,
+        map: &mut impl PendingMap,
+        out: &mut Vec<Outcome>,
+        full: bool,
+    ) {
         // Entries that may be the SYNs of answers that came back to another 4-tuple: left for
         // the pairing after the walk.
         let wanted: HashSet<IsnKey> = self
@@ -459,7 +504,28 @@ impl Tracker {
         let mut waiting = 0;
         self.waiting_ports.fill(0);
         let mut chunk = std::mem::take(&mut self.chunk);
+        // The common case: the map finds the due entries itself; nothing else is read.
+        let cut = ExpireCutoffs {
+            waiting_before_ns: now_ns.saturating_sub(self.syn_timeout_ns).saturating_add(1),
+            lost_before_ns: now_ns.saturating_sub(self.late_window_ns).saturating_add(1),
+        };
+        let found = if full || prune || !wanted.is_empty() {
+            None
+        } else {
+            map.due(cut, &mut chunk)
+        };
+        if let Some((w, _)) = found {
+            waiting = usize::try_from(w).unwrap_or(usize::MAX);
+            let due = std::mem::take(&mut chunk);
+            for (key, seen) in &due {
+                self.visit(key, seen, now_ns, map, out);
+            }
+            chunk = due;
+        }
         let mut pos = ScanPos::default();
+        if found.is_some() {
+            pos.finish();
+        }
         while !pos.done() {
             map.scan_next(&mut pos, &mut chunk);
             for (key, seen) in &chunk {
@@ -471,29 +537,11 @@ impl Tracker {
                     candidates.insert(ik, *key);
                     continue;
                 }
-                let age = now_ns.saturating_sub(seen.first_ns);
-                match seen.state {
-                    STATE_WAITING if age < self.syn_timeout_ns => {
-                        waiting += 1;
-                        if let Some(w) = self.waiting_ports.get_mut(usize::from(key.src_port) / 64)
-                        {
-                            *w |= 1 << (key.src_port % 64);
-                        }
+                if self.visit(key, seen, now_ns, map, out) {
+                    waiting += 1;
+                    if let Some(w) = self.waiting_ports.get_mut(usize::from(key.src_port) / 64) {
+                        *w |= 1 << (key.src_port % 64);
                     }
-                    STATE_WAITING => self.decide_lost(*key, seen, map, out),
-                    STATE_LOST if age >= self.late_window_ns => {
-                        let Some(p) = map.take(key) else {
-                            continue; // Answered a moment ago: its late event is on its way.
-                        };
-                        if p.isn != seen.isn || p.state != STATE_LOST {
-                            self.stats.sweep_races += 1;
-                            map.put_back(key, &p);
-                            continue;
-                        }
-                        self.lost.remove(key);
-                        self.retire_lost(*key, p, now_ns);
-                    }
-                    _ => {}
                 }
             }
         }
@@ -539,6 +587,36 @@ impl Tracker {
                 live.contains(ik) || decided.get(key).is_some_and(|(isn, _)| *isn == ik.3)
             });
         }
+    }
+
+    /// One entry of the map: decides it if due; whether it is still waiting (young).
+    fn visit(
+        &mut self,
+        key: &FlowKey,
+        seen: &PendingSyn,
+        now_ns: u64,
+        map: &mut impl PendingMap,
+        out: &mut Vec<Outcome>,
+    ) -> bool {
+        let age = now_ns.saturating_sub(seen.first_ns);
+        match seen.state {
+            STATE_WAITING if age < self.syn_timeout_ns => return true,
+            STATE_WAITING => self.decide_lost(*key, seen, map, out),
+            STATE_LOST if age >= self.late_window_ns => {
+                let Some(p) = map.take(key) else {
+                    return false; // Answered a moment ago: its late event is on its way.
+                };
+                if p.isn != seen.isn || p.state != STATE_LOST {
+                    self.stats.sweep_races += 1;
+                    map.put_back(key, &p);
+                    return false;
+                }
+                self.lost.remove(key);
+                self.retire_lost(*key, p, now_ns);
+            }
+            _ => {}
+        }
+        false
     }
 
     /// An entry older than the SYN timeout: take it (unless an answer took it first), report
@@ -592,7 +670,7 @@ impl Tracker {
         map: &mut impl PendingMap,
         out: &mut Vec<Outcome>,
     ) -> u64 {
-        self.sweep(now_ns, map, out);
+        self.sweep_with(now_ns, map, out, true);
         self.pending() as u64
     }
 }
