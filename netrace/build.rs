@@ -23,6 +23,16 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("netrace-ebpf's manifest has no parent directory"))?;
+    // The kernel crate's rules and types live in netrace-common too: a change there must
+    // rebuild the object (aya-build only watches the kernel crate's own directory).
+    let common = metadata
+        .packages
+        .iter()
+        .find(|p| p.name.as_str() == "netrace-common")
+        .ok_or_else(|| anyhow!("netrace-common is not in the workspace"))?;
+    if let Some(dir) = common.manifest_path.parent() {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     let package = aya_build::Package {
         name: ebpf.name.as_str(),
         root_dir: root_dir.as_str(),

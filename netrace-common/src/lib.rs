@@ -87,12 +87,13 @@ impl PendingSyn {
     /// The compact form the kernel's pending maps store.
     #[inline(always)]
     pub fn to_slot(&self) -> PendingSlot {
-        let after = self.last_ns.saturating_sub(self.first_ns) / 1000;
+        // In units of 1024 ns: a shift, where a division would cost the kernel programs.
+        let after = self.last_ns.saturating_sub(self.first_ns) >> LAST_SHIFT;
         PendingSlot {
             first_ns: self.first_ns,
             isn: self.isn,
             ifindex: self.ifindex,
-            last_us: if after > u32::MAX as u64 {
+            last_after: if after > u32::MAX as u64 {
                 u32::MAX
             } else {
                 after as u32
@@ -108,6 +109,9 @@ impl PendingSyn {
     }
 }
 
+/// [`PendingSlot::last_after`]'s unit: 2^10 ns.
+const LAST_SHIFT: u32 = 10;
+
 /// A pending entry as the kernel's maps store it: 24 bytes instead of [`PendingSyn`]'s 32, so
 /// that a million pending SYNs fit in about 100 MiB of preallocated map.
 #[repr(C)]
@@ -116,8 +120,8 @@ pub struct PendingSlot {
     pub first_ns: u64,
     pub isn: u32,
     pub ifindex: u32,
-    /// Microseconds from the first SYN to the latest (saturating: 71 minutes).
-    pub last_us: u32,
+    /// From the first SYN to the latest, in units of 1024 ns (saturating: 73 minutes).
+    pub last_after: u32,
     pub data_len: u16,
     /// SYNs sent with this ISN (saturating at 255).
     pub syns: u8,
@@ -130,7 +134,7 @@ impl PendingSlot {
     pub fn to_pending(&self) -> PendingSyn {
         PendingSyn {
             first_ns: self.first_ns,
-            last_ns: self.first_ns + self.last_us as u64 * 1000,
+            last_ns: self.first_ns + ((self.last_after as u64) << LAST_SHIFT),
             isn: self.isn,
             syns: self.syns as u32,
             ifindex: self.ifindex,
@@ -329,10 +333,10 @@ pub const RTT_SLOTS: u32 = RTT_BOUNDS_US.len() as u32 + 1;
 /// The slot of [`RTT_BOUNDS_US`] a round trip of `ns` falls into.
 #[inline(always)]
 pub fn rtt_slot(ns: u64) -> u32 {
-    let us = ns / 1000;
     let mut i = 0;
     while i < RTT_BOUNDS_US.len() {
-        if us <= RTT_BOUNDS_US[i] {
+        // `ns / 1000 <= bound`, without a division in the kernel programs.
+        if ns < (RTT_BOUNDS_US[i] + 1) * 1000 {
             return i as u32;
         }
         i += 1;
@@ -637,7 +641,7 @@ mod tests {
     #[test]
     fn slots_and_keys_round_trip() {
         let mut p = PendingSyn::first(5_000_000_000, 77, 3);
-        p.last_ns = p.first_ns + 3_000_123_000;
+        p.last_ns = p.first_ns + 3_000_123 * 1024;
         p.syns = 3;
         p.data_len = 100;
         p.state = STATE_LOST;

@@ -102,12 +102,17 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<u8> {
         )
     });
     lines.push(if Path::new("/sys/kernel/btf/vmlinux").exists() {
-        line(Mark::Ok, "BTF", "present (not required)")
+        line(
+            Mark::Ok,
+            "BTF",
+            "present: the sweep's map iterators find due SYNs in the kernel",
+        )
     } else {
         line(
             Mark::Ok,
             "BTF",
-            "absent (not required: no CO-RE relocations)",
+            "absent (not required: the sweep walks the pending map in batches instead of \
+             running map iterators)",
         )
     });
     lines.push(if at_least(5, 8) {
