@@ -3,12 +3,15 @@
 //!
 //! 1. Per-packet cost of the egress and ingress programs against the empty classifier in the
 //!    same object (`BPF_PROG_TEST_RUN`).
-//! 2. Throughput of a bulk TCP stream between two namespaces: no tracer, netrace watching,
-//!    tcpdump capturing the same SYN selection.
-//! 3. Connection rate, the same three ways.
-//! 4. Memory at 10 k, 100 k and 1 M pending SYNs, and the time to sweep them.
-//! 5. No silent loss: where a small ring buffer starts dropping, and that every drop is
-//!    counted.
+//! 2. Throughput of a bulk TCP stream between two namespaces: no tracer, netrace's empty
+//!    classifier (the floor), netrace watching in its default mode, netrace with
+//!    per-connection output, tcpdump capturing the same SYN selection, round by round.
+//! 3. Connection rate, the same five ways; and netrace's own CPU at a paced 10 k
+//!    connections/s.
+//! 4. Memory at 10 k, 100 k and 1 M pending SYNs, the time to find the expired ones and to
+//!    decide them lost, and the old map layout against the new one.
+//! 5. No silent loss: every new SYN is booked, sent, counted as dropped, still pending or
+//!    counted as not tracked, in every run.
 //! 6. `netrace analyze`: packets per second from a capture, against tshark with a SYN filter.
 //!
 //! 1, 4 and 5 run in the bench probe (`probe/main.rs`, an example of this package that links
@@ -29,17 +32,22 @@ use std::{path::Path, process::Command, time::Instant};
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 
-use tracer::{Mode, Tracer};
+use tracer::{Bins, Mode, Tracer};
 
-/// How long and how often; `--quick` keeps the whole run under a minute.
+/// How long and how often; `--quick` keeps the whole run short.
 struct Plan {
     quick: bool,
     /// Seconds per traffic run.
     secs: f64,
-    /// Rounds of (none, netrace, tcpdump) per traffic figure.
+    /// Rounds of every [`Mode`] per traffic figure.
     rounds: usize,
     scale_levels: &'static [u32],
+    /// Seconds of the paced run netrace's CPU is measured over.
+    cpu_secs: f64,
 }
+
+/// The paced connection rate netrace's CPU is measured at (issue 16: <= 1 % of one core).
+pub const CPU_RATE: f64 = 10_000.0;
 
 impl Plan {
     fn new(quick: bool) -> Self {
@@ -49,6 +57,7 @@ impl Plan {
                 secs: 2.0,
                 rounds: 1,
                 scale_levels: &[10_000, 100_000, 1_000_000],
+                cpu_secs: 3.0,
             }
         } else {
             Self {
@@ -56,6 +65,7 @@ impl Plan {
                 secs: 5.0,
                 rounds: 9,
                 scale_levels: &[10_000, 100_000, 1_000_000],
+                cpu_secs: 10.0,
             }
         }
     }
@@ -81,8 +91,11 @@ pub fn run(debug_bin: &Path, quick: bool) -> anyhow::Result<()> {
             "bench_probe",
         ]),
     )?;
-    let netrace = root.join("target/release/netrace");
-    let probe = root.join("target/release/examples/bench_probe");
+    let bins = Bins {
+        netrace: root.join("target/release/netrace"),
+        probe: root.join("target/release/examples/bench_probe"),
+    };
+    let (netrace, probe) = (&bins.netrace, &bins.probe);
     eprintln!(
         "bench: measuring {} (not the debug build {})",
         netrace.display(),
@@ -97,21 +110,21 @@ pub fn run(debug_bin: &Path, quick: bool) -> anyhow::Result<()> {
     super::step("2 and 3. throughput and connection rate (network namespaces)");
     let scratch = root.join("target/netrace-bench/tmp");
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-    let traffic = traffic(&netrace, &plan, &scratch)?;
+    let traffic = traffic(&bins, &plan, &scratch)?;
     super::step("1. per-packet cost (BPF_PROG_TEST_RUN)");
-    let per_packet = probe_json(&probe, &[&["per-packet"], q].concat())?;
+    let per_packet = probe_json(probe, &[&["per-packet"], q].concat())?;
     super::step("1b. per-packet cost of the device hook (kernel run-time statistics)");
-    let xmit = probe_json(&probe, &[&["xmit"], q].concat())?;
+    let xmit = probe_json(probe, &[&["xmit"], q].concat())?;
     super::step("4. scale: pending SYNs, memory, sweep");
     let mut scale = Vec::new();
     for n in plan.scale_levels {
         eprintln!("bench: {n} pending SYNs");
-        scale.push(probe_json(&probe, &["scale", &n.to_string()])?);
+        scale.push(probe_json(probe, &["scale", &n.to_string()])?);
     }
     super::step("5. no silent loss");
-    let loss = probe_json(&probe, &[&["loss"], q].concat())?;
+    let loss = probe_json(probe, &[&["loss"], q].concat())?;
     super::step("6. analyze: packets per second from a capture, against tshark");
-    let analyze = analyze::run(&netrace, &scratch, quick)?;
+    let analyze = analyze::run(netrace, &scratch, quick)?;
 
     let load_after = doc::loadavg();
     let results = json!({
@@ -212,8 +225,9 @@ fn series_json(s: &Series, none: &Series) -> Value {
     })
 }
 
-/// Throughput and connection rate, rounds alternating none, netrace, tcpdump.
-fn traffic(netrace: &Path, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
+/// Throughput and connection rate, rounds alternating every [`Mode`]; then netrace's CPU at
+/// a paced [`CPU_RATE`].
+fn traffic(bins: &Bins, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
     let net = net::BenchNet::new()?;
     eprintln!(
         "bench: namespaces {} and {}, veth {} <-> {}",
@@ -221,17 +235,18 @@ fn traffic(netrace: &Path, plan: &Plan, scratch: &Path) -> anyhow::Result<Value>
     );
     // Warm-up: neighbours resolved, code paths and caches warm; not recorded.
     traffic::stream(&net, 0.5)?;
-    traffic::connections(&net, 0.5)?;
+    traffic::connections(&net, 0.5, None)?;
 
-    let mut stream: [Series; 3] = Default::default();
+    const N: usize = Mode::ALL.len();
+    let mut stream: [Series; N] = Default::default();
     for round in 0..plan.rounds {
         for (i, mode) in Mode::ALL.into_iter().enumerate() {
-            let t = Tracer::start(mode, &net, netrace, scratch)?;
+            let t = Tracer::start(mode, &net, bins, scratch)?;
             let bps = traffic::stream(&net, plan.secs);
             let seen = t.stop()?;
             let bps = bps?;
             eprintln!(
-                "bench: stream round {}/{} {:<8} {:.2} Gbit/s",
+                "bench: stream round {}/{} {:<14} {:.2} Gbit/s",
                 round + 1,
                 plan.rounds,
                 mode.name(),
@@ -240,20 +255,21 @@ fn traffic(netrace: &Path, plan: &Plan, scratch: &Path) -> anyhow::Result<Value>
             stream[i].values.push(bps);
             stream[i].extra.push(json!({
                 "seen": seen.count, "matched": seen.matched, "dropped": seen.dropped,
+                "lost": seen.lost,
                 "tracer_rss_bytes": seen.rss_bytes, "tracer_cpu_s": seen.cpu_s,
                 "load1_after": doc::load1(),
             }));
         }
     }
-    let mut conns: [Series; 3] = Default::default();
+    let mut conns: [Series; N] = Default::default();
     for round in 0..plan.rounds {
         for (i, mode) in Mode::ALL.into_iter().enumerate() {
-            let t = Tracer::start(mode, &net, netrace, scratch)?;
-            let c = traffic::connections(&net, plan.secs);
+            let t = Tracer::start(mode, &net, bins, scratch)?;
+            let c = traffic::connections(&net, plan.secs, None);
             let seen = t.stop()?;
             let c = c?;
             eprintln!(
-                "bench: connections round {}/{} {:<8} {} ({} connections, {} errors, {} slower \
+                "bench: connections round {}/{} {:<14} {} ({} connections, {} errors, {} slower \
                  than 100 ms; tracer saw {})",
                 round + 1,
                 plan.rounds,
@@ -269,13 +285,15 @@ fn traffic(netrace: &Path, plan: &Plan, scratch: &Path) -> anyhow::Result<Value>
                 "connections": c.connections, "errors": c.errors, "accepted": c.accepted,
                 "slow_connects": c.slow,
                 "seen": seen.count, "matched": seen.matched, "dropped": seen.dropped,
+                "lost": seen.lost,
                 "tracer_rss_bytes": seen.rss_bytes, "tracer_cpu_s": seen.cpu_s,
                 "load1_after": doc::load1(),
             }));
         }
     }
+    let cpu = cpu_at_rate(&net, bins, plan, scratch)?;
     drop(net);
-    let by_mode = |s: &[Series; 3]| -> Value {
+    let by_mode = |s: &[Series; N]| -> Value {
         Mode::ALL
             .iter()
             .zip(s.iter())
@@ -287,8 +305,61 @@ fn traffic(netrace: &Path, plan: &Plan, scratch: &Path) -> anyhow::Result<Value>
         "seconds": plan.secs,
         "rounds": plan.rounds,
         "quick": plan.quick,
+        "modes": Mode::ALL.iter().map(|m| m.name()).collect::<Vec<_>>(),
         "tcpdump_filter": tracer::TCPDUMP_FILTER,
         "stream": by_mode(&stream),
         "connections": by_mode(&conns),
+        "cpu": cpu,
+    }))
+}
+
+/// netrace watching in its default mode while the client connects at a paced [`CPU_RATE`]:
+/// its CPU time (user + system, from /proc) over the wall-clock time it ran, and whether its
+/// report has every connection answered and nothing lost or dropped.
+fn cpu_at_rate(
+    net: &net::BenchNet,
+    bins: &Bins,
+    plan: &Plan,
+    scratch: &Path,
+) -> anyhow::Result<Value> {
+    let t = Tracer::start(Mode::Netrace, net, bins, scratch)?;
+    let c = traffic::connections(net, plan.cpu_secs, Some(CPU_RATE));
+    let seen = t.stop()?;
+    let c = c?;
+    let percent = if seen.wall_s > 0.0 {
+        seen.cpu_s / seen.wall_s * 100.0
+    } else {
+        f64::NAN
+    };
+    let all_answered =
+        seen.count == c.connections && c.errors == 0 && seen.lost == 0 && seen.dropped == 0;
+    eprintln!(
+        "bench: netrace at a paced {}: {:.2} % of one core ({:.3} s CPU over {:.2} s), {} \
+         connections, netrace saw {} answered, {} lost, {} dropped",
+        report::rate(CPU_RATE),
+        percent,
+        seen.cpu_s,
+        seen.wall_s,
+        c.connections,
+        seen.count,
+        seen.lost,
+        seen.dropped
+    );
+    Ok(json!({
+        "target_rate": CPU_RATE,
+        "achieved_rate": c.per_second,
+        "seconds": plan.cpu_secs,
+        "connections": c.connections,
+        "errors": c.errors,
+        "slow_connects": c.slow,
+        "answered": seen.count,
+        "lost": seen.lost,
+        "dropped": seen.dropped,
+        "syn_seen": seen.matched,
+        "tracer_cpu_s": seen.cpu_s,
+        "tracer_wall_s": seen.wall_s,
+        "tracer_rss_bytes": seen.rss_bytes,
+        "cpu_percent_of_one_core": percent,
+        "all_answered_nothing_lost": all_answered,
     }))
 }

@@ -1,5 +1,8 @@
-//! What watches the client's interface during a traffic run: nothing, the real `netrace watch`
-//! binary, or `tcpdump` writing the same SYN / SYN-ACK selection to a file. Each runs inside
+//! What watches the client's interface during a traffic run: nothing; netrace's empty
+//! classifier on egress and ingress (the floor any tc program pays, held by the bench probe);
+//! the real `netrace watch` binary in its default mode (the kernel keeps the books, only lost
+//! and failed connections are sent one by one) or with per-connection output (`--events
+//! all`); or `tcpdump` writing the same SYN / SYN-ACK selection to a file. Each runs inside
 //! the client namespace (`ip netns exec`, which execs the tool in place, so the child's pid is
 //! the tool's), is started before the traffic and stopped with SIGINT after it.
 
@@ -21,17 +24,38 @@ use super::net::BenchNet;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     None,
+    /// netrace's empty classifier on egress and ingress.
+    Empty,
+    /// `netrace watch --output json --events lost`: the kernel keeps the books.
     Netrace,
+    /// `netrace watch --output json --events all`: an event per answered connection.
+    NetraceEvents,
     Tcpdump,
 }
 
-impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::None, Mode::Netrace, Mode::Tcpdump];
+/// The programs a run may start.
+pub struct Bins {
+    pub netrace: PathBuf,
+    /// The bench probe, which holds the empty classifier (`hold-noop`).
+    pub probe: PathBuf,
+}
 
+impl Mode {
+    pub const ALL: [Mode; 5] = [
+        Mode::None,
+        Mode::Empty,
+        Mode::Netrace,
+        Mode::NetraceEvents,
+        Mode::Tcpdump,
+    ];
+
+    /// The key in the results (JSON) and the label in the progress lines.
     pub fn name(self) -> &'static str {
         match self {
             Mode::None => "none",
+            Mode::Empty => "empty",
             Mode::Netrace => "netrace",
+            Mode::NetraceEvents => "netrace_events",
             Mode::Tcpdump => "tcpdump",
         }
     }
@@ -55,13 +79,18 @@ pub struct Seen {
     pub rss_bytes: u64,
     /// CPU time (user + system) the tracer process used between ready and stop, in seconds.
     pub cpu_s: f64,
+    /// Wall-clock time between ready and stop, in seconds.
+    pub wall_s: f64,
+    /// netrace: connections it reported lost (lost or abandoned).
+    pub lost: u64,
 }
 
 pub struct Tracer {
     mode: Mode,
     child: Option<Child>,
-    /// CPU seconds the tracer had used when it became ready.
+    /// CPU seconds the tracer had used when it became ready, and when that was.
     cpu_at_ready: f64,
+    ready_at: Instant,
     stdout: PathBuf,
     stderr: Option<JoinHandle<String>>,
     files: Vec<PathBuf>,
@@ -101,13 +130,14 @@ fn rss_of(pid: u32) -> u64 {
 
 impl Tracer {
     /// Starts `mode` on the client's interface and waits until it is ready.
-    pub fn start(mode: Mode, net: &BenchNet, netrace: &Path, dir: &Path) -> anyhow::Result<Self> {
+    pub fn start(mode: Mode, net: &BenchNet, bins: &Bins, dir: &Path) -> anyhow::Result<Self> {
         let tag = format!("{}-{}", mode.name(), net.client_if);
         let stdout = dir.join(format!("{tag}.out"));
         let mut t = Tracer {
             mode,
             child: None,
             cpu_at_ready: 0.0,
+            ready_at: Instant::now(),
             stdout: stdout.clone(),
             stderr: None,
             files: vec![stdout.clone()],
@@ -117,11 +147,28 @@ impl Tracer {
         let ready = dir.join(format!("{tag}.ready"));
         match mode {
             Mode::None => return Ok(t),
-            Mode::Netrace => {
+            Mode::Empty => {
                 let _ = std::fs::remove_file(&ready);
                 t.files.push(ready.clone());
-                cmd.arg(netrace)
-                    .args(["watch", "--iface", &net.client_if, "--output", "json"]);
+                cmd.arg(&bins.probe)
+                    .args(["hold-noop", &net.client_if])
+                    .arg(&ready);
+            }
+            Mode::Netrace | Mode::NetraceEvents => {
+                let _ = std::fs::remove_file(&ready);
+                t.files.push(ready.clone());
+                // `--output json` alone sends every answered connection (`--events all`);
+                // `--events lost` is the always-on mode: answers counted in the kernel.
+                let events = if mode == Mode::Netrace { "lost" } else { "all" };
+                cmd.arg(&bins.netrace).args([
+                    "watch",
+                    "--iface",
+                    &net.client_if,
+                    "--output",
+                    "json",
+                    "--events",
+                    events,
+                ]);
                 cmd.arg("--ready-file").arg(&ready);
             }
             Mode::Tcpdump => {
@@ -160,11 +207,12 @@ impl Tracer {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let is_ready = match mode {
-                Mode::Netrace => ready.exists(),
-                _ => rx.try_recv().is_ok(),
+                Mode::Tcpdump => rx.try_recv().is_ok(),
+                _ => ready.exists(),
             };
             if is_ready {
                 t.cpu_at_ready = t.child.as_ref().map_or(0.0, |c| cpu_of(c.id()));
+                t.ready_at = Instant::now();
                 return Ok(t);
             }
             if let Some(c) = t.child.as_mut() {
@@ -195,6 +243,7 @@ impl Tracer {
         };
         let rss = rss_of(child.id());
         let cpu = cpu_of(child.id()) - self.cpu_at_ready;
+        let wall = self.ready_at.elapsed().as_secs_f64();
         let pid = i32::try_from(child.id()).map_err(|_| anyhow!("pid out of range"))?;
         // SAFETY: kill has no memory-safety preconditions; the pid is our own child, not yet
         // reaped, so it cannot have been reused.
@@ -219,11 +268,13 @@ impl Tracer {
         let stdout = std::fs::read_to_string(&self.stdout).unwrap_or_default();
         let mut seen = match self.mode {
             Mode::None => Seen::default(),
-            Mode::Netrace => netrace_seen(&stdout, &stderr, status)?,
+            Mode::Empty => floor_seen(&stdout, &stderr, status)?,
+            Mode::Netrace | Mode::NetraceEvents => netrace_seen(&stdout, &stderr, status)?,
             Mode::Tcpdump => tcpdump_seen(&stderr)?,
         };
         seen.rss_bytes = rss;
         seen.cpu_s = cpu;
+        seen.wall_s = wall;
         Ok(seen)
     }
 }
@@ -248,8 +299,27 @@ fn netrace_seen(
         count: at("/totals/answered"),
         dropped: at("/drops/events_lost") + at("/drops/pending_map_full"),
         matched: at("/counters/syn_seen"),
+        lost: at("/totals/lost") + at("/totals/abandoned"),
         ..Seen::default()
     })
+}
+
+/// The empty classifier's holder: detached both on SIGINT.
+fn floor_seen(
+    stdout: &str,
+    stderr: &str,
+    status: std::process::ExitStatus,
+) -> anyhow::Result<Seen> {
+    let v: Value = serde_json::from_str(stdout.trim()).map_err(|_| {
+        anyhow!(
+            "the empty classifier's holder exited {status} without a report: {}",
+            stderr.trim()
+        )
+    })?;
+    if !status.success() || v.get("detached").and_then(Value::as_u64) != Some(2) {
+        bail!("the empty classifier was not detached cleanly ({status}): {v}");
+    }
+    Ok(Seen::default())
 }
 
 /// `N packets captured` and `N packets dropped by kernel` from tcpdump's exit report.

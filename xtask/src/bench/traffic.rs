@@ -182,8 +182,9 @@ fn abort_on_close(s: &TcpStream) -> anyhow::Result<()> {
 }
 
 /// Short TCP connections (connect, then close with a RST) from several client threads for
-/// `secs`; one server thread accepts and closes.
-pub fn connections(net: &BenchNet, secs: f64) -> anyhow::Result<ConnRate> {
+/// `secs`, as fast as they go or, with `rate`, paced at that many per second in all (each
+/// thread its share, on a fixed schedule); one server thread accepts and closes.
+pub fn connections(net: &BenchNet, secs: f64, rate: Option<f64>) -> anyhow::Result<ConnRate> {
     let stop = Arc::new(AtomicBool::new(false));
     let stop_srv = Arc::clone(&stop);
     let server = listen(net, "nrb-conn-srv", CONN_PORT, move |l| {
@@ -219,7 +220,18 @@ pub fn connections(net: &BenchNet, secs: f64) -> anyhow::Result<ConnRate> {
                 let addr = SocketAddr::from((SERVER_ADDR, CONN_PORT));
                 let mut done = 0u64;
                 let mut slow = 0u64;
+                let mut started = 0u64;
+                let interval = rate.map(|r| CONN_CLIENT_THREADS as f64 / r);
                 while start.elapsed() < dur {
+                    if let Some(interval) = interval {
+                        let due = Duration::from_secs_f64(started as f64 * interval);
+                        let now = start.elapsed();
+                        if due > now {
+                            std::thread::sleep(due - now);
+                            continue;
+                        }
+                    }
+                    started += 1;
                     let t0 = Instant::now();
                     match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
                         Ok(s) => {

@@ -154,6 +154,12 @@ pub fn set_synack_flow(frame: &mut [u8], i: u32) {
     frame[V4_DPORT..V4_DPORT + 2].copy_from_slice(&port.to_be_bytes());
 }
 
+/// Sets the server port of a SYN made by [`syn4`] and of a SYN-ACK made by [`synack4`].
+pub fn set_server_port(syn: &mut [u8], synack: &mut [u8], port: u16) {
+    syn[V4_DPORT..V4_DPORT + 2].copy_from_slice(&port.to_be_bytes());
+    synack[V4_SPORT..V4_SPORT + 2].copy_from_slice(&port.to_be_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,8 @@ use netrace::{
     kernel::attach::Attachments,
     kernel::events::Event,
     kernel::loader::{self, Maps, NOOP_PROGRAM},
-    track::tracker::{Outcome, Tracker},
 };
-use netrace_common::{Counter, KernelFilter};
+use netrace_common::{Counter, EventKind, KernelFilter};
 
 pub use netrace::kernel::loader::{EGRESS_PROGRAM as EGRESS, INGRESS_PROGRAM as INGRESS};
 pub const NOOP: &str = NOOP_PROGRAM;
@@ -22,13 +21,26 @@ const TC_ACT_UNSPEC: u32 = u32::MAX;
 pub struct Kernel {
     pub att: Attachments,
     pub maps: Maps,
+    /// What the kernel sends one by one (the filter's `send`).
+    pub send: u32,
 }
 
 impl Kernel {
-    /// `loader::load` with these sizes and no filter; the empty classifier is loaded from the
-    /// same object before the object goes to [`Attachments`], which loads egress and ingress.
+    /// `loader::load` with these sizes and the default filter (`send` = 0: the kernel keeps
+    /// answered attempts in its books and sends no SYN events, `netrace watch`'s default
+    /// mode); the empty classifier is loaded from the same object before the object goes to
+    /// [`Attachments`], which loads egress and ingress.
     pub fn load(max_pending: u32, ringbuf_bytes: u32) -> anyhow::Result<Self> {
-        let (mut ebpf, maps) = loader::load(max_pending, ringbuf_bytes, KernelFilter::default())?;
+        Self::load_with(max_pending, ringbuf_bytes, KernelFilter::default())
+    }
+
+    /// As [`Kernel::load`], with `filter` (its `send` flags choose the per-connection events).
+    pub fn load_with(
+        max_pending: u32,
+        ringbuf_bytes: u32,
+        filter: KernelFilter,
+    ) -> anyhow::Result<Self> {
+        let (mut ebpf, maps) = loader::load(max_pending, ringbuf_bytes, filter)?;
         let noop: &mut SchedClassifier = ebpf
             .program_mut(NOOP)
             .ok_or_else(|| anyhow!("the kernel object has no program {NOOP}"))?
@@ -36,12 +48,31 @@ impl Kernel {
         noop.load()
             .with_context(|| format!("the kernel refused program {NOOP}"))?;
         let att = Attachments::new(ebpf)?;
-        Ok(Self { att, maps })
+        Ok(Self {
+            att,
+            maps,
+            send: filter.send,
+        })
     }
 
     /// Runs `prog` on `frame` `repeat` times in the kernel.
     pub fn run(&mut self, prog: &str, frame: &[u8], repeat: u32) -> anyhow::Result<TestRunResult> {
         test_run(&mut self.att, prog, frame, repeat)
+    }
+
+    /// Sets what the kernel sends one by one ([`netrace_common::SEND_SYNS`],
+    /// [`netrace_common::SEND_ANSWERS`]; 0: books only), as the filter map `watch` sets.
+    pub fn set_send(&mut self, send: u32) -> anyhow::Result<()> {
+        let filter = KernelFilter {
+            send,
+            ..KernelFilter::default()
+        };
+        self.maps
+            .filter
+            .set(0, filter, 0)
+            .context("setting the kernel filter")?;
+        self.send = send;
+        Ok(())
     }
 
     /// A kernel counter, summed over CPUs.
@@ -59,19 +90,37 @@ impl Kernel {
         n
     }
 
-    /// Empties the ring buffer into `tracker`, as `netrace watch` does; returns the records.
-    pub fn drain_into(
-        &mut self,
-        tracker: &mut Tracker,
-        outcomes: &mut Vec<Outcome>,
-    ) -> anyhow::Result<u64> {
-        let mut n = 0;
+    /// Empties the ring buffer into `kinds`, counting records by kind.
+    pub fn drain_kinds(&mut self, kinds: &mut Kinds) {
         while let Some(item) = self.maps.events.next() {
-            let ev = Event::try_from(&*item).map_err(|e| anyhow!("undecodable event: {e}"))?;
-            tracker.on_event(&ev, outcomes);
-            n += 1;
+            kinds.add(&item);
         }
-        Ok(n)
+    }
+}
+
+/// Ring-buffer records by kind.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Kinds {
+    pub syn: u64,
+    pub answered: u64,
+    pub unmatched: u64,
+    pub other: u64,
+    pub undecodable: u64,
+}
+
+impl Kinds {
+    pub fn add(&mut self, record: &[u8]) {
+        match Event::try_from(record).map(|e| e.kind) {
+            Ok(EventKind::Syn) => self.syn += 1,
+            Ok(EventKind::Answered) => self.answered += 1,
+            Ok(EventKind::UnmatchedSynAck) => self.unmatched += 1,
+            Ok(_) => self.other += 1,
+            Err(_) => self.undecodable += 1,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.syn + self.answered + self.unmatched + self.other + self.undecodable
     }
 }
 
@@ -116,8 +165,7 @@ fn fdinfo_fields(text: &str) -> BTreeMap<&str, &str> {
 }
 
 /// Every BPF map this process holds (by map id, so a map with two descriptors counts once),
-/// with the kernel's own figure for its memory (`memlock:` in fdinfo). netrace's maps are told
-/// apart by type and size.
+/// with the kernel's own figure for its memory (`memlock:` in fdinfo) and its name.
 pub fn maps_memory() -> anyhow::Result<Vec<MapMem>> {
     let mut by_id = BTreeMap::new();
     let dir = std::fs::read_dir("/proc/self/fdinfo").context("reading /proc/self/fdinfo")?;
@@ -131,15 +179,28 @@ pub fn maps_memory() -> anyhow::Result<Vec<MapMem>> {
             continue;
         };
         let num = |k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let max_entries = num("max_entries");
-        let name = match (*ty, max_entries) {
-            ("1", _) => "PENDING (hash)".to_string(),
-            ("27", _) => "EVENTS (ring buffer)".to_string(),
-            ("6", _) => "COUNTERS (per-CPU array)".to_string(),
-            ("2", 65536) => "SYN_PORTS (array)".to_string(),
-            ("2", 1) if num("value_size") == 24 => "FILTER (array)".to_string(),
-            (t, _) => format!("map type {t}"),
+        let num_hex = |k: &str| {
+            f.get(k)
+                .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+                .unwrap_or(0)
         };
+        let max_entries = num("max_entries");
+        // The kernel's name for the map (its first 15 bytes), else its type.
+        let name = id
+            .parse::<u32>()
+            .ok()
+            .and_then(|id| aya::maps::MapInfo::from_id(id).ok())
+            .and_then(|i| i.name_as_str().map(str::to_string))
+            .filter(|n| !n.is_empty());
+        let kind = match *ty {
+            "1" if num_hex("map_flags") & 1 == 0 => "hash, preallocated",
+            "1" => "hash",
+            "2" => "array",
+            "6" => "per-CPU array",
+            "27" => "ring buffer",
+            _ => "other",
+        };
+        let name = format!("{} ({kind})", name.as_deref().unwrap_or("?"));
         by_id.insert(
             id.to_string(),
             MapMem {

@@ -4,8 +4,10 @@
 //! `cargo xtask` itself installs: xtask proper must build without it.
 //!
 //! `bench_probe per-packet|loss|xmit [--quick]`, `bench_probe scale N`: one JSON object on standard
-//! output; progress and errors on standard error. Needs root.
+//! output; progress and errors on standard error. `bench_probe hold-noop IFACE READY_FILE`:
+//! the empty classifier on the interface until SIGINT (the traffic figures' floor). Needs root.
 
+mod floor;
 mod frames;
 mod kernel;
 mod loss;
@@ -32,7 +34,14 @@ fn run() -> anyhow::Result<serde_json::Value> {
                 .ok_or_else(|| anyhow!("usage: bench_probe scale N"))?;
             scale::run(n)
         }
-        _ => bail!("usage: bench_probe per-packet|loss|xmit [--quick] | scale N"),
+        Some("hold-noop") => match (args.get(1), args.get(2)) {
+            (Some(iface), Some(ready)) => floor::run(iface, std::path::Path::new(ready)),
+            _ => bail!("usage: bench_probe hold-noop IFACE READY_FILE"),
+        },
+        _ => bail!(
+            "usage: bench_probe per-packet|loss|xmit [--quick] | scale N | hold-noop IFACE \
+             READY_FILE"
+        ),
     }
 }
 

@@ -7,13 +7,15 @@
 //!   whole nanoseconds, too coarse for a 5 ns baseline; it is kept as a cross-check). A SYN
 //!   repeated hits the same 4-tuple: after the first run it is the retransmission path.
 //! - *single*: a new 4-tuple per call (`repeat = 1`), to measure the paths a repeated frame
-//!   cannot: a new SYN (map insert + event) and the SYN-ACK that matches it (map delete +
-//!   event), alternating per flow. The kernel times a single run including its timer
-//!   (two clock reads), so the empty classifier is timed the same way alongside.
+//!   cannot: a new SYN (map insert, no event) and the SYN-ACK that matches it (map delete,
+//!   answer counted in its book), alternating per flow, as `netrace watch` runs by default;
+//!   then the same with an event for each (`SEND_SYNS | SEND_ANSWERS`, per-connection
+//!   output). The kernel times a single run including its timer (two clock reads), so the
+//!   empty classifier is timed the same way alongside.
 
 use std::time::Instant;
 
-use netrace_common::Counter;
+use netrace_common::{Counter, SEND_ANSWERS, SEND_SYNS};
 use serde_json::{json, Value};
 
 use crate::{
@@ -53,7 +55,10 @@ fn cases() -> Vec<Case> {
             name: "SYN-ACK (IPv4)",
             frame: frames::tcp4(SERVER4, CLIENT4, (SERVER_PORT, 40001), 7, 8, SYN | ACK, 0),
             egress: IGNORED,
-            ingress: ("no pending entry: lookup miss", true),
+            ingress: (
+                "no pending entry: lookup miss + unmatched-answer event",
+                true,
+            ),
         },
         Case {
             name: "ACK + 1448 B data (IPv4)",
@@ -138,30 +143,31 @@ pub fn run(quick: bool) -> anyhow::Result<Value> {
             })
         })
         .collect();
-    let single = single_flows(&mut k, single_calls)?;
+    // Flows far away from the repeated frames' ports and addresses, and apart per mode.
+    let single = single_flows(&mut k, single_calls, 0, 10_000_000)?;
+    let single_events = single_flows(&mut k, single_calls, SEND_SYNS | SEND_ANSWERS, 20_000_000)?;
     Ok(json!({
         "rounds": rounds,
         "repeat": repeat,
         "packets": packets,
         "single": single,
+        "single_events": single_events,
     }))
 }
 
 /// New SYN and matched SYN-ACK, one new flow per call, alternating, with the empty classifier
-/// timed the same way on the same SYN.
-fn single_flows(k: &mut Kernel, calls: u32) -> anyhow::Result<Value> {
+/// timed the same way on the same SYN. `send` is what the kernel sends one by one: 0 is
+/// `netrace watch`'s default (no SYN event, the answer counted in its book), `SEND_SYNS |
+/// SEND_ANSWERS` an event for each (per-connection output, attribution). `base` keeps the
+/// flows of successive calls apart.
+fn single_flows(k: &mut Kernel, calls: u32, send: u32, base: u32) -> anyhow::Result<Value> {
+    k.set_send(send)?;
     let mut syn = frames::syn4(0);
     let mut synack = frames::synack4(0);
     let (mut noop, mut egress, mut ingress) = (Vec::new(), Vec::new(), Vec::new());
     k.drain();
-    let seen0 = k.counter(Counter::SynSeen);
-    let retrans0 = k.counter(Counter::SynRetransmit);
-    let matched0 = k.counter(Counter::SynAckMatched);
-    let ring0 = k.counter(Counter::RingbufFull);
-    let full0 = k.counter(Counter::PendingMapFull);
+    let c0: Vec<u64> = COUNTED.iter().map(|c| k.counter(*c)).collect();
     let mut events = 0;
-    // Flows far away from the repeated frames' ports and addresses.
-    let base = 10_000_000u32;
     for i in 0..calls {
         frames::set_syn_flow(&mut syn, base + i);
         frames::set_synack_flow(&mut synack, base + i);
@@ -173,26 +179,40 @@ fn single_flows(k: &mut Kernel, calls: u32) -> anyhow::Result<Value> {
         }
     }
     events += k.drain();
-    let new_syns =
-        k.counter(Counter::SynSeen) - seen0 - (k.counter(Counter::SynRetransmit) - retrans0);
-    let matched = k.counter(Counter::SynAckMatched) - matched0;
-    let ring_drops = k.counter(Counter::RingbufFull) - ring0;
-    let map_full = k.counter(Counter::PendingMapFull) - full0;
-    let ok = new_syns == u64::from(calls)
-        && matched == u64::from(calls)
-        && events == 2 * u64::from(calls)
+    let d: Vec<u64> = COUNTED
+        .iter()
+        .zip(&c0)
+        .map(|(c, before)| k.counter(*c) - before)
+        .collect();
+    let [seen, retrans, matched, booked, books_full, ring_drops, map_full] = d[..] else {
+        anyhow::bail!("counter list changed");
+    };
+    let new_syns = seen - retrans;
+    let n = u64::from(calls);
+    let events_mode = send != 0;
+    // Books mode: every answer in its book, no event at all. Events mode: an event per SYN
+    // and per answer, nothing booked.
+    let (want_events, want_booked) = if events_mode { (2 * n, 0) } else { (0, n) };
+    let ok = new_syns == n
+        && matched == n
+        && booked == want_booked
+        && books_full == 0
+        && events == want_events
         && ring_drops == 0
         && map_full == 0;
     if !ok {
         anyhow::bail!(
-            "the single-run paths were not what they claim: {calls} flows, {new_syns} new SYNs, \
-             {matched} SYN-ACKs matched, {events} events, {ring_drops} ring drops, {map_full} \
+            "the single-run paths were not what they claim (send = {send}): {calls} flows, \
+             {new_syns} new SYNs, {matched} SYN-ACKs matched, {booked} answers booked, \
+             {books_full} books full, {events} events, {ring_drops} ring drops, {map_full} \
              map-full"
         );
     }
-    let left = k.maps.pending.v4.keys().count() + k.maps.pending.v6.keys().count();
+    let mut left = Vec::new();
+    k.maps.pending.walk_into(&mut left);
     Ok(json!({
         "calls": calls,
+        "send": send,
         "noop_ns": round(trimmed_mean(&noop), 2),
         "new_syn_ns": round(trimmed_mean(&egress), 2),
         "matched_synack_ns": round(trimmed_mean(&ingress), 2),
@@ -200,9 +220,20 @@ fn single_flows(k: &mut Kernel, calls: u32) -> anyhow::Result<Value> {
         "new_syn_median_ns": median(&egress),
         "matched_synack_median_ns": median(&ingress),
         "checks": {
-            "new_syns": new_syns, "synacks_matched": matched, "events": events,
-            "ringbuf_full": ring_drops, "pending_map_full": map_full,
-            "pending_entries_left": left,
+            "new_syns": new_syns, "synacks_matched": matched, "answered_booked": booked,
+            "books_full": books_full, "events": events, "ringbuf_full": ring_drops,
+            "pending_map_full": map_full, "pending_entries_left": left.len(),
         },
     }))
 }
+
+/// The counters [`single_flows`] checks, in the order it reads them.
+const COUNTED: [Counter; 7] = [
+    Counter::SynSeen,
+    Counter::SynRetransmit,
+    Counter::SynAckMatched,
+    Counter::AnsweredBooked,
+    Counter::BooksFull,
+    Counter::RingbufFull,
+    Counter::PendingMapFull,
+];
