@@ -147,7 +147,8 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
     for r in &target_rows {
         writeln!(
             d,
-            "| {}: {} | {} | {} |",
+            "| {}: {}: {} | {} | {} |",
+            r.section,
             r.figure.replace('|', "\\|"),
             r.target,
             r.value.replace('|', "\\|"),
@@ -205,7 +206,7 @@ fn xmit(d: &mut String, r: &Value) -> anyhow::Result<()> {
          classifiers, the device hook running but the device not in its map (as for every \
          other device of a node). Device hook: tc ingress and the device hook watching the \
          device (every packet parsed through the skb with `bpf_probe_read_kernel`; each SYN \
-         inserted and reported as tc egress does). The empty classifier sits last on egress \
+         inserted as tc egress does, in the default mode: no event). The empty classifier sits last on egress \
          in both, as the floor. The device hook also runs for the server's packets (the other \
          namespace, rejected); those runs are taken off at the first phase's cost.\n",
         f(x, "/secs")
@@ -461,20 +462,22 @@ fn cpu(d: &mut String, r: &Value) -> anyhow::Result<()> {
         "The same namespaces; netrace watching in its default mode (`--output json --events \
          lost`) while the two client threads connect on a fixed schedule, {} connections per \
          second in all, for {} s. netrace's CPU is the user + system time of its process \
-         (`/proc/PID/stat`) from ready to stop, over the wall-clock time between the two: the \
-         share of one core. Its report must have every connection answered, nothing lost and \
+         (`/proc/PID/stat`, in clock ticks) from ready to stop, over the wall-clock time \
+         between the two: the share of one core; the scheduler's own figure (`se.sum_exec_runtime` \
+         of each of its threads, `/proc/PID/task/*/schedstat`, in nanoseconds) is shown as a \
+         cross-check. Its report must have every connection answered, nothing lost and \
          nothing dropped.\n",
         f(c, "/target_rate"),
         f(c, "/seconds")
     )?;
     writeln!(
         d,
-        "| achieved rate | connections | errors | netrace answered | lost | dropped | CPU time | wall time | share of one core | RSS |"
+        "| achieved rate | connections | errors | netrace answered | lost | dropped | CPU time | wall time | share of one core | scheduler's figure | RSS |"
     )?;
-    writeln!(d, "|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(d, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     writeln!(
         d,
-        "| {} | {} | {} | {} | {} | {} | {:.3} s | {:.2} s | {:.2} % | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {:.3} s | {:.2} s | {:.2} % | {:.2} % | {} |\n",
         rate(f(c, "/achieved_rate")),
         f(c, "/connections"),
         f(c, "/errors"),
@@ -484,6 +487,7 @@ fn cpu(d: &mut String, r: &Value) -> anyhow::Result<()> {
         f(c, "/tracer_cpu_s"),
         f(c, "/tracer_wall_s"),
         f(c, "/cpu_percent_of_one_core"),
+        f(c, "/sched_percent_of_one_core"),
         mib(f(c, "/tracer_rss_bytes")),
     )?;
     Ok(())

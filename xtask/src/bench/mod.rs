@@ -57,7 +57,7 @@ impl Plan {
                 secs: 2.0,
                 rounds: 1,
                 scale_levels: &[10_000, 100_000, 1_000_000],
-                cpu_secs: 3.0,
+                cpu_secs: 5.0,
             }
         } else {
             Self {
@@ -65,7 +65,7 @@ impl Plan {
                 secs: 5.0,
                 rounds: 9,
                 scale_levels: &[10_000, 100_000, 1_000_000],
-                cpu_secs: 10.0,
+                cpu_secs: 20.0,
             }
         }
     }
@@ -358,6 +358,12 @@ fn cpu_at_rate(
         "syn_seen": seen.matched,
         "tracer_cpu_s": seen.cpu_s,
         "tracer_wall_s": seen.wall_s,
+        "tracer_sched_s": seen.sched_s,
+        "sched_percent_of_one_core": if seen.wall_s > 0.0 {
+            seen.sched_s / seen.wall_s * 100.0
+        } else {
+            f64::NAN
+        },
         "tracer_rss_bytes": seen.rss_bytes,
         "cpu_percent_of_one_core": percent,
         "all_answered_nothing_lost": all_answered,

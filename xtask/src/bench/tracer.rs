@@ -81,6 +81,8 @@ pub struct Seen {
     pub cpu_s: f64,
     /// Wall-clock time between ready and stop, in seconds.
     pub wall_s: f64,
+    /// On-CPU time between ready and stop by the scheduler's account, in seconds.
+    pub sched_s: f64,
     /// netrace: connections it reported lost (lost or abandoned).
     pub lost: u64,
 }
@@ -90,6 +92,7 @@ pub struct Tracer {
     child: Option<Child>,
     /// CPU seconds the tracer had used when it became ready, and when that was.
     cpu_at_ready: f64,
+    sched_at_ready: f64,
     ready_at: Instant,
     stdout: PathBuf,
     stderr: Option<JoinHandle<String>>,
@@ -117,6 +120,21 @@ fn cpu_of(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// On-CPU time of every thread of a process, in seconds, from the scheduler
+/// (`/proc/PID/task/*/schedstat`, first field: nanoseconds), finer than the clock ticks of
+/// [`cpu_of`]; threads that exited are no longer counted.
+fn sched_of(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
+}
+
 fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -137,6 +155,7 @@ impl Tracer {
             mode,
             child: None,
             cpu_at_ready: 0.0,
+            sched_at_ready: 0.0,
             ready_at: Instant::now(),
             stdout: stdout.clone(),
             stderr: None,
@@ -212,6 +231,7 @@ impl Tracer {
             };
             if is_ready {
                 t.cpu_at_ready = t.child.as_ref().map_or(0.0, |c| cpu_of(c.id()));
+                t.sched_at_ready = t.child.as_ref().map_or(0.0, |c| sched_of(c.id()));
                 t.ready_at = Instant::now();
                 return Ok(t);
             }
@@ -243,6 +263,7 @@ impl Tracer {
         };
         let rss = rss_of(child.id());
         let cpu = cpu_of(child.id()) - self.cpu_at_ready;
+        let sched = sched_of(child.id()) - self.sched_at_ready;
         let wall = self.ready_at.elapsed().as_secs_f64();
         let pid = i32::try_from(child.id()).map_err(|_| anyhow!("pid out of range"))?;
         // SAFETY: kill has no memory-safety preconditions; the pid is our own child, not yet
@@ -275,6 +296,7 @@ impl Tracer {
         seen.rss_bytes = rss;
         seen.cpu_s = cpu;
         seen.wall_s = wall;
+        seen.sched_s = sched;
         Ok(seen)
     }
 }

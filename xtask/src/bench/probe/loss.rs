@@ -64,6 +64,8 @@ struct Tally {
     books_full: u64,
     ring_full: u64,
     map_full: u64,
+    /// SYN-ACKs without a pending entry whose port has a booked answer (taken as repeats).
+    repeated: u64,
     /// Entries still waiting in the kernel's pending maps after the run.
     pending: u64,
 }
@@ -76,6 +78,7 @@ struct Counters {
     books_full: u64,
     ring_full: u64,
     map_full: u64,
+    repeated: u64,
 }
 
 impl Counters {
@@ -86,6 +89,7 @@ impl Counters {
             books_full: k.counter(Counter::BooksFull),
             ring_full: k.counter(Counter::RingbufFull),
             map_full: k.counter(Counter::PendingMapFull),
+            repeated: k.counter(Counter::SynAckRepeated),
         }
     }
 }
@@ -111,6 +115,7 @@ impl Tally {
             books_full: now.books_full - before.books_full,
             ring_full: now.ring_full - before.ring_full,
             map_full: now.map_full - before.map_full,
+            repeated: now.repeated - before.repeated,
             pending: waiting(k),
         }
     }
@@ -155,6 +160,7 @@ impl Tally {
             "answered_events": self.kinds.answered,
             "syn_events": self.kinds.syn,
             "unmatched_events": self.kinds.unmatched,
+            "synack_repeated": self.repeated,
             "ringbuf_full": self.ring_full,
             "pending_map_full": self.map_full,
             "still_pending": self.pending,
