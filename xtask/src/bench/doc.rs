@@ -361,7 +361,8 @@ fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
          bits received per second at the server; the writer is pinned to CPU 0 and the reader \
          to CPU 1, so that the scheduler's placement does not vary from run to run. Connection \
          rate: two client threads connect and close as fast as they can, one server thread \
-         accepts and closes; the client closes with a RST (`SO_LINGER` 0), so that no \
+         accepts and closes; the rate is the connections done within the run's window over \
+         the window; the client closes with a RST (`SO_LINGER` 0), so that no \
          TIME_WAIT state piles up over millions of connections (a SYN meeting an old \
          TIME_WAIT is answered only after a 1 s retransmission; *slow* counts connects over \
          100 ms). The targets compare netrace's ratio with the empty classifier's and \
