@@ -343,7 +343,8 @@ fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
         d,
         "Two network namespaces (`nrb*`) joined by a veth pair, 198.19.77.1 ↔ 198.19.77.2. \
          Client and server are threads of the bench process that entered their namespace. \
-         Each run lasts {} s; {} round(s) of five modes in this order, median per mode; a \
+         Each run lasts {} s; {} round(s) of five modes, each round starting one mode further than the last, median \
+         per mode; a \
          mode's ratio to no tracer is the median of its per-round ratios, each run against the \
          no-tracer run of the same round, seconds apart, so that other work on the machine at \
          the time weighs on both. The modes: *none*; *empty classifier*: netrace's \
@@ -541,8 +542,11 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
          copy of them). A `netrace::track::tracker::Tracker` then sweeps them as `watch` does \
          every second, all still waiting (it keeps its walk's buffer between sweeps). *All \
          maps* is the kernel's `memlock` figure of every map (from `/proc/self/fdinfo`), \
-         *RSS* the process's `VmRSS` at that point: the memory of `watch` holding that many \
-         pending SYNs. *Find expired*: a batched walk of both pending maps \
+         *RSS* the process's `VmRSS` at that point (the tracker's walk buffer included: a \
+         40-byte key and a 32-byte entry per pending SYN, kept between sweeps): the memory of \
+         `watch` holding that many pending SYNs. The pending maps are the IPv4 map and the \
+         IPv6 map (a quarter of the entries), both preallocated, so their memory is taken at \
+         load whatever the number pending. *Find expired*: a batched walk of both pending maps \
          (`Pending::walk_into`, `BPF_MAP_LOOKUP_BATCH`) and the age test, at a time past the \
          SYN timeout, every entry found expired (median of four walks reusing the buffer; the \
          first, which allocates it, in brackets). *Decide lost*: `Tracker::sweep` at that \

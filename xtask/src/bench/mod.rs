@@ -240,7 +240,7 @@ fn traffic(bins: &Bins, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
     const N: usize = Mode::ALL.len();
     let mut stream: [Series; N] = Default::default();
     for round in 0..plan.rounds {
-        for (i, mode) in Mode::ALL.into_iter().enumerate() {
+        for (i, mode) in rotated(round) {
             let t = Tracer::start(mode, &net, bins, scratch)?;
             let bps = traffic::stream(&net, plan.secs);
             let seen = t.stop()?;
@@ -263,7 +263,7 @@ fn traffic(bins: &Bins, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
     }
     let mut conns: [Series; N] = Default::default();
     for round in 0..plan.rounds {
-        for (i, mode) in Mode::ALL.into_iter().enumerate() {
+        for (i, mode) in rotated(round) {
             let t = Tracer::start(mode, &net, bins, scratch)?;
             let c = traffic::connections(&net, plan.secs, None);
             let seen = t.stop()?;
@@ -311,6 +311,15 @@ fn traffic(bins: &Bins, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
         "connections": by_mode(&conns),
         "cpu": cpu,
     }))
+}
+
+/// The modes with their index, starting one further each round, so that no mode always runs
+/// first or right after another one.
+fn rotated(round: usize) -> impl Iterator<Item = (usize, Mode)> {
+    (0..Mode::ALL.len()).map(move |k| {
+        let i = (k + round) % Mode::ALL.len();
+        (i, Mode::ALL[i])
+    })
 }
 
 /// netrace watching in its default mode while the client connects at a paced [`CPU_RATE`]:
