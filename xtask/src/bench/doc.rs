@@ -468,18 +468,20 @@ fn cpu(d: &mut String, r: &Value) -> anyhow::Result<()> {
          between the two: the share of one core; the scheduler's own figure (`se.sum_exec_runtime` \
          of each of its threads, `/proc/PID/task/*/schedstat`, in nanoseconds) is shown as a \
          cross-check. Its report must have every connection answered, nothing lost and \
-         nothing dropped.\n",
+         nothing dropped. *Idle*: the same for netrace watching as long with no connection at \
+         all (its periodic sweeps of the preallocated maps and reads of the books and \
+         counters).\n",
         f(c, "/target_rate"),
         f(c, "/seconds")
     )?;
     writeln!(
         d,
-        "| achieved rate | connections | errors | netrace answered | lost | dropped | CPU time | wall time | share of one core | scheduler's figure | RSS |"
+        "| achieved rate | connections | errors | netrace answered | lost | dropped | CPU time | wall time | share of one core | scheduler's figure | idle: share (scheduler's) | RSS |"
     )?;
-    writeln!(d, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(d, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     writeln!(
         d,
-        "| {} | {} | {} | {} | {} | {} | {:.3} s | {:.2} s | {:.2} % | {:.2} % | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {:.3} s | {:.2} s | {:.2} % | {:.2} % | {:.2} % ({:.2} %) | {} |\n",
         rate(f(c, "/achieved_rate")),
         f(c, "/connections"),
         f(c, "/errors"),
@@ -490,6 +492,8 @@ fn cpu(d: &mut String, r: &Value) -> anyhow::Result<()> {
         f(c, "/tracer_wall_s"),
         f(c, "/cpu_percent_of_one_core"),
         f(c, "/sched_percent_of_one_core"),
+        f(c, "/idle_cpu_percent_of_one_core"),
+        f(c, "/idle_sched_percent_of_one_core"),
         mib(f(c, "/tracer_rss_bytes")),
     )?;
     Ok(())

@@ -331,6 +331,13 @@ fn cpu_at_rate(
     plan: &Plan,
     scratch: &Path,
 ) -> anyhow::Result<Value> {
+    // The same, idle: what netrace costs with no connections at all (its sweeps of the
+    // preallocated maps, its reads of the books and counters).
+    let t = Tracer::start(Mode::Netrace, net, bins, scratch)?;
+    std::thread::sleep(std::time::Duration::from_secs_f64(plan.cpu_secs));
+    let idle = t.stop()?;
+    let idle_percent = idle.cpu_s / idle.wall_s.max(1e-9) * 100.0;
+    let idle_sched_percent = idle.sched_s / idle.wall_s.max(1e-9) * 100.0;
     let t = Tracer::start(Mode::Netrace, net, bins, scratch)?;
     let c = traffic::connections(net, plan.cpu_secs, Some(CPU_RATE));
     let seen = t.stop()?;
@@ -375,6 +382,9 @@ fn cpu_at_rate(
         },
         "tracer_rss_bytes": seen.rss_bytes,
         "cpu_percent_of_one_core": percent,
+        "idle_cpu_percent_of_one_core": idle_percent,
+        "idle_sched_percent_of_one_core": idle_sched_percent,
+        "idle_answered": idle.count,
         "all_answered_nothing_lost": all_answered,
     }))
 }

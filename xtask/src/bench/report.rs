@@ -325,7 +325,8 @@ fn cpu_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         ),
         value: format!("{p:.2} % of one core"),
         baseline: format!(
-            "{} of {} answered, {} lost, {} dropped",
+            "idle {:.2} %; {} of {} answered, {} lost, {} dropped",
+            num(r, "/traffic/cpu/idle_cpu_percent_of_one_core").unwrap_or(f64::NAN),
             num(r, "/traffic/cpu/answered")?,
             num(r, "/traffic/cpu/connections")?,
             num(r, "/traffic/cpu/lost")?,
