@@ -539,28 +539,26 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
     writeln!(
         d,
         "For each size, a process of its own loads netrace's object with `max_pending` = 2^20 \
-         (`--max-pending 1048576`: a preallocated IPv4 pending map of 2^20 entries and an IPv6 \
-         one of a quarter of that) and the default 4 MiB ring buffer, in `netrace watch`'s \
-         default mode, then has the egress program itself insert that many SYNs, each a new \
-         4-tuple (`BPF_PROG_TEST_RUN`, one call per SYN; no event, so user space holds no \
-         copy of them). A `netrace::track::tracker::Tracker` then sweeps them as `watch` does \
-         every second, all still waiting (it keeps its walk's buffer between sweeps). *All \
-         maps* is the kernel's `memlock` figure of every map (from `/proc/self/fdinfo`), \
-         *RSS* the process's `VmRSS` at that point (the tracker's walk buffer included: a \
-         40-byte key and a 32-byte entry per pending SYN, kept between sweeps): the memory of \
-         `watch` holding that many pending SYNs. The pending maps are the IPv4 map and the \
-         IPv6 map (a quarter of the entries), both preallocated, so their memory is taken at \
-         load whatever the number pending. *Find expired*: a batched walk of both pending maps \
-         (`Pending::walk_into`, `BPF_MAP_LOOKUP_BATCH`) and the age test, at a time past the \
-         SYN timeout, every entry found expired (median of four walks reusing the buffer; the \
-         first, which allocates it, in brackets). *Decide lost*: `Tracker::sweep` at that \
-         time, which takes each expired entry (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`), reports it \
-         lost and puts it back marked lost (two system calls per entry); every entry reported \
-         lost.\n"
+         (`--max-pending 1048576`; the IPv6 pending map gets a quarter of that) and the \
+         default 4 MiB ring buffer, in `netrace watch`'s default mode, then has the egress \
+         program itself insert that many SYNs, each a new IPv4 4-tuple (`BPF_PROG_TEST_RUN`, \
+         one call per SYN; no event, so user space holds no copy of them). A \
+         `netrace::track::tracker::Tracker` then sweeps them as `watch` does every second, all \
+         still waiting. *All maps* is the kernel's `memlock` figure of every map of the \
+         object (from `/proc/self/fdinfo`; each map below), *RSS* the process's `VmRSS` at \
+         that point (the tracker walks the kernel maps batch by batch into one reused buffer, \
+         never holding a copy of the whole map): the memory of `watch` holding that many \
+         pending SYNs. *Find expired*: the sweep's walk of both pending maps in batches \
+         (`PendingMap::scan_next` of `netrace::kernel::loader::Pending`, \
+         `BPF_MAP_LOOKUP_BATCH`) with its age test, at a time past the SYN timeout, every \
+         entry found expired (median of four walks; the first, which allocates the buffers, \
+         in brackets). *Decide lost*: `Tracker::sweep` at that time, which takes each expired \
+         entry (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`), reports it lost and puts it back marked \
+         lost (two system calls per entry); every entry reported lost.\n"
     )?;
     writeln!(
         d,
-        "| pending | fill | pending maps | all maps | RSS (0 pending) | total | find expired | decide lost | RSS after deciding |"
+        "| pending | fill | pending maps (V4 + V6) | all maps | RSS (0 pending) | total | find expired | decide lost | RSS after deciding |"
     )?;
     writeln!(d, "|---|---|---|---|---|---|---|---|---|")?;
     for l in list(r, "/scale") {
@@ -590,6 +588,27 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
         "\n*RSS after deciding*: the tracker then holds every lost attempt for its late window \
          (a million lost at once is the worst case, not the steady state).\n"
     )?;
+    if let Some(l) = list(r, "/scale").last() {
+        writeln!(
+            d,
+            "The maps at {} pending, as the kernel accounts them:\n",
+            count(f(l, "/pending"))
+        )?;
+        writeln!(d, "| map (kind) | max entries | memlock |")?;
+        writeln!(d, "|---|---|---|")?;
+        let mut maps: Vec<&Value> = list(l, "/maps").iter().collect();
+        maps.sort_by(|a, b| f(b, "/memlock_bytes").total_cmp(&f(a, "/memlock_bytes")));
+        for m in maps {
+            writeln!(
+                d,
+                "| {} | {} | {} |",
+                s(m, "/map"),
+                f(m, "/max_entries"),
+                mib(f(m, "/memlock_bytes"))
+            )?;
+        }
+        writeln!(d)?;
+    }
     writeln!(d, "### Map layout: old against new\n")?;
     writeln!(
         d,

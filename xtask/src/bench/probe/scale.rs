@@ -3,7 +3,7 @@
 //! (no SYN events: user space holds no copy of them). Then the memory of the maps (the
 //! kernel's `memlock` figure) and of this process (RSS) while a [`Tracker`] sweeps them as
 //! `watch` does every second (all still waiting); the time to find the expired entries among
-//! them (a batched walk of the kernel maps, `Pending::walk_into`); and the time for
+//! them (the sweep's walk of the kernel maps in batches, `PendingMap::scan_next`); and the time for
 //! `Tracker::sweep` to decide them all lost (take and put back each). Last, the map layout
 //! the issue asks to compare: a plain BPF hash map of the old layout (40-byte key, 32-byte
 //! value, not preallocated) and of the new one (12-byte key, 24-byte value, preallocated),
@@ -20,9 +20,9 @@ use anyhow::{bail, Context as _};
 use netrace::{
     kernel::batch,
     report::monotonic_ns,
-    track::tracker::{OutcomeKind, Tracker},
+    track::tracker::{OutcomeKind, PendingMap as _, ScanPos, Tracker},
 };
-use netrace_common::{Counter, FlowKey, PendingSyn, V4Key};
+use netrace_common::{Counter, FlowKey, PendingSyn, V4Key, STATE_WAITING};
 use serde_json::{json, Value};
 
 use crate::{
@@ -92,20 +92,30 @@ pub fn run(n: u32) -> anyhow::Result<Value> {
     let maps = maps_memory()?;
     let rss = rss_bytes()?;
 
-    // Finding the expired entries: a batched walk of both pending maps, then the age test the
-    // sweep makes. The first walk allocates its buffer; later ones reuse it, as the tracker's.
+    // Finding the expired entries: the sweep's walk of both pending maps in batches (each
+    // batch into one reused buffer, never the whole map), with the sweep's age test. The first
+    // walk allocates the buffers; later ones reuse them, as the tracker's.
     let expired_at = monotonic_ns() + SYN_TIMEOUT.as_nanos() as u64 + 1_000_000_000;
     let timeout = SYN_TIMEOUT.as_nanos() as u64;
-    let mut walked = Vec::new();
+    let mut chunk = Vec::new();
     let mut walks = Vec::new();
     let mut expired = 0;
+    let mut batches = 0;
     for _ in 0..5 {
         let t0 = Instant::now();
-        k.maps.pending.walk_into(&mut walked);
-        expired = walked
-            .iter()
-            .filter(|(_, p)| expired_at.saturating_sub(p.first_ns) >= timeout)
-            .count();
+        let mut pos = ScanPos::default();
+        expired = 0;
+        batches = 0;
+        while !pos.done() {
+            k.maps.pending.scan_next(&mut pos, &mut chunk);
+            batches += 1;
+            expired += chunk
+                .iter()
+                .filter(|(_, p)| {
+                    p.state == STATE_WAITING && expired_at.saturating_sub(p.first_ns) >= timeout
+                })
+                .count();
+        }
         walks.push(t0.elapsed().as_secs_f64());
     }
     if expired != n as usize || k.maps.pending.errors != 0 {
@@ -114,7 +124,7 @@ pub fn run(n: u32) -> anyhow::Result<Value> {
             k.maps.pending.errors
         );
     }
-    drop(walked);
+    drop(chunk);
 
     // Deciding them: every entry taken, reported lost and put back marked lost.
     let t0 = Instant::now();
@@ -161,6 +171,7 @@ pub fn run(n: u32) -> anyhow::Result<Value> {
         "walk_first_s": round(walk_first, 5),
         "walk_ns_per_entry": round(walk * 1e9 / f64::from(n), 1),
         "expired_found": expired,
+        "walk_batches": batches,
         "sweep_s": round(sweep.as_secs_f64(), 4),
         "sweep_ns_per_entry": round(sweep.as_nanos() as f64 / f64::from(n), 1),
         "lost_reported": lost,
