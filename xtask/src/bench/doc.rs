@@ -546,21 +546,25 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
          `netrace::track::tracker::Tracker` then sweeps them as `watch` does every second, all \
          still waiting. *All maps* is the kernel's `memlock` figure of every map of the \
          object (from `/proc/self/fdinfo`; each map below), *RSS* the process's `VmRSS` at \
-         that point (the tracker walks the kernel maps batch by batch into one reused buffer, \
-         never holding a copy of the whole map): the memory of `watch` holding that many \
-         pending SYNs. *Find expired*: the sweep's walk of both pending maps in batches \
-         (`PendingMap::scan_next` of `netrace::kernel::loader::Pending`, \
-         `BPF_MAP_LOOKUP_BATCH`) with its age test, at a time past the SYN timeout, every \
-         entry found expired (median of four walks; the first, which allocates the buffers, \
-         in brackets). *Decide lost*: `Tracker::sweep` at that time, which takes each expired \
-         entry (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`), reports it lost and puts it back marked \
-         lost (two system calls per entry); every entry reported lost.\n"
+         that point (the tracker holds no copy of the map: the sweep's finder hands it only \
+         the due entries, and a whole-map walk goes batch by batch into one reused buffer): the memory of `watch` holding that many \
+         pending SYNs. *Sweep, none due*: one `Tracker::sweep` then, as `watch` runs one \
+         every second (median of three). *Find expired*: at a time past the SYN timeout, \
+         every entry due, the sweep's finder (`PendingMap::due` of \
+         `netrace::kernel::loader::Pending`: BPF map-element iterators over both pending maps \
+         write out only the due entries and a count of the rest; median of four runs, the \
+         first, which allocates the buffers, in brackets); *whole-map walk*: every entry read \
+         in batches (`scan_next`, `BPF_MAP_LOOKUP_BATCH`) with the age test, as the sweep \
+         does where the iterators do not load, to pair translated answers, and at the end \
+         (median of three). *Decide lost*: `Tracker::sweep` at that time, which takes each \
+         expired entry (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`), reports it lost and puts it back \
+         marked lost (two system calls per entry); every entry reported lost.\n"
     )?;
     writeln!(
         d,
-        "| pending | fill | pending maps (V4 + V6) | all maps | RSS (0 pending) | total | find expired | decide lost | RSS after deciding |"
+        "| pending | fill | pending maps (V4 + V6) | all maps | RSS (0 pending) | total | sweep, none due | find expired (finder) | whole-map walk | decide lost | RSS after deciding |"
     )?;
-    writeln!(d, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(d, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     for l in list(r, "/scale") {
         let pending_maps: f64 = list(l, "/maps")
             .iter()
@@ -569,7 +573,7 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
             .sum();
         writeln!(
             d,
-            "| {} | {:.2} s | {} | {} | {} ({}) | {} | {:.1} ms ({:.1} ms) | {:.0} ms | {} |",
+            "| {} | {:.2} s | {} | {} | {} ({}) | {} | {:.1} ms | {:.1} ms ({:.1} ms; {}) | {:.1} ms | {:.0} ms | {} |",
             count(f(l, "/pending")),
             f(l, "/fill_s"),
             mib(pending_maps),
@@ -577,8 +581,11 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
             mib(f(l, "/rss_bytes")),
             mib(f(l, "/rss_empty_bytes")),
             mib(f(l, "/total_bytes")),
+            f(l, "/quiet_sweep_s") * 1e3,
+            f(l, "/find_s") * 1e3,
+            f(l, "/find_first_s") * 1e3,
+            s(l, "/finder"),
             f(l, "/walk_s") * 1e3,
-            f(l, "/walk_first_s") * 1e3,
             f(l, "/sweep_s") * 1e3,
             mib(f(l, "/rss_after_sweep_bytes")),
         )?;

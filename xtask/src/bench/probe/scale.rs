@@ -3,7 +3,9 @@
 //! (no SYN events: user space holds no copy of them). Then the memory of the maps (the
 //! kernel's `memlock` figure) and of this process (RSS) while a [`Tracker`] sweeps them as
 //! `watch` does every second (all still waiting); the time to find the expired entries among
-//! them (the sweep's walk of the kernel maps in batches, `PendingMap::scan_next`); and the time for
+//! them as the sweep finds them (`PendingMap::due`: the kernel's iterators write out only the
+//! due entries), and, for comparison, to walk the whole map in batches (`scan_next`, the
+//! sweep's fallback); and the time for
 //! `Tracker::sweep` to decide them all lost (take and put back each). Last, the map layout
 //! the issue asks to compare: a plain BPF hash map of the old layout (40-byte key, 32-byte
 //! value, not preallocated) and of the new one (12-byte key, 24-byte value, preallocated),
@@ -22,7 +24,7 @@ use netrace::{
     report::monotonic_ns,
     track::tracker::{OutcomeKind, PendingMap as _, ScanPos, Tracker},
 };
-use netrace_common::{Counter, FlowKey, PendingSyn, V4Key, STATE_WAITING};
+use netrace_common::{Counter, ExpireCutoffs, FlowKey, PendingSyn, V4Key, STATE_WAITING};
 use serde_json::{json, Value};
 
 use crate::{
@@ -78,30 +80,62 @@ pub fn run(n: u32) -> anyhow::Result<Value> {
     let maps_filled = maps_memory()?;
     let rss_filled = rss_bytes()?;
 
-    // As `watch` sweeps every second: nothing expired yet, every entry waiting. The tracker
-    // keeps its walk's buffer between sweeps, so this is the memory of `watch` holding them.
-    let fresh = monotonic_ns();
-    tracker.sweep(fresh, &mut k.maps.pending, &mut outcomes);
-    if tracker.pending() != n as usize || map_full != 0 || ring_full != 0 || events != 0 {
+    // As `watch` sweeps every second: nothing expired yet, every entry waiting. This is the
+    // memory of `watch` holding them, and the cost of a sweep with nothing due.
+    let finder = if k.maps.pending.expiry.is_some() {
+        "kernel iterators"
+    } else {
+        "batched walk (iterators did not load)"
+    };
+    let mut quiet = Vec::new();
+    for _ in 0..3 {
+        let fresh = monotonic_ns();
+        let t0 = Instant::now();
+        tracker.sweep(fresh, &mut k.maps.pending, &mut outcomes);
+        quiet.push(t0.elapsed().as_secs_f64());
+    }
+    if tracker.pending() != n as usize
+        || !outcomes.is_empty()
+        || map_full != 0
+        || ring_full != 0
+        || events != 0
+    {
         bail!(
-            "{n} SYNs sent but {} entries wait ({events} events, {map_full} map-full, \
-             {ring_full} ring drops)",
-            tracker.pending()
+            "{n} SYNs sent but {} entries wait ({} outcomes, {events} events, {map_full} \
+             map-full, {ring_full} ring drops)",
+            tracker.pending(),
+            outcomes.len()
         );
     }
     let maps = maps_memory()?;
     let rss = rss_bytes()?;
 
-    // Finding the expired entries: the sweep's walk of both pending maps in batches (each
-    // batch into one reused buffer, never the whole map), with the sweep's age test. The first
-    // walk allocates the buffers; later ones reuse them, as the tracker's.
-    let expired_at = monotonic_ns() + SYN_TIMEOUT.as_nanos() as u64 + 1_000_000_000;
+    // Finding the expired entries, at a time past the SYN timeout, as the sweep finds them
+    // (`PendingMap::due`: the kernel's iterators write out only the due entries; every entry
+    // is due here). The first run allocates the buffers; later ones reuse them.
     let timeout = SYN_TIMEOUT.as_nanos() as u64;
+    let expired_at = monotonic_ns() + timeout + 1_000_000_000;
+    let cut = ExpireCutoffs {
+        waiting_before_ns: expired_at - timeout + 1,
+        lost_before_ns: expired_at.saturating_sub(LATE_WINDOW.as_nanos() as u64) + 1,
+    };
+    let mut due = Vec::new();
+    let mut finds = Vec::new();
+    let mut found = None;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let counts = k.maps.pending.due(cut, &mut due);
+        finds.push(t0.elapsed().as_secs_f64());
+        found = counts.map(|_| due.len());
+    }
+    drop(due);
+    // The whole map walked in batches, as the sweep does where iterators do not load (and to
+    // pair translated answers, and at the end): every entry read, the age test applied.
     let mut chunk = Vec::new();
     let mut walks = Vec::new();
     let mut expired = 0;
     let mut batches = 0;
-    for _ in 0..5 {
+    for _ in 0..3 {
         let t0 = Instant::now();
         let mut pos = ScanPos::default();
         expired = 0;
@@ -118,13 +152,14 @@ pub fn run(n: u32) -> anyhow::Result<Value> {
         }
         walks.push(t0.elapsed().as_secs_f64());
     }
-    if expired != n as usize || k.maps.pending.errors != 0 {
+    drop(chunk);
+    if expired != n as usize || found.is_some_and(|f| f != n as usize) || k.maps.pending.errors != 0
+    {
         bail!(
-            "the walk of {n} pending SYNs found {expired} expired ({} walk errors)",
+            "{n} pending SYNs due: the finder found {found:?}, the walk {expired} ({} errors)",
             k.maps.pending.errors
         );
     }
-    drop(chunk);
 
     // Deciding them: every entry taken, reported lost and put back marked lost.
     let t0 = Instant::now();
@@ -147,8 +182,9 @@ pub fn run(n: u32) -> anyhow::Result<Value> {
     let layouts = layouts(n)?;
 
     let total = |m: &[MapMem]| m.iter().map(|x| x.memlock).sum::<u64>();
-    let walk_first = walks.first().copied().unwrap_or(f64::NAN);
-    let walk = median(&walks[1..]);
+    let find_first = finds.first().copied().unwrap_or(f64::NAN);
+    let find = median(&finds[1..]);
+    let walk = median(&walks);
     Ok(json!({
         "pending": n,
         "max_pending": MAX_PENDING,
@@ -167,10 +203,15 @@ pub fn run(n: u32) -> anyhow::Result<Value> {
         "rss_peak_bytes": peak,
         "total_bytes": total(&maps) + rss,
         "total_empty_bytes": total(&empty_maps) + rss_empty,
+        "finder": finder,
+        "find_s": round(find, 5),
+        "find_first_s": round(find_first, 5),
+        "find_ns_per_entry": round(find * 1e9 / f64::from(n), 1),
+        "found": found,
+        "quiet_sweep_s": round(median(&quiet), 5),
         "walk_s": round(walk, 5),
-        "walk_first_s": round(walk_first, 5),
         "walk_ns_per_entry": round(walk * 1e9 / f64::from(n), 1),
-        "expired_found": expired,
+        "walk_expired": expired,
         "walk_batches": batches,
         "sweep_s": round(sweep.as_secs_f64(), 4),
         "sweep_ns_per_entry": round(sweep.as_nanos() as f64 / f64::from(n), 1),
