@@ -55,6 +55,8 @@ const DRAIN: Duration = Duration::from_millis(50);
 /// The kernel map is walked at most this often (and at least every quarter of the SYN
 /// timeout): each walk visits every bucket of the map.
 const SWEEP_MAX: Duration = Duration::from_secs(1);
+/// ... and never more often than every SWEEP_SHARE times its own duration (2 % of a core).
+const SWEEP_SHARE: u32 = 50;
 /// How often the live progress line is redrawn.
 const DRAW: Duration = Duration::from_secs(1);
 /// How often the verdict so far is worked out for the metrics.
@@ -127,6 +129,8 @@ pub struct Pump {
     books_buf: Vec<(BookKey, AnswerBook)>,
     rtt_seen: Vec<u64>,
     last_sweep: Instant,
+    /// How long the last sweep took.
+    sweep_cost: Duration,
     /// The node's port settings, for the verdict so far.
     pub node: NodePorts,
     last_judged: Instant,
@@ -173,6 +177,7 @@ impl Pump {
             books_buf: Vec::new(),
             rtt_seen: vec![0; RTT_SLOTS as usize],
             last_sweep: Instant::now(),
+            sweep_cost: Duration::ZERO,
             node,
             last_judged: Instant::now(),
             interval_start: Instant::now(),
@@ -234,9 +239,15 @@ impl Pump {
         // sweep would count it twice (or as abandoned).
         self.drain(kernel.ring.get_mut());
         let ring_drops = kernel.counter(Counter::RingbufFull);
-        let every = (self.cfg.syn_timeout / 4).clamp(TICK, SWEEP_MAX);
+        // A sweep visits every entry of the map in the kernel: with very many pending (a SYN
+        // flood, a million lost in their late window) it is spaced out so that it never takes
+        // more than 1/SWEEP_SHARE of the time; lost connections are then decided later.
+        let every = (self.cfg.syn_timeout / 4)
+            .clamp(TICK, SWEEP_MAX)
+            .max(self.sweep_cost * SWEEP_SHARE);
         if self.last_sweep.elapsed() >= every {
-            self.last_sweep = Instant::now();
+            let started = Instant::now();
+            self.last_sweep = started;
             let now = monotonic_ns();
             self.tracker
                 .sweep(now, &mut kernel.pending, &mut self.outcomes);
@@ -244,6 +255,7 @@ impl Pump {
             if let Some(c) = self.correlator.as_mut() {
                 c.prune(now);
             }
+            self.sweep_cost = started.elapsed();
         }
         self.metrics.kernel_counters(
             loader::COUNTERS
