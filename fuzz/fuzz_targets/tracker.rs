@@ -1,7 +1,10 @@
 //! The tracker fed arbitrary event sequences (any bytes that decode), sweeps at arbitrary
-//! times (up to the limits of u64), adoptions and finishes, over a pending map the input
-//! edits at will. It must never panic, never hold more waiting entries than entries, report a
-//! late answer only for a connection it reported lost, and leave nothing behind after finish.
+//! times (up to the limits of u64), `forget`s and finishes, over a pending map (the kernel's)
+//! the input edits at will, entries waiting or marked lost. It must never panic; after each
+//! sweep no waiting entry older than the SYN timeout and no lost one older than the late window
+//! is left in the map, and the waiting count is the number of waiting entries left; a late
+//! answer comes only for a connection it reported lost (or from an entry the map itself marks
+//! lost).
 #![no_main]
 
 use std::collections::HashSet;
@@ -13,7 +16,9 @@ use netrace::{
     track::stats::Histogram,
     track::tracker::{MemoryMap, Outcome, OutcomeKind, Tracker},
 };
-use netrace_common::{FlowKey, PendingSyn, FAMILY_V4, FAMILY_V6, OUTCOME_EVENT_SIZE};
+use netrace_common::{
+    FlowKey, PendingSyn, FAMILY_V4, FAMILY_V6, OUTCOME_EVENT_SIZE, STATE_LOST, STATE_WAITING,
+};
 
 /// A small key space, so that events collide.
 fn key(u: &mut Unstructured) -> FlowKey {
@@ -34,15 +39,42 @@ fn time(u: &mut Unstructured) -> u64 {
     }
 }
 
-fn check(t: &Tracker, out: &[Outcome], lost: &mut HashSet<(FlowKey, u32)>) {
-    assert!(t.pending() <= t.held());
+/// After a sweep at `now`: what is left in the map is young (or lost by this sweep), and
+/// counted.
+fn check_swept(
+    t: &Tracker,
+    before: &MemoryMap,
+    map: &MemoryMap,
+    now: u64,
+    timeout: u64,
+    late: u64,
+) {
+    let mut waiting = 0;
+    for (k, p) in &map.0 {
+        let age = now.saturating_sub(p.first_ns);
+        match p.state {
+            STATE_WAITING => {
+                assert!(age < timeout, "an expired waiting entry left: {k:?} {p:?}");
+                waiting += 1;
+            }
+            STATE_LOST => assert!(
+                age < late || before.0.get(k).is_some_and(|b| b.state == STATE_WAITING),
+                "an expired lost entry left: {k:?} {p:?}"
+            ),
+            _ => {}
+        }
+    }
+    assert_eq!(t.pending(), waiting);
+}
+
+fn check(out: &[Outcome], lost: &mut HashSet<(FlowKey, u32)>) {
     for o in out {
         match o.kind {
             OutcomeKind::Lost => {
                 lost.insert((o.key, o.pending.isn));
             }
             OutcomeKind::Late => assert!(
-                lost.contains(&(o.key, o.pending.isn)),
+                o.pending.state == STATE_LOST || lost.contains(&(o.key, o.pending.isn)),
                 "late answer for a connection never reported lost: {o:?}"
             ),
             _ => {}
@@ -58,6 +90,8 @@ fuzz_target!(|data: &[u8]| {
     let timeout = u.int_in_range(1..=10_000_000_000u64).unwrap_or(1);
     let late = u.arbitrary::<u64>().unwrap_or(0);
     let mut t = Tracker::new(timeout, late);
+    // The tracker's own late window is never shorter than the SYN timeout.
+    let late = late.max(timeout);
     let mut map = MemoryMap::default();
     let mut hist = Histogram::new(PortRange::new(32768, 65535), &[1024, 8192, 16384, 49152]);
     let mut out = Vec::new();
@@ -86,8 +120,21 @@ fuzz_target!(|data: &[u8]| {
                     t.on_event(&ev, &mut out);
                 }
             }
-            2 => t.sweep(time(&mut u), &mut map, &mut out),
-            3 => t.adopt(&map),
+            2 => {
+                let now = time(&mut u);
+                let before = map.clone();
+                t.sweep(now, &mut map, &mut out);
+                check_swept(&t, &before, &map, now, timeout, late);
+            }
+            3 => {
+                let k = key(&mut u);
+                let isn = u.int_in_range(0..=3u32).unwrap_or(0);
+                let before = map.0.get(&k).copied();
+                let forgot = t.forget(&k, isn, &mut map);
+                let waiting = before.is_some_and(|p| p.isn == isn && p.state == STATE_WAITING);
+                assert_eq!(forgot, waiting);
+                assert_eq!(map.0.get(&k).copied(), before.filter(|_| !forgot));
+            }
             4 => {
                 let k = key(&mut u);
                 let p = PendingSyn {
@@ -95,6 +142,11 @@ fuzz_target!(|data: &[u8]| {
                     last_ns: time(&mut u),
                     isn: u.int_in_range(0..=3u32).unwrap_or(0),
                     syns: u.arbitrary().unwrap_or(1),
+                    state: if u.arbitrary().unwrap_or(false) {
+                        STATE_LOST
+                    } else {
+                        STATE_WAITING
+                    },
                     ..Default::default()
                 };
                 map.0.insert(k, p);
@@ -104,14 +156,14 @@ fuzz_target!(|data: &[u8]| {
                 map.0.remove(&k);
             }
             _ => {
-                let held = t.held() as u64;
-                let waiting = t.finish(time(&mut u), &mut map, &mut out);
-                assert!(waiting <= held);
-                assert_eq!(t.held(), 0);
-                assert_eq!(t.pending(), 0);
+                let now = time(&mut u);
+                let before = map.clone();
+                let waiting = t.finish(now, &mut map, &mut out);
+                check_swept(&t, &before, &map, now, timeout, late);
+                assert_eq!(waiting, t.pending() as u64);
             }
         }
-        check(&t, &out[seen as usize..], &mut lost);
+        check(&out[seen as usize..], &mut lost);
         for o in &out[seen as usize..] {
             hist.add(o.key.src_port, o.kind);
         }

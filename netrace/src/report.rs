@@ -282,6 +282,7 @@ impl Report {
                 "lost_memory_overflow": self.tracker.lost_memory_overflow,
                 "repeated_syns": self.tracker.repeated_syns,
                 "sweep_races": self.tracker.sweep_races,
+                "put_back_refused": self.tracker.put_back_refused,
             },
             "counters": self.counters,
             "syn_packets_by_port": self.syn_packets_by_port,

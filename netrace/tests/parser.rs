@@ -18,7 +18,7 @@ mod support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use netrace::track::tracker::PendingMap;
+use netrace::track::tracker::{PendingMap, PutBack};
 use netrace_common::{
     Counter, EventKind, FlowKey, KernelFilter, BOOK_PORTS, FAMILY_V4, FAMILY_V6,
     MAX_IPV6_EXT_HEADERS, STATE_LOST,
@@ -1477,9 +1477,13 @@ fn books_count_answers_without_events() {
         p.state = STATE_LOST;
         let taken = PendingMap::take(&mut bpf.maps.pending, &lost_key);
         assert!(taken.is_some());
-        assert!(PendingMap::put_back(&mut bpf.maps.pending, &lost_key, &p));
-        assert!(
-            !PendingMap::put_back(&mut bpf.maps.pending, &lost_key, &p),
+        assert_eq!(
+            PendingMap::put_back(&mut bpf.maps.pending, &lost_key, &p),
+            PutBack::Done
+        );
+        assert_eq!(
+            PendingMap::put_back(&mut bpf.maps.pending, &lost_key, &p),
+            PutBack::Taken,
             "put back only where there is no entry"
         );
         bpf.ingress(&fam.answer(SPORT + 2, TCP_SYN | TCP_ACK, ISN + 1));

@@ -8,7 +8,7 @@ use std::{
 use anyhow::{anyhow, Context as _};
 use aya::{maps::IterableMap as _, programs::Iter};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
 use netrace_common::{
@@ -18,7 +18,7 @@ use netrace_common::{
 };
 
 use super::batch;
-use crate::track::tracker::{PendingMap, ScanPos};
+use crate::track::tracker::{PendingMap, PutBack, ScanPos};
 
 /// The kernel programs, compiled from `netrace-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netrace"));
@@ -255,7 +255,7 @@ impl PendingMap for Pending {
         }
     }
 
-    fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> bool {
+    fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> PutBack {
         // BPF_NOEXIST: a SYN that made a new entry meanwhile wins.
         let slot = value.to_slot();
         let r = if key.family == FAMILY_V4 {
@@ -263,7 +263,18 @@ impl PendingMap for Pending {
         } else {
             self.v6.insert(key.v6(), slot, BPF_NOEXIST)
         };
-        r.is_ok()
+        match r {
+            Ok(()) => PutBack::Done,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                PutBack::Taken
+            }
+            Err(e) => {
+                // E2BIG: the preallocated map is full.
+                self.errors += 1;
+                log::debug!("putting a pending entry back: {e}");
+                PutBack::Refused
+            }
+        }
     }
 }
 

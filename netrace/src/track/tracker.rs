@@ -56,8 +56,19 @@ pub trait PendingMap {
     }
     /// Removes the entry for `key` and returns it: whoever takes an entry reports it.
     fn take(&mut self, key: &FlowKey) -> Option<PendingSyn>;
-    /// Puts an entry back unless the key has one again (a new SYN wins); whether it went in.
-    fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> bool;
+    /// Puts an entry back unless the key has one again (a new SYN wins).
+    fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> PutBack;
+}
+
+/// What became of an entry put back into the kernel map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutBack {
+    /// It is back.
+    Done,
+    /// The key has an entry again: a SYN made it while user space held this one.
+    Taken,
+    /// The map refused it (full: SYNs took the free slots meanwhile).
+    Refused,
 }
 
 /// A pending map in memory: the kernel's map for `analyze`, unit tests and models.
@@ -97,12 +108,12 @@ impl PendingMap for MemoryMap {
     fn take(&mut self, key: &FlowKey) -> Option<PendingSyn> {
         self.0.remove(key)
     }
-    fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> bool {
+    fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> PutBack {
         if self.0.contains_key(key) {
-            return false;
+            return PutBack::Taken;
         }
         self.0.insert(*key, *value);
-        true
+        PutBack::Done
     }
 }
 
@@ -160,6 +171,9 @@ pub struct TrackerStats {
     pub unmatched_synacks: u64,
     /// Entries the sweep took that had changed since the walk (put back, decided later).
     pub sweep_races: u64,
+    /// Waiting entries the sweep took by such a race and could not put back because the
+    /// map was full: no longer tracked, like a SYN that finds the map full.
+    pub put_back_refused: u64,
 }
 
 /// The key of the ISN index: family, remote address, remote port, ISN. Translation of the
@@ -206,6 +220,10 @@ pub struct Tracker {
     /// Answers to 4-tuples with no entry, with the ISN they answer and when: paired at the
     /// next sweep with a waiting entry of the same remote address, port and ISN.
     unmatched: Vec<(FlowKey, u32, u64)>,
+    /// Lost attempts answered late by a SYN-ACK that found no entry (the sweep held it): their
+    /// entry, put back marked lost after that, stays until the end of its late window; the
+    /// ISN and that end, so that an answer that finds it then is a repeat, not late again.
+    answered_late: HashMap<FlowKey, (u32, u64)>,
     /// Lost attempts whose kernel entry was cleared after the late window: ISN and until
     /// when a SYN or an answer of theirs still belongs to them (their retry horizon).
     lost_memory: HashMap<FlowKey, (u32, u64)>,
@@ -231,6 +249,7 @@ impl Tracker {
             decided_order: VecDeque::new(),
             by_isn: HashMap::new(),
             unmatched: Vec::new(),
+            answered_late: HashMap::new(),
             lost_memory: HashMap::new(),
             lost_order: VecDeque::new(),
             retry_horizon_ns: 0,
@@ -290,6 +309,10 @@ impl Tracker {
         if until > now_ns && !self.is_remembered_lost(&key, p.isn) {
             self.remember_lost(key, p.isn, until);
         }
+    }
+
+    fn is_answered_late(&self, key: &FlowKey, isn: u32) -> bool {
+        self.answered_late.get(key).is_some_and(|(i, _)| *i == isn)
     }
 
     fn is_decided(&self, key: &FlowKey, isn: u32) -> bool {
@@ -352,9 +375,20 @@ impl Tracker {
                 }
             }
             EventKind::Answered | EventKind::Refused | EventKind::Unreachable => {
+                if p.state == STATE_LOST && self.is_answered_late(&key, p.isn) {
+                    // A repeat of the answer that made it late, which found its entry.
+                    self.answered_late.remove(&key);
+                    return;
+                }
                 let was_lost = p.state == STATE_LOST || self.was_lost(&key, p.isn);
                 if self.lost.get(&key).is_some_and(|l| l.isn == p.isn) {
                     self.lost.remove(&key);
+                }
+                // Answered now: a repeat of this answer after the repeat window is not late
+                // again (the sweep may have moved it to the memory of lost attempts while
+                // this event waited in the ring buffer).
+                if self.is_remembered_lost(&key, p.isn) {
+                    self.lost_memory.remove(&key);
                 }
                 if self.is_decided(&key, p.isn) {
                     // A repeat: this attempt's outcome was reported at its first answer.
@@ -397,6 +431,10 @@ impl Tracker {
                 .unwrap_or_else(|| PendingSyn::first(ev.raw.ts_ns, isn, ev.raw.ifindex));
             self.lost_memory.remove(&key);
             self.remember_decided(key, isn, ev.raw.ts_ns);
+            if self.answered_late.len() < MAX_UNMATCHED {
+                let until = p.first_ns.saturating_add(self.late_window_ns);
+                self.answered_late.insert(key, (isn, until));
+            }
             out.push(Outcome {
                 rtt_ns: Some(ev.raw.ts_ns.saturating_sub(p.first_ns)),
                 ..Self::outcome(OutcomeKind::Late, key, p)
@@ -423,19 +461,26 @@ impl Tracker {
                 continue;
             }
             let ik = isn_key(&answer_key, isn);
-            let Some(syn_key) = index.get(&ik).or_else(|| self.by_isn.get(&ik)).copied() else {
+            let walked = index.get(&ik).copied();
+            let Some(syn_key) = walked.or_else(|| self.by_isn.get(&ik).copied()) else {
                 self.stats.unmatched_synacks += 1;
                 continue;
             };
             if self.is_decided(&syn_key, isn) {
                 continue; // A repeated SYN-ACK of a connection paired this way already.
             }
+            if walked.is_none() {
+                // A SYN seen once, whose entry is not in the map as walked: its 4-tuple may
+                // hold another attempt now, which is not this answer's to take.
+                self.stats.unmatched_synacks += 1;
+                continue;
+            }
             let Some(p) = map.take(&syn_key) else {
                 self.stats.unmatched_synacks += 1;
                 continue;
             };
             if p.isn != isn {
-                map.put_back(&syn_key, &p);
+                self.put_back_other(syn_key, p, map, out, 0);
                 self.stats.unmatched_synacks += 1;
                 continue;
             }
@@ -469,7 +514,7 @@ impl Tracker {
         match map.take(key) {
             Some(p) if p.isn == isn && p.state == STATE_WAITING => true,
             Some(p) => {
-                map.put_back(key, &p);
+                let _ = map.put_back(key, &p);
                 false
             }
             None => false,
@@ -491,6 +536,7 @@ impl Tracker {
         out: &mut Vec<Outcome>,
         full: bool,
     ) {
+        self.answered_late.retain(|_, (_, until)| *until > now_ns);
         // Entries that may be the SYNs of answers that came back to another 4-tuple: left for
         // the pairing after the walk.
         let wanted: HashSet<IsnKey> = self
@@ -600,7 +646,15 @@ impl Tracker {
     ) -> bool {
         let age = now_ns.saturating_sub(seen.first_ns);
         match seen.state {
-            STATE_WAITING if age < self.syn_timeout_ns => return true,
+            // A young entry of an attempt already reported (a SYN retransmitted after its
+            // entry went) is decided now, before an answer to it is counted again.
+            STATE_WAITING
+                if age < self.syn_timeout_ns
+                    && !self.is_decided(key, seen.isn)
+                    && !self.was_lost(key, seen.isn) =>
+            {
+                return true
+            }
             STATE_WAITING => self.decide_lost(*key, seen, map, out),
             STATE_LOST if age >= self.late_window_ns => {
                 let Some(p) = map.take(key) else {
@@ -608,15 +662,83 @@ impl Tracker {
                 };
                 if p.isn != seen.isn || p.state != STATE_LOST {
                     self.stats.sweep_races += 1;
-                    map.put_back(key, &p);
+                    self.put_back_other(*key, p, map, out, 0);
                     return false;
                 }
                 self.lost.remove(key);
-                self.retire_lost(*key, p, now_ns);
+                if self.is_answered_late(key, p.isn) {
+                    self.answered_late.remove(key);
+                } else {
+                    self.retire_lost(*key, p, now_ns);
+                }
             }
             _ => {}
         }
         false
+    }
+
+    /// Puts back an entry the sweep took although it was not the one it was after (it changed
+    /// since the walk). If a SYN with a new ISN took the 4-tuple meanwhile, the sweep removed
+    /// the entry and reports it: a waiting attempt not yet reported is abandoned, as the kernel
+    /// would have reported it had it replaced the entry. If the map filled up meanwhile, it is
+    /// no longer tracked (counted).
+    fn put_back_other(
+        &mut self,
+        key: FlowKey,
+        p: PendingSyn,
+        map: &mut impl PendingMap,
+        out: &mut Vec<Outcome>,
+        depth: u32,
+    ) {
+        let unreported = p.state == STATE_WAITING
+            && !self.is_decided(&key, p.isn)
+            && !self.was_lost(&key, p.isn);
+        match self.put_back_merging(key, p, map, out, depth) {
+            PutBack::Done => {}
+            PutBack::Taken if unreported => {
+                out.push(Self::outcome(OutcomeKind::Abandoned, key, p));
+            }
+            PutBack::Refused if unreported => self.stats.put_back_refused += 1,
+            PutBack::Taken | PutBack::Refused => {}
+        }
+    }
+
+    /// Puts a taken entry back. A retransmission of its SYN may have made a new entry while
+    /// the sweep held it: the same attempt, merged into this one (else an answer to it would
+    /// count as a new attempt's, and a lost attempt's as answered). A new ISN that took the
+    /// 4-tuple meanwhile wins: `Taken` (the sweep took the new entry to look at it, and puts it
+    /// back in turn). `depth` bounds how many new ISNs in a row are followed.
+    fn put_back_merging(
+        &mut self,
+        key: FlowKey,
+        mut p: PendingSyn,
+        map: &mut impl PendingMap,
+        out: &mut Vec<Outcome>,
+        depth: u32,
+    ) -> PutBack {
+        for _ in 0..4 {
+            match map.put_back(&key, &p) {
+                PutBack::Taken => {}
+                r => return r,
+            }
+            let Some(q) = map.take(&key) else {
+                // Gone again: answered, so it was another attempt's (or this one's, answered
+                // by a retransmission: the moment is too short to tell).
+                return PutBack::Taken;
+            };
+            if q.isn != p.isn {
+                if depth < 4 {
+                    self.put_back_other(key, q, map, out, depth + 1);
+                } else {
+                    let _ = map.put_back(&key, &q);
+                }
+                return PutBack::Taken;
+            }
+            p.syns = p.syns.saturating_add(q.syns);
+            p.last_ns = p.last_ns.max(q.last_ns);
+            p.data_len = p.data_len.max(q.data_len);
+        }
+        PutBack::Taken
     }
 
     /// An entry older than the SYN timeout: take it (unless an answer took it first), report
@@ -634,7 +756,7 @@ impl Tracker {
         if p.isn != seen.isn || p.state != STATE_WAITING {
             // A new attempt took the 4-tuple since the walk: decided at a later sweep.
             self.stats.sweep_races += 1;
-            map.put_back(&key, &p);
+            self.put_back_other(key, p, map, out, 0);
             return;
         }
         if self.is_decided(&key, p.isn) {
@@ -643,12 +765,17 @@ impl Tracker {
             self.stats.repeated_syns += 1;
             return;
         }
-        map.put_back(
-            &key,
-            &PendingSyn {
+        // Back, or not (a new ISN took the 4-tuple, or the map is full): the tracker holds it
+        // as lost either way.
+        let _ = self.put_back_merging(
+            key,
+            PendingSyn {
                 state: STATE_LOST,
                 ..p
             },
+            map,
+            out,
+            0,
         );
         let again = self.was_lost(&key, p.isn);
         if again {
@@ -766,6 +893,10 @@ mod tests {
             self.out.iter().map(|o| o.kind).collect()
         }
 
+        fn finish_is(&mut self, ns: u64, waiting: u64) {
+            assert_eq!(self.t.finish(ns, &mut self.map, &mut self.out), waiting);
+        }
+
         fn booked(&self) -> usize {
             self.sink.books.as_ref().map_or(0, Vec::len)
         }
@@ -851,7 +982,7 @@ mod tests {
                 None => self.lab_map.take(key),
             }
         }
-        fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> bool {
+        fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> PutBack {
             self.lab_map.put_back(key, value)
         }
     }
@@ -882,6 +1013,161 @@ mod tests {
             }
             l.sweep(100 * S);
             assert_eq!(l.kinds(), kinds, "nothing more");
+        }
+    }
+
+    /// A pending map that puts packets on the wire between the walk and the first take, and
+    /// right after takes (before the put-back), one per take. It finds no due entries itself:
+    /// the sweep walks it.
+    struct Injecting<'a> {
+        lab_map: &'a mut MemoryMap,
+        sink: &'a mut MemorySink,
+        after_scan: Vec<Parsed>,
+        after_take: Vec<Parsed>,
+    }
+
+    fn syn(key: FlowKey, isn: u32) -> Parsed {
+        Parsed::Syn {
+            key,
+            isn,
+            data_len: 0,
+        }
+    }
+
+    impl Injecting<'_> {
+        fn inject(&mut self, packets: Vec<Parsed>) {
+            for p in packets {
+                pairing::on_packet(&mut self.lab_map.0, &mut *self.sink, None, &p);
+            }
+        }
+    }
+
+    impl PendingMap for Injecting<'_> {
+        fn scan_next(&mut self, pos: &mut ScanPos, out: &mut Vec<(FlowKey, PendingSyn)>) {
+            self.lab_map.scan_next(pos, out);
+            let p = std::mem::take(&mut self.after_scan);
+            self.inject(p);
+        }
+        fn take(&mut self, key: &FlowKey) -> Option<PendingSyn> {
+            let p = self.lab_map.take(key);
+            if !self.after_take.is_empty() {
+                let next = self.after_take.remove(0);
+                self.inject(vec![next]);
+            }
+            p
+        }
+        fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> PutBack {
+            self.lab_map.put_back(key, value)
+        }
+    }
+
+    /// Found by the `tracker_model` fuzz target: the SYN retransmitted while the sweep holds
+    /// the entry it is reporting lost makes a new, waiting entry; the answer to it was counted
+    /// answered (in the books) after the attempt was reported lost. The sweep marks it lost.
+    #[test]
+    fn a_syn_retransmitted_while_the_sweep_holds_its_entry_stays_lost() {
+        for books in [false, true] {
+            let mut l = Lab::new(Tracker::new(S, 60 * S), books);
+            let k = key(3000);
+            l.syn(0, k, 7);
+            l.sink.now = 2 * S;
+            let mut racy = Injecting {
+                lab_map: &mut l.map,
+                sink: &mut l.sink,
+                after_scan: Vec::new(),
+                after_take: vec![syn(k, 7)],
+            };
+            l.t.sweep(2 * S, &mut racy, &mut l.out);
+            assert_eq!(l.map.0[&k].state, STATE_LOST);
+            assert_eq!(l.map.0[&k].syns, 2);
+            l.answer(2 * S + 1, k, 7, Answer::SynAck);
+            assert_eq!(l.kinds(), [OutcomeKind::Lost, OutcomeKind::Late]);
+            assert_eq!(l.booked(), 0);
+            l.finish_is(3 * S, 0);
+        }
+    }
+
+    /// Found by the `tracker_model` fuzz target: a SYN-ACK that arrives while the sweep holds
+    /// the entry it reports lost is late; the entry put back after it stays for the late
+    /// window, and the server's repeat of its SYN-ACK after the repeat window found it and was
+    /// late a second time.
+    #[test]
+    fn a_late_answer_racing_the_put_back_is_late_once() {
+        for books in [false, true] {
+            let mut l = Lab::new(Tracker::new(S, 60 * S), books);
+            let k = key(3000);
+            l.syn(0, k, 5);
+            l.sink.now = 2 * S;
+            let mut racy = RacyMap {
+                lab_map: &mut l.map,
+                sink: &mut l.sink,
+                race: Some((false, k, 5)),
+            };
+            l.t.sweep(2 * S, &mut racy, &mut l.out);
+            l.pump();
+            assert_eq!(l.kinds(), [OutcomeKind::Lost, OutcomeKind::Late]);
+            l.sweep(20 * S);
+            l.answer(21 * S, k, 5, Answer::SynAck);
+            l.sweep(22 * S);
+            assert_eq!(l.kinds(), [OutcomeKind::Lost, OutcomeKind::Late]);
+            assert_eq!(l.booked(), 0);
+        }
+    }
+
+    /// Found by the `tracker_model` fuzz target: a SYN-ACK repeated after its connection's
+    /// repeat window, which found no entry, was paired by the SYN events' record with the
+    /// 4-tuple's next attempt: the sweep took that entry (a SYN on the 4-tuple while it held it
+    /// made it report the attempt abandoned).
+    #[test]
+    fn a_stale_syn_record_does_not_take_another_attempt() {
+        let mut l = Lab::new(Tracker::new(S, 10 * S), false);
+        let k = key(3000);
+        l.syn(0, k, 7);
+        l.answer(S / 1000, k, 7, Answer::SynAck);
+        l.sweep(11 * S);
+        l.answer(11 * S, k, 7, Answer::SynAck);
+        l.syn(11 * S + 1, k, 8);
+        l.pump();
+        l.sink.now = 12 * S;
+        let mut racy = Injecting {
+            lab_map: &mut l.map,
+            sink: &mut l.sink,
+            after_scan: Vec::new(),
+            after_take: vec![syn(k, 9)],
+        };
+        l.t.sweep(12 * S, &mut racy, &mut l.out);
+        assert_eq!(l.kinds(), [OutcomeKind::Answered]);
+        assert_eq!(l.map.0[&k].isn, 8);
+        assert_eq!(l.t.stats.unmatched_synacks, 1);
+    }
+
+    /// Found by the `tracker_model` fuzz target: the sweep takes an entry that a new ISN put
+    /// there after its walk, and while it holds it another new ISN takes the 4-tuple. The
+    /// entry it took cannot go back: the sweep removed it, so the sweep reports it.
+    #[test]
+    fn an_entry_the_sweep_cannot_put_back_is_reported() {
+        for books in [false, true] {
+            let mut l = Lab::new(Tracker::new(S, 60 * S), books);
+            let k = key(3000);
+            l.syn(0, k, 1);
+            l.sink.now = 2 * S;
+            let mut racy = Injecting {
+                lab_map: &mut l.map,
+                sink: &mut l.sink,
+                after_scan: vec![syn(k, 2)],
+                after_take: vec![syn(k, 3)],
+            };
+            l.t.sweep(2 * S, &mut racy, &mut l.out);
+            l.pump();
+            let isns: Vec<(OutcomeKind, u32)> =
+                l.out.iter().map(|o| (o.kind, o.pending.isn)).collect();
+            assert_eq!(
+                isns,
+                [(OutcomeKind::Abandoned, 2), (OutcomeKind::Abandoned, 1)]
+            );
+            assert_eq!(l.map.0[&k].isn, 3);
+            assert_eq!(l.t.finish(2 * S, &mut l.map, &mut l.out), 1);
+            assert_eq!(l.out.len(), 2);
         }
     }
 
@@ -965,6 +1251,35 @@ mod tests {
         l.syn(201 * S, k, 43);
         l.sweep(201 * S);
         assert_eq!(l.t.pending(), 1);
+    }
+
+    /// Found by the `tracker_model` fuzz target: a late answer whose event was still in the
+    /// ring buffer when the sweep ended the late window; the server's repeat of it, after the
+    /// repeat window, was reported late a second time.
+    #[test]
+    fn a_late_answer_is_late_once_when_its_event_waits_across_the_late_window() {
+        let t = Tracker::new(S, 10 * S).with_retry_horizon(retry_horizon_ns(6), 10);
+        let mut l = Lab::new(t, true);
+        let k = key(2500);
+        l.syn(0, k, 9);
+        l.sweep(2 * S);
+        assert_eq!(l.kinds(), [OutcomeKind::Lost]);
+        // The SYN-ACK takes the lost entry; the sweep runs before its event is read.
+        l.sink.now = 11 * S;
+        let parsed = Parsed::Answer {
+            key: k,
+            ack: 10,
+            answer: Answer::SynAck,
+        };
+        pairing::on_packet(&mut l.map.0, &mut l.sink, None, &parsed);
+        l.t.sweep(11 * S, &mut l.map, &mut l.out);
+        l.pump();
+        assert_eq!(l.kinds(), [OutcomeKind::Lost, OutcomeKind::Late]);
+        // The server repeats its SYN-ACK after the repeat window: nothing new.
+        l.sweep(25 * S);
+        l.answer(26 * S, k, 9, Answer::SynAck);
+        l.sweep(27 * S);
+        assert_eq!(l.kinds(), [OutcomeKind::Lost, OutcomeKind::Late]);
     }
 
     #[test]
