@@ -5,20 +5,23 @@
 //!   event instead) and sends no SYN events, as `watch` runs by default, or sends every SYN and
 //!   every answer, as per-connection output does; its events go through a ring buffer of
 //!   bounded size that drops (and counts) what does not fit;
-//! - user space: draining the ring, sweeping the kernel map and finishing as `watch/pump.rs`
-//!   does, over a pending map that lets the input put a packet (an answer, a retransmitted
-//!   SYN, a SYN with a new ISN, a stray SYN-ACK) between the walk and a take, between a take and
-//!   the put-back, and after the put-back;
+//! - user space: draining the ring, sweeping the kernel map (at least once per SYN timeout)
+//!   and finishing as `watch/pump.rs` does, over a pending map that finds its due entries
+//!   itself (the kernel's iterators) or is walked in batches, as the input chooses, and lets
+//!   the input put a packet (an answer, a retransmitted SYN, a SYN with a new ISN, a stray
+//!   SYN-ACK) after the finding or between batches, between a take and the put-back, and after
+//!   the put-back (at most two per 4-tuple in a sweep);
 //! - clients that open connections on a few 4-tuples, retransmit their SYNs until they have an
-//!   answer (never beyond their retry horizon), give up for a new ISN, and servers that answer
-//!   (SYN-ACK, RST, ICMP error), repeat their answers, or never answer.
+//!   answer (within the late window), give up for a new ISN, and servers that answer (SYN-ACK,
+//!   RST, ICMP error), repeat their answers, or never answer.
 //!
 //! Every attempt (4-tuple, ISN) has a known fate, followed as the packets and the sweep's takes
 //! happen by the rule the design promises ("whoever removes an entry reports it"): answered by
 //! the kernel (booked or sent), abandoned (superseded while waiting, or taken by a sweep that
-//! could not put it back), taken by the sweep after
-//! the SYN timeout (lost; an answer after that is late), not tracked (map full), or still
-//! waiting. The tracker's outcomes and the books must agree with it:
+//! could not put it back because a new ISN took the 4-tuple), taken by the sweep after the SYN
+//! timeout (lost; an answer after that is late), not tracked (map full), or still waiting. The
+//! tracker's outcomes and the books must agree with it (the few races the design cannot see are
+//! named where they are allowed, and in docs/reliability.md, Limits):
 //!
 //! - every outcome and every booked answer belongs to a real attempt; at most one final
 //!   outcome per attempt (answered, booked, refused, unreachable, abandoned or lost), a late
