@@ -455,7 +455,8 @@ impl Tracker {
         index: &HashMap<IsnKey, FlowKey>,
         map: &mut impl PendingMap,
         out: &mut Vec<Outcome>,
-    ) {
+    ) -> HashSet<FlowKey> {
+        let mut taken = HashSet::new();
         for (answer_key, isn, ts) in std::mem::take(&mut self.unmatched) {
             if self.is_decided(&answer_key, isn) {
                 continue;
@@ -484,6 +485,7 @@ impl Tracker {
                 self.stats.unmatched_synacks += 1;
                 continue;
             }
+            taken.insert(syn_key);
             // A repeated SYN-ACK of this connection finds it decided.
             self.by_isn.insert(ik, syn_key);
             let was_lost = p.state == STATE_LOST || self.was_lost(&syn_key, isn);
@@ -504,6 +506,7 @@ impl Tracker {
                 ..Self::outcome(kind, syn_key, p)
             });
         }
+        taken
     }
 
     /// Forgets an attempt still waiting for its answer, without an outcome: it was not a
@@ -568,6 +571,7 @@ impl Tracker {
             }
             chunk = due;
         }
+        let mut deferred: Vec<(FlowKey, PendingSyn)> = Vec::new();
         let mut pos = ScanPos::default();
         if found.is_some() {
             pos.finish();
@@ -581,22 +585,30 @@ impl Tracker {
                 }
                 if wanted.contains(&ik) {
                     candidates.insert(ik, *key);
+                    deferred.push((*key, *seen));
                     continue;
                 }
                 if self.visit(key, seen, now_ns, map, out) {
                     waiting += 1;
-                    if let Some(w) = self.waiting_ports.get_mut(usize::from(key.src_port) / 64) {
-                        *w |= 1 << (key.src_port % 64);
-                    }
+                    self.note_waiting(key);
                 }
             }
         }
         chunk.clear();
         self.chunk = chunk;
-        self.waiting = waiting;
-        if !self.unmatched.is_empty() {
-            self.pair_translated(&candidates, map, out);
+        let paired = if self.unmatched.is_empty() {
+            HashSet::new()
+        } else {
+            self.pair_translated(&candidates, map, out)
+        };
+        // The entries left for the pairing that it did not take: decided or counted now.
+        for (key, seen) in &deferred {
+            if !paired.contains(key) && self.visit(key, seen, now_ns, map, out) {
+                waiting += 1;
+                self.note_waiting(key);
+            }
         }
+        self.waiting = waiting;
         // Lost attempts whose kernel entry went another way (a new ISN took the 4-tuple).
         let late = self.late_window_ns;
         let gone: Vec<(FlowKey, PendingSyn)> = self
@@ -632,6 +644,12 @@ impl Tracker {
             self.by_isn.retain(|ik, key| {
                 live.contains(ik) || decided.get(key).is_some_and(|(isn, _)| *isn == ik.3)
             });
+        }
+    }
+
+    fn note_waiting(&mut self, key: &FlowKey) {
+        if let Some(w) = self.waiting_ports.get_mut(usize::from(key.src_port) / 64) {
+            *w |= 1 << (key.src_port % 64);
         }
     }
 
@@ -1085,6 +1103,29 @@ mod tests {
             assert_eq!(l.booked(), 0);
             l.finish_is(3 * S, 0);
         }
+    }
+
+    /// Found by the `tracker` fuzz target: an entry the walk left for the pairing of an answer
+    /// that came back to another 4-tuple (same remote address, port and ISN), which the pairing
+    /// did not take, was neither counted waiting nor decided lost by that sweep.
+    #[test]
+    fn an_entry_left_for_the_pairing_is_still_counted() {
+        let mut l = Lab::new(Tracker::new(S, 60 * S), true);
+        let (a, b) = (key(3000), key(3001));
+        l.syn(0, a, 7);
+        l.syn(2 * S, b, 7);
+        // One answer with ISN 7 to a third 4-tuple: it pairs with one of the two entries.
+        unmatched(&mut l, 2 * S + 1, key(9000), 7);
+        l.sweep(2 * S + 2);
+        let paired = l
+            .out
+            .iter()
+            .filter(|o| o.kind == OutcomeKind::Answered)
+            .count();
+        let lost = l.out.iter().filter(|o| o.kind == OutcomeKind::Lost).count();
+        assert_eq!(paired, 1);
+        // The other one: lost (a) or counted waiting (b).
+        assert_eq!(lost + l.t.pending(), 1, "{:?}", l.kinds());
     }
 
     /// Found by the `tracker_model` fuzz target: a SYN-ACK that arrives while the sweep holds
