@@ -97,6 +97,7 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     let mut lost = HashSet::new();
     let mut seen = 0;
+    let trace = std::env::var_os("NETRACE_FUZZ_TRACE").is_some();
     while !u.is_empty() {
         match u.int_in_range(0..=6u8).unwrap_or(0) {
             // An arbitrary record, as the ring buffer would hand it over.
@@ -117,13 +118,22 @@ fuzz_target!(|data: &[u8]| {
                     ev.raw.pending.isn = u.int_in_range(0..=3u32).unwrap_or(0);
                     ev.raw.pending.first_ns = time(&mut u);
                     ev.raw.ts_ns = time(&mut u);
+                    if trace {
+                        eprintln!("event {:?} {:?}", ev.kind, ev.raw);
+                    }
                     t.on_event(&ev, &mut out);
                 }
             }
             2 => {
                 let now = time(&mut u);
                 let before = map.clone();
+                if trace {
+                    eprintln!("sweep at {now}: map {:?}", map.0);
+                }
                 t.sweep(now, &mut map, &mut out);
+                if trace {
+                    eprintln!("  -> map {:?} pending {} out {:?}", map.0, t.pending(), out);
+                }
                 check_swept(&t, &before, &map, now, timeout, late);
             }
             3 => {

@@ -555,8 +555,9 @@ impl Tracker {
         let mut chunk = std::mem::take(&mut self.chunk);
         // The common case: the map finds the due entries itself; nothing else is read.
         let cut = ExpireCutoffs {
-            waiting_before_ns: now_ns.saturating_sub(self.syn_timeout_ns).saturating_add(1),
-            lost_before_ns: now_ns.saturating_sub(self.late_window_ns).saturating_add(1),
+            // Nothing is due before the clock has run for a SYN timeout (late window).
+            waiting_before_ns: now_ns.checked_sub(self.syn_timeout_ns).map_or(0, |t| t + 1),
+            lost_before_ns: now_ns.checked_sub(self.late_window_ns).map_or(0, |t| t + 1),
         };
         let found = if full || prune || !wanted.is_empty() {
             None
@@ -567,7 +568,10 @@ impl Tracker {
             waiting = usize::try_from(w).unwrap_or(usize::MAX);
             let due = std::mem::take(&mut chunk);
             for (key, seen) in &due {
-                self.visit(key, seen, now_ns, map, out);
+                if self.visit(key, seen, now_ns, map, out) {
+                    waiting += 1;
+                    self.note_waiting(key);
+                }
             }
             chunk = due;
         }
@@ -1103,6 +1107,19 @@ mod tests {
             assert_eq!(l.booked(), 0);
             l.finish_is(3 * S, 0);
         }
+    }
+
+    /// Found by the `tracker` fuzz target: before the clock had run for a SYN timeout, the
+    /// cutoff for due entries saturated to 1 and an entry of time 0 was due though young: it
+    /// was neither counted waiting nor decided.
+    #[test]
+    fn nothing_is_due_before_the_clock_has_run_a_syn_timeout() {
+        let mut l = Lab::new(Tracker::new(3 * S, 60 * S), true);
+        l.syn(0, key(1000), 1);
+        l.sweep(2 * S);
+        assert_eq!((l.t.pending(), l.out.len()), (1, 0));
+        l.sweep(3 * S);
+        assert_eq!(l.kinds(), [OutcomeKind::Lost]);
     }
 
     /// Found by the `tracker` fuzz target: an entry the walk left for the pairing of an answer
