@@ -556,8 +556,12 @@ impl Tracker {
         // The common case: the map finds the due entries itself; nothing else is read.
         let cut = ExpireCutoffs {
             // Nothing is due before the clock has run for a SYN timeout (late window).
-            waiting_before_ns: now_ns.checked_sub(self.syn_timeout_ns).map_or(0, |t| t + 1),
-            lost_before_ns: now_ns.checked_sub(self.late_window_ns).map_or(0, |t| t + 1),
+            waiting_before_ns: now_ns
+                .checked_sub(self.syn_timeout_ns)
+                .map_or(0, |t| t.saturating_add(1)),
+            lost_before_ns: now_ns
+                .checked_sub(self.late_window_ns)
+                .map_or(0, |t| t.saturating_add(1)),
         };
         let found = if full || prune || !wanted.is_empty() {
             None
