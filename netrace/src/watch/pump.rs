@@ -57,6 +57,9 @@ const DRAIN: Duration = Duration::from_millis(50);
 const SWEEP_MAX: Duration = Duration::from_secs(1);
 /// ... and never more often than every SWEEP_SHARE times its own duration (2 % of a core).
 const SWEEP_SHARE: u32 = 50;
+/// ... but at least this often: the tracker's windows (repeat, late) assume sweeps well inside
+/// them.
+const SWEEP_SPACED_MAX: Duration = Duration::from_secs(10);
 /// How often the live progress line is redrawn.
 const DRAW: Duration = Duration::from_secs(1);
 /// How often the verdict so far is worked out for the metrics.
@@ -244,7 +247,7 @@ impl Pump {
         // more than 1/SWEEP_SHARE of the time; lost connections are then decided later.
         let every = (self.cfg.syn_timeout / 4)
             .clamp(TICK, SWEEP_MAX)
-            .max(self.sweep_cost * SWEEP_SHARE);
+            .max((self.sweep_cost * SWEEP_SHARE).min(SWEEP_SPACED_MAX));
         if self.last_sweep.elapsed() >= every {
             let started = Instant::now();
             self.last_sweep = started;
