@@ -259,13 +259,16 @@ impl Pump {
                 c.prune(now);
             }
             self.sweep_cost = started.elapsed();
+            // With the sweep: a read of every counter is a system call each.
+            self.metrics.kernel_counters(
+                loader::COUNTERS
+                    .iter()
+                    .map(|(c, name)| (*name, kernel.counter(*c))),
+                self.tracker.pending() as u64,
+            );
+        } else {
+            self.metrics.heartbeat();
         }
-        self.metrics.kernel_counters(
-            loader::COUNTERS
-                .iter()
-                .map(|(c, name)| (*name, kernel.counter(*c))),
-            self.tracker.pending() as u64,
-        );
         let signs = TranslationSigns::new(self.hook, &self.tracker.stats);
         if signs.out_of_sight(self.histogram.totals.attempts) {
             self.live.warn(Some(advice::OUT_OF_SIGHT_LIVE.to_string()));
@@ -459,6 +462,9 @@ impl Pump {
             **seen = *b;
         }
         self.books_buf = buf;
+        // The metrics by interface, destination and port bucket: one update per group, not
+        // one per port (each costs label strings and a lookup).
+        let mut groups: HashMap<(u32, Destination, usize, bool), (u16, u64)> = HashMap::new();
         for (k, port, n) in &fresh {
             let key = FlowKey {
                 family: k.family,
@@ -472,13 +478,26 @@ impl Pump {
                 self.histogram.add(*port, OutcomeKind::Answered);
                 self.destinations.add(dst, *port, OutcomeKind::Answered);
             }
-            let name = self.interfaces.name(k.ifindex);
+            let bucket = self
+                .histogram
+                .buckets
+                .iter()
+                .position(|b| b.range().contains(*port))
+                .unwrap_or(usize::MAX);
+            let inside = self.cfg.allowed.contains(*port);
+            groups
+                .entry((k.ifindex, dst, bucket, inside))
+                .or_insert((*port, 0))
+                .1 += *n;
+        }
+        for ((ifindex, dst, _, _), (port, n)) in groups {
+            let name = self.interfaces.name(ifindex);
             self.metrics.outcomes(
                 &name,
                 OutcomeKind::Answered,
-                *port,
+                port,
                 SocketAddr::new(dst.addr, dst.port),
-                *n,
+                n,
             );
         }
         let rtt = books.rtt();

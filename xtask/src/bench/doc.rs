@@ -138,8 +138,8 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
         "netrace is meant to run on every node all the time. Its default mode keeps the books \
          in the kernel: no event per SYN, answered connections counted in the kernel's answer \
          books and round-trip histogram, only lost, refused, unreachable and late ones sent \
-         one by one; user space finds expired SYNs by walking the kernel's pending maps in \
-         batches. The targets:\n"
+         one by one; the kernel's map iterators hand user space only the expired SYNs (a \
+         batched walk of the whole map where iterators do not load). The targets:\n"
     )?;
     let target_rows: Vec<&Row> = rows.iter().filter(|r| r.met.is_some()).collect();
     writeln!(d, "| target | measured | result |")?;
