@@ -109,24 +109,18 @@ pub fn run_iter(link: BorrowedFd<'_>, out: &mut Vec<u8>) -> io::Result<()> {
 
 /// A bpf(2) command that returns a new file descriptor.
 fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
-    // SAFETY: as in `bpf`.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let r = sys_bpf(cmd, attr)?;
     let raw = i32::try_from(r).map_err(|_| io::Error::other("bpf(2) returned no descriptor"))?;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+    sys_bpf(cmd, attr).map(|_| ())
+}
+
+/// The system call itself: its non-negative result, or the error.
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, initialised `repr(C)` prefix of `union bpf_attr` whose
     // pointers (if any) point at buffers the caller keeps alive for the call; the size passed
     // is its own.
@@ -141,7 +135,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(r)
     }
 }
 
