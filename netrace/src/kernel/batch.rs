@@ -150,16 +150,22 @@ pub struct Walk<K, V> {
 
 impl<K: Pod + Default, V: Pod + Default> Default for Walk<K, V> {
     fn default() -> Self {
-        Self {
-            keys: vec![K::default(); CHUNK],
-            values: vec![V::default(); CHUNK],
-            pos: None,
-            done: false,
-        }
+        Self::with_chunk(CHUNK)
     }
 }
 
 impl<K: Pod + Default, V: Pod + Default> Walk<K, V> {
+    /// A walk of `chunk` entries per batch (it grows if one bucket holds more). Large values
+    /// (the 1 KiB answer books) want a small chunk: the buffers are zeroed once, when made.
+    pub fn with_chunk(chunk: usize) -> Self {
+        Self {
+            keys: vec![K::default(); chunk.max(1)],
+            values: vec![V::default(); chunk.max(1)],
+            pos: None,
+            done: false,
+        }
+    }
+
     /// Starts over from the first bucket (the buffers are kept).
     pub fn restart(&mut self) {
         self.pos = None;

@@ -283,18 +283,23 @@ impl PendingMap for Pending {
 pub struct Books {
     pub books: HashMap<MapData, BookKey, AnswerBook>,
     pub rtt: Array<MapData, u64>,
+    /// Kept between reads: its buffers are made (and zeroed) once.
+    walk: batch::Walk<BookKey, AnswerBook>,
 }
+
+/// Books per batch when reading them (1 KiB each).
+const BOOKS_CHUNK: usize = 64;
 
 impl Books {
     /// Every book, into `out` (cleared first).
-    pub fn walk_into(&self, out: &mut Vec<(BookKey, AnswerBook)>) -> std::io::Result<()> {
+    pub fn walk_into(&mut self, out: &mut Vec<(BookKey, AnswerBook)>) -> std::io::Result<()> {
         out.clear();
-        batch::walk(
-            self.books.map().fd().as_fd(),
-            |k: &BookKey, v: &AnswerBook| {
-                out.push((*k, *v));
-            },
-        )
+        self.walk.restart();
+        while !self.walk.done() {
+            let (keys, values) = self.walk.next_batch(self.books.map().fd().as_fd())?;
+            out.extend(keys.iter().copied().zip(values.iter().copied()));
+        }
+        Ok(())
     }
 
     /// The round-trip histogram's slots (cumulative).
@@ -352,6 +357,7 @@ pub fn load(
     let books = Books {
         books: HashMap::try_from(take("BOOKS")?)?,
         rtt: Array::try_from(take("RTT")?)?,
+        walk: batch::Walk::with_chunk(BOOKS_CHUNK),
     };
     let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
     let syn_ports = Array::try_from(take("SYN_PORTS")?)?;

@@ -329,6 +329,18 @@ impl Tracker {
         self.waiting
     }
 
+    /// Whether the tracker holds nothing and the pending map held nothing at the last sweep:
+    /// until a new SYN, a sweep would find nothing to do.
+    pub fn idle(&self) -> bool {
+        self.waiting == 0
+            && self.lost.is_empty()
+            && self.decided.is_empty()
+            && self.by_isn.is_empty()
+            && self.unmatched.is_empty()
+            && self.answered_late.is_empty()
+            && self.lost_memory.is_empty()
+    }
+
     /// Source ports of the entries still waiting at the last sweep.
     pub fn waiting_ports(&self) -> impl Iterator<Item = u16> + '_ {
         self.waiting_ports.iter().enumerate().flat_map(|(w, bits)| {

@@ -50,7 +50,8 @@ use crate::{
 const MAX_LISTED: usize = 100_000;
 const TICK: Duration = Duration::from_millis(250);
 /// The kernel wakes netrace only when a quarter of the ring buffer is full; below that,
-/// events are collected this often.
+/// events are collected this often while they come, and with the tick when they do not (an
+/// idle node wakes netrace a few times a second, not twenty).
 const DRAIN: Duration = Duration::from_millis(50);
 /// The kernel map is walked at most this often (and at least every quarter of the SYN
 /// timeout): each walk visits every bucket of the map.
@@ -131,6 +132,10 @@ pub struct Pump {
     books_seen: HashMap<BookKey, Box<AnswerBook>>,
     books_buf: Vec<(BookKey, AnswerBook)>,
     rtt_seen: Vec<u64>,
+    /// The kernel's count of SYNs at the last pass over the pending maps, and of booked
+    /// answers at the last read of the books: unchanged, there is nothing new to read.
+    swept_syns: u64,
+    read_booked: u64,
     last_sweep: Instant,
     /// How long the last sweep took.
     sweep_cost: Duration,
@@ -179,6 +184,8 @@ impl Pump {
             books_seen: HashMap::new(),
             books_buf: Vec::new(),
             rtt_seen: vec![0; RTT_SLOTS as usize],
+            swept_syns: u64::MAX,
+            read_booked: u64::MAX,
             last_sweep: Instant::now(),
             sweep_cost: Duration::ZERO,
             node,
@@ -200,8 +207,7 @@ impl Pump {
             .unwrap_or_else(|| {
                 tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86400)
             });
-        let mut drain_tick = interval(DRAIN);
-        drain_tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut next_drain = tokio::time::Instant::now() + DRAIN;
         let mut tick = interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let end = loop {
@@ -214,8 +220,9 @@ impl Pump {
                         break End::BrokenPipe;
                     }
                 }
-                _ = drain_tick.tick() => {
-                    self.drain(kernel.ring.get_mut());
+                _ = sleep_until(next_drain) => {
+                    let busy = self.drain(kernel.ring.get_mut()) > 0;
+                    next_drain = tokio::time::Instant::now() + if busy { DRAIN } else { TICK };
                     if self.record().is_err() {
                         break End::BrokenPipe;
                     }
@@ -252,9 +259,20 @@ impl Pump {
             let started = Instant::now();
             self.last_sweep = started;
             let now = monotonic_ns();
-            self.tracker
-                .sweep(now, &mut kernel.pending, &mut self.outcomes);
-            self.read_books(&kernel.books);
+            // Read before the pass: a SYN or an answer counted after this read is looked at
+            // by the next sweep. With nothing held and no SYN since the last pass, the maps
+            // are empty: an idle node costs no pass over their buckets.
+            let syns = kernel.counter(Counter::SynSeen);
+            if syns != self.swept_syns || !self.tracker.idle() {
+                self.tracker
+                    .sweep(now, &mut kernel.pending, &mut self.outcomes);
+                self.swept_syns = syns;
+            }
+            let booked = kernel.counter(Counter::AnsweredBooked);
+            if booked != self.read_booked {
+                self.read_books(&mut kernel.books);
+                self.read_booked = booked;
+            }
             if let Some(c) = self.correlator.as_mut() {
                 c.prune(now);
             }
@@ -438,13 +456,13 @@ impl Pump {
         for port in waiting {
             self.know(port);
         }
-        self.read_books(&kernel.books);
+        self.read_books(&mut kernel.books);
         (pending_at_exit, self.record())
     }
 
     /// Counts what the kernel booked since the last read: answered connections by interface,
     /// destination and source port, and their round trips.
-    fn read_books(&mut self, books: &Books) {
+    fn read_books(&mut self, books: &mut Books) {
         let mut buf = std::mem::take(&mut self.books_buf);
         if let Err(e) = books.walk_into(&mut buf) {
             log::debug!("reading the answer books: {e}");
@@ -512,8 +530,11 @@ impl Pump {
     }
 
     /// Reads every record waiting in the ring buffer into the tracker and the correlator.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    /// Reads every record in the ring; returns how many.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> usize {
+        let mut n = 0;
         while let Some(item) = ring.next() {
+            n += 1;
             match Record::try_from(&*item) {
                 Ok(Record::Conn(ev)) => {
                     if let Some(c) = self.correlator.as_mut() {
@@ -540,6 +561,7 @@ impl Pump {
                 }
             }
         }
+        n
     }
 
     /// Records the outcomes collected so far; JSON lines go out at once. Errors only on a
