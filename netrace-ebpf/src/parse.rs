@@ -1,12 +1,16 @@
-//! The classifiers' side of parsing: a fast path that lets the common packets (data and plain
-//! ACKs) leave with a few direct reads, then the shared parser (`netrace_common::parse`, the
-//! same rules `netrace analyze` runs over captures) reading through `bpf_skb_load_bytes`.
+//! The classifiers' side of parsing: a fast path that judges packets in the common shape with
+//! direct reads (data and plain ACKs leave, SYNs and answers are parsed in place), then the
+//! shared parser (`netrace_common::parse`, the same rules `netrace analyze` runs over
+//! captures) reading through `bpf_skb_load_bytes` for everything else.
 
 use aya_ebpf::programs::TcContext;
-use netrace_common::parse::{
-    self, be16, flags_matter, Direction, Link, Packet, Parsed, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q,
-    ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPV6_AUTH, IPV6_DEST_OPTS,
-    IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING,
+use netrace_common::{
+    parse::{
+        self, be16, flags_matter, Answer, Direction, Link, Packet, Parsed, ETH_HLEN, ETH_P_8021AD,
+        ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPV6_AUTH,
+        IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, TCP_ACK, TCP_RST, TCP_SYN,
+    },
+    FAMILY_V4, FAMILY_V6,
 };
 
 use crate::count;
@@ -22,81 +26,202 @@ impl Packet for Skb<'_> {
     }
 }
 
-/// The fast path: most packets are plain data or ACKs in the common shape (untagged IPv4
-/// without options, untagged IPv6 straight to TCP or UDP), readable in the skb's linear data.
-/// Judged with direct packet reads, they leave here. `false` only where the full parser would
-/// also drop the packet without touching a counter; anything unusual (tags, options,
-/// fragments, extension headers, short or non-linear data) goes on to the full parser.
-/// `L2` is the link-layer header's length: 14 (Ethernet) or 0 (the packet starts at IP).
+/// What the fast path made of a packet.
+enum Fast {
+    /// Nothing the full parser would count or report.
+    Irrelevant,
+    /// A SYN or an answer in the common shape, parsed exactly as the full parser would.
+    Parsed(Parsed),
+    /// Anything unusual: the full parser decides.
+    Full,
+}
+
+/// The fast path: most packets are in the common shape (untagged IPv4 without options,
+/// untagged IPv6 straight to TCP or UDP) with their headers in the skb's linear data. Read
+/// with direct packet reads, plain data and ACKs leave at once, and SYNs and answers are
+/// parsed without a copy (`bpf_skb_load_bytes` is a helper call per header). Anything unusual
+/// (tags, options, fragments, extension headers, short or non-linear data, ICMP) goes on to
+/// the full parser, which counts what it drops. `L2` is the link-layer header's length: 14
+/// (Ethernet) or 0 (the packet starts at IP).
 #[inline(always)]
-fn surely_irrelevant<const L2: usize>(ctx: &TcContext, dir: Direction) -> bool {
+fn fast<const L2: usize>(ctx: &TcContext, dir: Direction) -> Fast {
     let (data, end) = (ctx.data(), ctx.data_end());
     // Link header + IPv4 (20) + TCP base header (20), the shortest shape judged here.
     if data + L2 + 40 > end {
-        return false;
+        return Fast::Full;
     }
-    // SAFETY: every read below is at a constant offset under L2 + 40, inside the bound just
-    // checked; the verifier checks the same.
+    // SAFETY: every read below through `at` is at a constant offset under L2 + 40, inside the
+    // bound just checked; the verifier checks the same.
     let at = |off: usize| unsafe { *((data + off) as *const u8) };
     let v6 = if L2 == ETH_HLEN {
         match be16(at(12), at(13)) {
             ETH_P_IP => false,
             ETH_P_IPV6 => true,
-            ETH_P_8021Q | ETH_P_8021AD => return false,
+            ETH_P_8021Q | ETH_P_8021AD => return Fast::Full,
             // ARP, LLDP, ...: never interesting, and the full parser counts nothing for them.
-            _ => return true,
+            _ => return Fast::Irrelevant,
         }
     } else {
         match at(0) >> 4 {
             4 => false,
             6 => true,
-            _ => return false,
+            _ => return Fast::Full,
         }
     };
-    let (l4, next) = if !v6 {
+    // Where TCP starts, the next protocol, and where the IP packet ends by its own length
+    // (as the full parser computes it).
+    let (l4, next, ip_end) = if !v6 {
         // Version 4, IHL 5, not a later fragment.
         if at(L2) != 0x45 || be16(at(L2 + 6), at(L2 + 7)) & 0x1fff != 0 {
-            return false;
+            return Fast::Full;
         }
-        (L2 + 20, at(L2 + 9))
+        let total = be16(at(L2 + 2), at(L2 + 3)) as usize;
+        let ip_end = if total > 20 { L2 + total } else { L2 + 20 };
+        (L2 + 20, at(L2 + 9), ip_end)
     } else {
         if data + L2 + 60 > end || at(L2) >> 4 != 6 {
-            return false;
+            return Fast::Full;
         }
         // SAFETY: as above, now under L2 + 60.
-        let next = unsafe { *((data + L2 + 6) as *const u8) };
-        (L2 + 40, next)
+        let (next, p0, p1) = unsafe {
+            (
+                *((data + L2 + 6) as *const u8),
+                *((data + L2 + 4) as *const u8),
+                *((data + L2 + 5) as *const u8),
+            )
+        };
+        (L2 + 40, next, L2 + 40 + be16(p0, p1) as usize)
     };
     match next {
-        IPPROTO_TCP => {
-            let tcp = data + l4;
-            if tcp + 20 > end {
-                return false;
-            }
-            // SAFETY: offsets 12 and 13 of the 20 bytes just checked.
-            let (off_byte, flags) =
-                unsafe { (*((tcp + 12) as *const u8), *((tcp + 13) as *const u8)) };
-            let doff = (off_byte >> 4) as usize * 4;
-            // Malformed or cut short: the full parser counts those.
-            doff >= 20 && tcp + doff <= end && !flags_matter(flags, dir)
+        IPPROTO_TCP => {}
+        IPPROTO_ICMP if !v6 => {
+            return if dir == Direction::Egress {
+                Fast::Irrelevant
+            } else {
+                Fast::Full
+            };
         }
-        IPPROTO_ICMP if !v6 => dir == Direction::Egress,
-        IPPROTO_ICMPV6 if v6 => dir == Direction::Egress,
+        IPPROTO_ICMPV6 if v6 => {
+            return if dir == Direction::Egress {
+                Fast::Irrelevant
+            } else {
+                Fast::Full
+            };
+        }
         // IPv6 extension headers: the full parser walks them.
-        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_AUTH | IPV6_DEST_OPTS if v6 => false,
-        _ => true,
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_AUTH | IPV6_DEST_OPTS if v6 => {
+            return Fast::Full;
+        }
+        _ => return Fast::Irrelevant,
     }
+    let tcp = data + l4;
+    if tcp + 20 > end {
+        return Fast::Full;
+    }
+    // SAFETY: offsets under 20 of the TCP header just checked.
+    let t = |off: usize| unsafe { *((tcp + off) as *const u8) };
+    let doff = (t(12) >> 4) as usize * 4;
+    // Malformed or cut short: the full parser counts those.
+    if doff < 20 || tcp + doff > end {
+        return Fast::Full;
+    }
+    let flags = t(13);
+    if !flags_matter(flags, dir) {
+        return Fast::Irrelevant;
+    }
+    let (src, dst) = if !v6 {
+        (
+            [
+                at(L2 + 12),
+                at(L2 + 13),
+                at(L2 + 14),
+                at(L2 + 15),
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ],
+            [
+                at(L2 + 16),
+                at(L2 + 17),
+                at(L2 + 18),
+                at(L2 + 19),
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    } else {
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        let mut i = 0;
+        while i < 16 {
+            // SAFETY: offsets L2 + 8 .. L2 + 40, under the L2 + 60 bound checked for IPv6.
+            unsafe {
+                src[i] = *((data + L2 + 8 + i) as *const u8);
+                dst[i] = *((data + L2 + 24 + i) as *const u8);
+            }
+            i += 1;
+        }
+        (src, dst)
+    };
+    let family = if v6 { FAMILY_V6 } else { FAMILY_V4 };
+    let (sport, dport) = (be16(t(0), t(1)), be16(t(2), t(3)));
+    if let Direction::Egress = dir {
+        let data_end = l4 + doff;
+        let data_len = if ip_end > data_end {
+            (ip_end - data_end) as u32
+        } else {
+            0
+        };
+        return Fast::Parsed(Parsed::Syn {
+            key: parse::key(family, src, dst, sport, dport),
+            isn: u32::from_be_bytes([t(4), t(5), t(6), t(7)]),
+            data_len,
+        });
+    }
+    let answer = if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK {
+        Answer::SynAck
+    } else {
+        // flags_matter on ingress: the other case is RST+ACK.
+        Answer::Rst
+    };
+    // The answer travels the other way: its destination is the connecting side.
+    Fast::Parsed(Parsed::Answer {
+        key: parse::key(family, dst, src, dport, sport),
+        ack: u32::from_be_bytes([t(8), t(9), t(10), t(11)]),
+        answer,
+    })
 }
 
 /// Parses the packet in `ctx`, counting why when it means nothing.
 #[inline(always)]
 pub fn parse(ctx: &TcContext, link: Link, dir: Direction) -> Option<Parsed> {
-    let irrelevant = match link {
-        Link::Ethernet => surely_irrelevant::<ETH_HLEN>(ctx, dir),
-        Link::RawIp => surely_irrelevant::<0>(ctx, dir),
+    let fast = match link {
+        Link::Ethernet => fast::<ETH_HLEN>(ctx, dir),
+        Link::RawIp => fast::<0>(ctx, dir),
     };
-    if irrelevant {
-        return None;
+    match fast {
+        Fast::Irrelevant => return None,
+        Fast::Parsed(p) => return Some(p),
+        Fast::Full => {}
     }
     match parse::parse(&Skb(ctx), link, dir) {
         Ok(p) => Some(p),
