@@ -30,7 +30,9 @@ pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
 ///
 /// Addresses are stored in network byte order in the first 4 (IPv4) or 16 (IPv6) bytes; the
 /// rest is zero. Ports are in host byte order. `src` is always the local (connecting) side.
-#[repr(C)]
+// Aligned to 8 (same size and layout): the kernel programs copy and compare keys in 8-byte
+// words instead of byte by byte.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub family: u8,
@@ -146,7 +148,7 @@ impl PendingSlot {
 }
 
 /// The key of the IPv4 pending map: 12 bytes instead of [`FlowKey`]'s 40.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct V4Key {
     pub src_addr: [u8; 4],
@@ -156,7 +158,7 @@ pub struct V4Key {
 }
 
 /// The key of the IPv6 pending map.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct V6Key {
     pub src_addr: [u8; 16],
