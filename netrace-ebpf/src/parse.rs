@@ -10,7 +10,7 @@ use netrace_common::{
         ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPV6_AUTH,
         IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, TCP_ACK, TCP_RST, TCP_SYN,
     },
-    FAMILY_V4, FAMILY_V6,
+    FlowKey, FAMILY_V4, FAMILY_V6,
 };
 
 use crate::count;
@@ -68,29 +68,20 @@ fn fast<const L2: usize>(ctx: &TcContext, dir: Direction) -> Fast {
             _ => return Fast::Full,
         }
     };
-    // Where TCP starts, the next protocol, and where the IP packet ends by its own length
-    // (as the full parser computes it).
-    let (l4, next, ip_end) = if !v6 {
+    // Where TCP starts and the next protocol.
+    let (l4, next) = if !v6 {
         // Version 4, IHL 5, not a later fragment.
         if at(L2) != 0x45 || be16(at(L2 + 6), at(L2 + 7)) & 0x1fff != 0 {
             return Fast::Full;
         }
-        let total = be16(at(L2 + 2), at(L2 + 3)) as usize;
-        let ip_end = if total > 20 { L2 + total } else { L2 + 20 };
-        (L2 + 20, at(L2 + 9), ip_end)
+        (L2 + 20, at(L2 + 9))
     } else {
         if data + L2 + 60 > end || at(L2) >> 4 != 6 {
             return Fast::Full;
         }
         // SAFETY: as above, now under L2 + 60.
-        let (next, p0, p1) = unsafe {
-            (
-                *((data + L2 + 6) as *const u8),
-                *((data + L2 + 4) as *const u8),
-                *((data + L2 + 5) as *const u8),
-            )
-        };
-        (L2 + 40, next, L2 + 40 + be16(p0, p1) as usize)
+        let next = unsafe { *((data + L2 + 6) as *const u8) };
+        (L2 + 40, next)
     };
     match next {
         IPPROTO_TCP => {}
@@ -129,62 +120,56 @@ fn fast<const L2: usize>(ctx: &TcContext, dir: Direction) -> Fast {
     if !flags_matter(flags, dir) {
         return Fast::Irrelevant;
     }
-    let (src, dst) = if !v6 {
-        (
-            [
-                at(L2 + 12),
-                at(L2 + 13),
-                at(L2 + 14),
-                at(L2 + 15),
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-            ],
-            [
-                at(L2 + 16),
-                at(L2 + 17),
-                at(L2 + 18),
-                at(L2 + 19),
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-            ],
-        )
+    // The key is written in place, oriented with the connecting side as source: a zeroed key
+    // (whole words), then the address bytes (byte-wise copies would call memset for the rest).
+    let egress = dir == Direction::Egress;
+    let mut key = FlowKey {
+        family: if v6 { FAMILY_V6 } else { FAMILY_V4 },
+        ..FlowKey::default()
+    };
+    let (sport, dport) = (be16(t(0), t(1)), be16(t(2), t(3)));
+    if !v6 {
+        let (local, remote) = if egress {
+            (L2 + 12, L2 + 16)
+        } else {
+            (L2 + 16, L2 + 12)
+        };
+        let mut i = 0;
+        while i < 4 {
+            key.src_addr[i] = at(local + i);
+            key.dst_addr[i] = at(remote + i);
+            i += 1;
+        }
     } else {
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
+        let (local, remote) = if egress {
+            (L2 + 8, L2 + 24)
+        } else {
+            (L2 + 24, L2 + 8)
+        };
         let mut i = 0;
         while i < 16 {
             // SAFETY: offsets L2 + 8 .. L2 + 40, under the L2 + 60 bound checked for IPv6.
             unsafe {
-                src[i] = *((data + L2 + 8 + i) as *const u8);
-                dst[i] = *((data + L2 + 24 + i) as *const u8);
+                key.src_addr[i] = *((data + local + i) as *const u8);
+                key.dst_addr[i] = *((data + remote + i) as *const u8);
             }
             i += 1;
         }
-        (src, dst)
-    };
-    let family = if v6 { FAMILY_V6 } else { FAMILY_V4 };
-    let (sport, dport) = (be16(t(0), t(1)), be16(t(2), t(3)));
-    if let Direction::Egress = dir {
+    }
+    if egress {
+        key.src_port = sport;
+        key.dst_port = dport;
+        // Where the IP packet ends by its own length, as the full parser computes it.
+        let ip_end = if !v6 {
+            let total = be16(at(L2 + 2), at(L2 + 3)) as usize;
+            if total > 20 {
+                L2 + total
+            } else {
+                L2 + 20
+            }
+        } else {
+            L2 + 40 + be16(at(L2 + 4), at(L2 + 5)) as usize
+        };
         let data_end = l4 + doff;
         let data_len = if ip_end > data_end {
             (ip_end - data_end) as u32
@@ -192,20 +177,22 @@ fn fast<const L2: usize>(ctx: &TcContext, dir: Direction) -> Fast {
             0
         };
         return Fast::Parsed(Parsed::Syn {
-            key: parse::key(family, src, dst, sport, dport),
+            key,
             isn: u32::from_be_bytes([t(4), t(5), t(6), t(7)]),
             data_len,
         });
     }
+    // The answer travels the other way: its destination is the connecting side.
+    key.src_port = dport;
+    key.dst_port = sport;
     let answer = if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK {
         Answer::SynAck
     } else {
         // flags_matter on ingress: the other case is RST+ACK.
         Answer::Rst
     };
-    // The answer travels the other way: its destination is the connecting side.
     Fast::Parsed(Parsed::Answer {
-        key: parse::key(family, dst, src, dport, sport),
+        key,
         ack: u32::from_be_bytes([t(8), t(9), t(10), t(11)]),
         answer,
     })
