@@ -367,7 +367,9 @@ fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
          TIME_WAIT state piles up over millions of connections (a SYN meeting an old \
          TIME_WAIT is answered only after a 1 s retransmission; *slow* counts connects over \
          100 ms). The targets compare netrace's ratio with the empty classifier's and \
-         tcpdump's of the same run, in points.\n",
+         tcpdump's of the same run, in points: the median over the rounds of the difference \
+         between the two modes' ratios in the same round (paired, so that a round when the \
+         whole machine was slower weighs on both sides).\n",
         f(t, "/seconds"),
         f(t, "/rounds"),
         s(t, "/tcpdump_filter")

@@ -187,7 +187,7 @@ fn probe_json(probe: &Path, args: &[&str]) -> anyhow::Result<Value> {
         .with_context(|| format!("bench_probe {} printed no JSON", args.join(" ")))
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     match s.len() {
