@@ -162,3 +162,54 @@ fn text_events_and_interval_lines() {
     assert!(last.contains("outside: "), "{ctx}");
     lab.teardown().expect("teardown");
 }
+
+/// An idle node costs netrace no pass over its maps and no read of its books (nothing new
+/// since the last one); connections after a quiet spell must still all be seen: every
+/// timeout streamed as lost, every connect counted answered, nothing in the quiet windows.
+#[test]
+fn connections_after_a_quiet_spell_are_all_seen() {
+    require_root();
+    let lab = Lab::seed().expect("building the seed lab");
+    let opts = NetraceOptions::for_lab(&lab, netrace_bin().expect("the netrace binary"))
+        .syn_timeout(Duration::from_millis(1500))
+        .args(["--events", "lost", "--interval", "1s"]);
+    let run = NetraceRun::start(&opts).expect("starting netrace");
+    // Several sweep periods with no SYN at all.
+    std::thread::sleep(Duration::from_secs(3));
+    let attempts = lab
+        .client()
+        .tcp(lab.server_addr(Family::V4), 60, &|_, _| {})
+        .expect("the client");
+    run.settle();
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = run.stop().expect("stopping netrace");
+    let ctx = out.describe();
+    let counts = TcpCounts::of(&attempts);
+    assert!(counts.timed_out > 0 && counts.connected > 0, "{counts:?}");
+
+    let lost = out
+        .connections()
+        .filter(|c| c["outcome"] == "lost" || c["outcome"] == "abandoned")
+        .count();
+    assert_eq!(lost, counts.timed_out, "{ctx}");
+    let summary = out.summary().unwrap_or_else(|| panic!("{ctx}"));
+    assert_eq!(
+        field(summary, "/totals/answered"),
+        counts.connected as u64,
+        "{ctx}"
+    );
+    assert_eq!(
+        field(summary, "/totals/lost"),
+        counts.timed_out as u64,
+        "{ctx}"
+    );
+    // The quiet spell's windows saw nothing; the first ones cover it.
+    let intervals: Vec<&Value> = out
+        .json
+        .iter()
+        .filter(|v| v["type"] == "interval")
+        .collect();
+    assert!(intervals.len() >= 3, "expected interval objects\n{ctx}");
+    assert_eq!(field(intervals[0], "/window/attempts"), 0, "{ctx}");
+    lab.teardown().expect("teardown");
+}
