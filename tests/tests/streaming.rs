@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use netrace_lab::{
-    netrace_bin, require_root, Family, Lab, NetraceOptions, NetraceRun, Output, TcpCounts,
+    netrace_bin, require_root, Family, Lab, NetraceOptions, NetraceOutput, NetraceRun, Output,
+    TcpCounts,
 };
 use serde_json::Value;
 
@@ -20,25 +21,45 @@ fn field(v: &Value, pointer: &str) -> u64 {
         .unwrap_or_else(|| panic!("no number at {pointer} in {v}"))
 }
 
+/// `netrace watch` on the lab streaming its losses and a summary every second; after `quiet`
+/// with no traffic, `n` connections from the client; netrace stopped one interval after
+/// everything is decided. Its output, and the client's own counts (some of each outcome).
+fn connect_and_stop(lab: &Lab, quiet: Duration, n: usize) -> (NetraceOutput, TcpCounts) {
+    let opts = NetraceOptions::for_lab(lab, netrace_bin().expect("the netrace binary"))
+        .syn_timeout(Duration::from_millis(1500))
+        .args(["--events", "lost", "--interval", "1s"]);
+    let run = NetraceRun::start(&opts).expect("starting netrace");
+    std::thread::sleep(quiet);
+    let attempts = lab
+        .client()
+        .tcp(lab.server_addr(Family::V4), n, &|_, _| {})
+        .expect("the client");
+    run.settle();
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = run.stop().expect("stopping netrace");
+    let counts = TcpCounts::of(&attempts);
+    assert!(counts.timed_out > 0 && counts.connected > 0, "{counts:?}");
+    (out, counts)
+}
+
+/// The streamed records of connections the client saw time out.
+fn timed_out<'a>(records: impl Iterator<Item = &'a Value>) -> usize {
+    records
+        .filter(|c| c["outcome"] == "lost" || c["outcome"] == "abandoned")
+        .count()
+}
+
+/// The `"type":"interval"` objects, in order.
+fn intervals(json: &[Value]) -> Vec<&Value> {
+    json.iter().filter(|v| v["type"] == "interval").collect()
+}
+
 #[test]
 fn json_events_lost_and_intervals_add_up() {
     require_root();
     let lab = Lab::seed().expect("building the seed lab");
-    let opts = NetraceOptions::for_lab(&lab, netrace_bin().expect("the netrace binary"))
-        .syn_timeout(Duration::from_millis(1500))
-        .args(["--events", "lost", "--interval", "1s"]);
-    let run = NetraceRun::start(&opts).expect("starting netrace");
-    let attempts = lab
-        .client()
-        .tcp(lab.server_addr(Family::V4), 120, &|_, _| {})
-        .expect("the client");
-    run.settle();
-    // At least one more interval after everything is decided.
-    std::thread::sleep(Duration::from_millis(1200));
-    let out = run.stop().expect("stopping netrace");
+    let (out, counts) = connect_and_stop(&lab, Duration::ZERO, 120);
     let ctx = out.describe();
-    let counts = TcpCounts::of(&attempts);
-    assert!(counts.timed_out > 0 && counts.connected > 0, "{counts:?}");
 
     // Only losses are streamed, one per connection the client saw time out.
     let streamed: Vec<&Value> = out.connections().collect();
@@ -46,19 +67,15 @@ fn json_events_lost_and_intervals_add_up() {
         streamed.iter().all(|c| c["outcome"] != "answered"),
         "--events lost streamed an answered connection\n{ctx}"
     );
-    let lost = streamed
-        .iter()
-        .filter(|c| c["outcome"] == "lost" || c["outcome"] == "abandoned")
-        .count();
-    assert_eq!(lost, counts.timed_out, "{ctx}");
+    assert_eq!(
+        timed_out(streamed.iter().copied()),
+        counts.timed_out,
+        "{ctx}"
+    );
 
     // The intervals: windows add up to the totals they report, and the last totals are the
     // summary's (everything was decided before the last interval).
-    let intervals: Vec<&Value> = out
-        .json
-        .iter()
-        .filter(|v| v["type"] == "interval")
-        .collect();
+    let intervals = intervals(&out.json);
     assert!(intervals.len() >= 2, "expected interval objects\n{ctx}");
     let summary = out.summary().unwrap_or_else(|| panic!("{ctx}"));
     let mut sum_attempts = 0;
@@ -170,28 +187,11 @@ fn text_events_and_interval_lines() {
 fn connections_after_a_quiet_spell_are_all_seen() {
     require_root();
     let lab = Lab::seed().expect("building the seed lab");
-    let opts = NetraceOptions::for_lab(&lab, netrace_bin().expect("the netrace binary"))
-        .syn_timeout(Duration::from_millis(1500))
-        .args(["--events", "lost", "--interval", "1s"]);
-    let run = NetraceRun::start(&opts).expect("starting netrace");
     // Several sweep periods with no SYN at all.
-    std::thread::sleep(Duration::from_secs(3));
-    let attempts = lab
-        .client()
-        .tcp(lab.server_addr(Family::V4), 60, &|_, _| {})
-        .expect("the client");
-    run.settle();
-    std::thread::sleep(Duration::from_millis(1200));
-    let out = run.stop().expect("stopping netrace");
+    let (out, counts) = connect_and_stop(&lab, Duration::from_secs(3), 60);
     let ctx = out.describe();
-    let counts = TcpCounts::of(&attempts);
-    assert!(counts.timed_out > 0 && counts.connected > 0, "{counts:?}");
 
-    let lost = out
-        .connections()
-        .filter(|c| c["outcome"] == "lost" || c["outcome"] == "abandoned")
-        .count();
-    assert_eq!(lost, counts.timed_out, "{ctx}");
+    assert_eq!(timed_out(out.connections()), counts.timed_out, "{ctx}");
     let summary = out.summary().unwrap_or_else(|| panic!("{ctx}"));
     assert_eq!(
         field(summary, "/totals/answered"),
@@ -204,11 +204,7 @@ fn connections_after_a_quiet_spell_are_all_seen() {
         "{ctx}"
     );
     // The quiet spell's windows saw nothing; the first ones cover it.
-    let intervals: Vec<&Value> = out
-        .json
-        .iter()
-        .filter(|v| v["type"] == "interval")
-        .collect();
+    let intervals = intervals(&out.json);
     assert!(intervals.len() >= 3, "expected interval objects\n{ctx}");
     assert_eq!(field(intervals[0], "/window/attempts"), 0, "{ctx}");
     lab.teardown().expect("teardown");
