@@ -282,7 +282,7 @@ impl PendingMap for Pending {
 /// event each.
 pub struct Books {
     pub books: HashMap<MapData, BookKey, AnswerBook>,
-    pub rtt: Array<MapData, u64>,
+    pub rtt: PerCpuArray<MapData, u64>,
     /// Kept between reads: its buffers are made (and zeroed) once.
     walk: batch::Walk<BookKey, AnswerBook>,
 }
@@ -305,7 +305,11 @@ impl Books {
     /// The round-trip histogram's slots (cumulative).
     pub fn rtt(&self) -> Vec<u64> {
         (0..RTT_SLOTS)
-            .map(|i| self.rtt.get(&i, 0).unwrap_or(0))
+            .map(|i| {
+                self.rtt
+                    .get(&i, 0)
+                    .map_or(0, |per_cpu| per_cpu.iter().sum::<u64>())
+            })
             .collect()
     }
 }
@@ -356,7 +360,7 @@ pub fn load(
 
     let books = Books {
         books: HashMap::try_from(take("BOOKS")?)?,
-        rtt: Array::try_from(take("RTT")?)?,
+        rtt: PerCpuArray::try_from(take("RTT")?)?,
         walk: batch::Walk::with_chunk(BOOKS_CHUNK),
     };
     let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
