@@ -452,10 +452,15 @@ impl Maps {
 
 impl CountersView<'_> {
     pub fn counter(&self, c: Counter) -> u64 {
+        self.try_counter(c).unwrap_or(0)
+    }
+
+    /// The counter, or `None` when it could not be read.
+    pub fn try_counter(&self, c: Counter) -> Option<u64> {
         self.counters
             .get(&(c as u32), 0)
+            .ok()
             .map(|v| v.iter().sum())
-            .unwrap_or(0)
     }
 
     /// SYN packets per source port, only the ports that saw any.

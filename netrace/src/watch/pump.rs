@@ -262,16 +262,17 @@ impl Pump {
             // Read before the pass: a SYN or an answer counted after this read is looked at
             // by the next sweep. With nothing held and no SYN since the last pass, the maps
             // are empty: an idle node costs no pass over their buckets.
-            let syns = kernel.counter(Counter::SynSeen);
-            if syns != self.swept_syns || !self.tracker.idle() {
+            // A counter that cannot be read counts as changed.
+            let syns = kernel.try_counter(Counter::SynSeen);
+            if syns.is_none_or(|n| n != self.swept_syns) || !self.tracker.idle() {
                 self.tracker
                     .sweep(now, &mut kernel.pending, &mut self.outcomes);
-                self.swept_syns = syns;
+                self.swept_syns = syns.unwrap_or(u64::MAX);
             }
-            let booked = kernel.counter(Counter::AnsweredBooked);
-            if booked != self.read_booked {
+            let booked = kernel.try_counter(Counter::AnsweredBooked);
+            if booked.is_none_or(|n| n != self.read_booked) {
                 self.read_books(&mut kernel.books);
-                self.read_booked = booked;
+                self.read_booked = booked.unwrap_or(u64::MAX);
             }
             if let Some(c) = self.correlator.as_mut() {
                 c.prune(now);

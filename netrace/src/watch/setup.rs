@@ -103,6 +103,11 @@ impl Kernel {
         Maps::counters_view(&self.counters, &self.syn_ports).counter(c)
     }
 
+    /// The counter, or `None` when it could not be read.
+    pub fn try_counter(&self, c: Counter) -> Option<u64> {
+        Maps::counters_view(&self.counters, &self.syn_ports).try_counter(c)
+    }
+
     /// Every kernel counter, by name.
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         loader::COUNTERS
