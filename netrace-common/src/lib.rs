@@ -229,23 +229,33 @@ pub struct ExpireCutoffs {
     pub lost_before_ns: u64,
 }
 
-/// An IPv4 entry due, as the iterator writes it.
+impl ExpireCutoffs {
+    /// Whether an entry in `state` ([`STATE_WAITING`] or [`STATE_LOST`]) whose first SYN was
+    /// at `first_ns` is due; `None` for any other state. The one rule of the kernel's
+    /// iterators and of the in-memory map.
+    #[inline(always)]
+    pub fn due(&self, state: u8, first_ns: u64) -> Option<bool> {
+        match state {
+            STATE_WAITING => Some(first_ns < self.waiting_before_ns),
+            STATE_LOST => Some(first_ns < self.lost_before_ns),
+            _ => None,
+        }
+    }
+}
+
+/// An entry due, as the iterator over the pending map keyed by `K` writes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ExpiredV4 {
-    pub key: V4Key,
+pub struct Expired<K> {
+    pub key: K,
     pub _pad: [u8; 4],
     pub slot: PendingSlot,
 }
 
-/// An IPv6 entry due, as the iterator writes it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ExpiredV6 {
-    pub key: V6Key,
-    pub _pad: [u8; 4],
-    pub slot: PendingSlot,
-}
+/// An IPv4 entry due.
+pub type ExpiredV4 = Expired<V4Key>;
+/// An IPv6 entry due.
+pub type ExpiredV6 = Expired<V6Key>;
 
 /// The last record of an iterator pass: how many entries that are not due the map holds,
 /// waiting and lost.

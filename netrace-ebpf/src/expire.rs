@@ -8,8 +8,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{bindings::seq_file, helpers::bpf_seq_write};
 use netrace_common::{
-    ExpireCutoffs, ExpireSummary, ExpiredV4, ExpiredV6, PendingSlot, V4Key, V6Key, STATE_LOST,
-    STATE_WAITING,
+    ExpireCutoffs, ExpireSummary, Expired, PendingSlot, V4Key, V6Key, STATE_LOST,
 };
 
 use crate::{EXPIRE_CUTOFFS, EXPIRE_TALLY};
@@ -85,14 +84,14 @@ fn visit(ctx: *const MapElemCtx) -> Option<(*mut seq_file, PendingSlot, *const c
     // SAFETY: a non-NULL value of this map: a PendingSlot, readable for the call.
     let slot = unsafe { *value };
     let cut: ExpireCutoffs = EXPIRE_CUTOFFS.get(0).copied().unwrap_or_default();
-    let (kind, due) = match slot.state {
-        STATE_WAITING => (WAITING, slot.first_ns < cut.waiting_before_ns),
-        STATE_LOST => (LOST, slot.first_ns < cut.lost_before_ns),
-        _ => return None,
-    };
-    if due {
+    if cut.due(slot.state, slot.first_ns)? {
         return Some((seq, slot, key));
     }
+    let kind = if slot.state == STATE_LOST {
+        LOST
+    } else {
+        WAITING
+    };
     // Counted: what stays in the map after the pass (the due ones are decided by user space).
     if let Some(p) = tally(kind) {
         // SAFETY: a valid per-CPU slot, as above.
@@ -101,16 +100,16 @@ fn visit(ctx: *const MapElemCtx) -> Option<(*mut seq_file, PendingSlot, *const c
     None
 }
 
-/// The IPv4 pending map's iterator.
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/bpf_map_elem")]
-pub extern "C" fn netrace_expire_v4(ctx: *mut c_void) -> i32 {
+/// One element of the pending map keyed by `K`: the record of a due entry, written out.
+#[inline(always)]
+fn expire<K: Copy>(ctx: *mut c_void) -> i32 {
     if let Some((seq, slot, key)) = visit(ctx as *const MapElemCtx) {
-        // SAFETY: a non-NULL key of the IPv4 map: a V4Key, readable for the call.
-        let key = unsafe { *(key as *const V4Key) };
+        // SAFETY: a non-NULL key of the map this iterator is linked to, whose keys are `K`
+        // (each entry point below is linked to its own map), readable for the call.
+        let key = unsafe { *(key as *const K) };
         write(
             seq,
-            &ExpiredV4 {
+            &Expired {
                 key,
                 _pad: [0; 4],
                 slot,
@@ -120,21 +119,16 @@ pub extern "C" fn netrace_expire_v4(ctx: *mut c_void) -> i32 {
     0
 }
 
+/// The IPv4 pending map's iterator.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/bpf_map_elem")]
+pub extern "C" fn netrace_expire_v4(ctx: *mut c_void) -> i32 {
+    expire::<V4Key>(ctx)
+}
+
 /// The IPv6 pending map's iterator.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/bpf_map_elem")]
 pub extern "C" fn netrace_expire_v6(ctx: *mut c_void) -> i32 {
-    if let Some((seq, slot, key)) = visit(ctx as *const MapElemCtx) {
-        // SAFETY: a non-NULL key of the IPv6 map: a V6Key, readable for the call.
-        let key = unsafe { *(key as *const V6Key) };
-        write(
-            seq,
-            &ExpiredV6 {
-                key,
-                _pad: [0; 4],
-                slot,
-            },
-        );
-    }
-    0
+    expire::<V6Key>(ctx)
 }

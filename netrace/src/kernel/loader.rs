@@ -12,9 +12,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use netrace_common::{
-    AnswerBook, BookKey, Counter, ExpireCutoffs, ExpireSummary, ExpiredV4, ExpiredV6, FlowKey,
-    KernelFilter, PendingSlot, PendingSyn, SkbOffsets, TpOffsets, V4Key, V6Key, XmitIface,
-    FAMILY_V4, RTT_SLOTS,
+    AnswerBook, BookKey, Counter, ExpireCutoffs, ExpireSummary, Expired, FlowKey, KernelFilter,
+    PendingSlot, PendingSyn, SkbOffsets, TpOffsets, V4Key, V6Key, XmitIface, FAMILY_V4, RTT_SLOTS,
 };
 
 use super::batch;
@@ -124,9 +123,9 @@ impl Expiry {
         for (i, link) in self.links.iter().enumerate() {
             batch::run_iter(link.as_fd(), &mut self.buf)?;
             let summary = if i == 0 {
-                decode_due::<ExpiredV4>(&self.buf, out, |r| (FlowKey::from(r.key), r.slot))?
+                decode_due::<V4Key>(&self.buf, out)?
             } else {
-                decode_due::<ExpiredV6>(&self.buf, out, |r| (FlowKey::from(r.key), r.slot))?
+                decode_due::<V6Key>(&self.buf, out)?
             };
             waiting += summary.waiting;
             lost += summary.lost;
@@ -135,14 +134,17 @@ impl Expiry {
     }
 }
 
-/// An iterator's output: records of type `R`, then one [`ExpireSummary`].
-fn decode_due<R: Copy>(
+/// An iterator's output over the map keyed by `K`: [`Expired`] records, then one
+/// [`ExpireSummary`].
+fn decode_due<K: Copy>(
     buf: &[u8],
     out: &mut Vec<(FlowKey, PendingSyn)>,
-    entry: impl Fn(&R) -> (FlowKey, PendingSlot),
-) -> anyhow::Result<ExpireSummary> {
+) -> anyhow::Result<ExpireSummary>
+where
+    FlowKey: From<K>,
+{
     let tail = size_of::<ExpireSummary>();
-    let size = size_of::<R>();
+    let size = size_of::<Expired<K>>();
     let body = buf
         .len()
         .checked_sub(tail)
@@ -150,11 +152,11 @@ fn decode_due<R: Copy>(
         .ok_or_else(|| anyhow!("the sweep's iterator wrote {} bytes", buf.len()))?;
     out.reserve(body / size);
     for rec in buf[..body].chunks_exact(size) {
-        // SAFETY: `rec` holds exactly size_of::<R>() bytes written by the iterator from a value
-        // of type R, a plain #[repr(C)] type of integers and byte arrays; read unaligned.
-        let r: R = unsafe { std::ptr::read_unaligned(rec.as_ptr().cast::<R>()) };
-        let (key, slot) = entry(&r);
-        out.push((key, slot.to_pending()));
+        // SAFETY: `rec` holds exactly size_of::<Expired<K>>() bytes written by the iterator
+        // from such a value, a plain #[repr(C)] type of integers and byte arrays; read
+        // unaligned.
+        let r: Expired<K> = unsafe { std::ptr::read_unaligned(rec.as_ptr().cast::<Expired<K>>()) };
+        out.push((FlowKey::from(r.key), r.slot.to_pending()));
     }
     // SAFETY: the last `tail` bytes are an ExpireSummary, as above.
     let s: ExpireSummary =

@@ -84,15 +84,11 @@ impl PendingMap for MemoryMap {
         out.clear();
         let (mut waiting, mut lost) = (0, 0);
         for (k, p) in &self.0 {
-            let (due, count) = match p.state {
-                STATE_WAITING => (p.first_ns < cut.waiting_before_ns, &mut waiting),
-                STATE_LOST => (p.first_ns < cut.lost_before_ns, &mut lost),
-                _ => continue,
-            };
-            if due {
-                out.push((*k, *p));
-            } else {
-                *count += 1;
+            match cut.due(p.state, p.first_ns) {
+                Some(true) => out.push((*k, *p)),
+                Some(false) if p.state == STATE_LOST => lost += 1,
+                Some(false) => waiting += 1,
+                None => {}
             }
         }
         Some((waiting, lost))
