@@ -367,30 +367,40 @@ fn tcp<P: Packet + ?Sized>(pkt: &P, l3: &L3, dir: Direction) -> Result<Parsed, S
     }
     if let Direction::Egress = dir {
         // flags_matter: SYN (ECE/CWR/PSH/URG allowed), never with ACK, RST or FIN.
-        let data_end = l3.l4_off + doff;
-        let data_len = if l3.end_off > data_end {
-            (l3.end_off - data_end) as u32
-        } else {
-            0
-        };
         return Ok(Parsed::Syn {
             key: key(l3.family, l3.src, l3.dst, sport, dport),
             isn: be32(&t, 4),
-            data_len,
+            data_len: syn_data_len(l3.end_off, l3.l4_off + doff),
         });
     }
-    let answer = if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK {
-        Answer::SynAck
-    } else {
-        // flags_matter on ingress: the other case is RST+ACK.
-        Answer::Rst
-    };
     // The answer travels the other way: its destination is the connecting side.
     Ok(Parsed::Answer {
         key: key(l3.family, l3.dst, l3.src, dport, sport),
         ack: be32(&t, 8),
-        answer,
+        answer: answer_of(flags),
     })
+}
+
+/// The bytes of data a SYN carries: from the end of its TCP header (`data_end`) to where the
+/// IP packet ends by its own length (`ip_end`).
+#[inline(always)]
+pub fn syn_data_len(ip_end: usize, data_end: usize) -> u32 {
+    if ip_end > data_end {
+        (ip_end - data_end) as u32
+    } else {
+        0
+    }
+}
+
+/// What an inbound segment whose flags [matter](flags_matter) answers with.
+#[inline(always)]
+pub fn answer_of(flags: u8) -> Answer {
+    if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK {
+        Answer::SynAck
+    } else {
+        // flags_matter on ingress: the other case is RST+ACK.
+        Answer::Rst
+    }
 }
 
 /// The quoted packet inside an ICMP error is the SYN as it left: source is the connecting side.

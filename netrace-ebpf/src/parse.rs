@@ -6,9 +6,9 @@
 use aya_ebpf::programs::TcContext;
 use netrace_common::{
     parse::{
-        self, be16, flags_matter, Answer, Direction, Link, Packet, Parsed, ETH_HLEN, ETH_P_8021AD,
+        self, be16, flags_matter, Direction, Link, Packet, Parsed, ETH_HLEN, ETH_P_8021AD,
         ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPV6_AUTH,
-        IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, TCP_ACK, TCP_RST, TCP_SYN,
+        IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING,
     },
     FlowKey, FAMILY_V4, FAMILY_V6,
 };
@@ -85,14 +85,8 @@ fn fast<const L2: usize>(ctx: &TcContext, dir: Direction) -> Fast {
     };
     match next {
         IPPROTO_TCP => {}
-        IPPROTO_ICMP if !v6 => {
-            return if dir == Direction::Egress {
-                Fast::Irrelevant
-            } else {
-                Fast::Full
-            };
-        }
-        IPPROTO_ICMPV6 if v6 => {
+        // ICMP errors of the family: answers on ingress, for the full parser.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if (next == IPPROTO_ICMPV6) == v6 => {
             return if dir == Direction::Egress {
                 Fast::Irrelevant
             } else {
@@ -170,31 +164,19 @@ fn fast<const L2: usize>(ctx: &TcContext, dir: Direction) -> Fast {
         } else {
             L2 + 40 + be16(at(L2 + 4), at(L2 + 5)) as usize
         };
-        let data_end = l4 + doff;
-        let data_len = if ip_end > data_end {
-            (ip_end - data_end) as u32
-        } else {
-            0
-        };
         return Fast::Parsed(Parsed::Syn {
             key,
             isn: u32::from_be_bytes([t(4), t(5), t(6), t(7)]),
-            data_len,
+            data_len: parse::syn_data_len(ip_end, l4 + doff),
         });
     }
     // The answer travels the other way: its destination is the connecting side.
     key.src_port = dport;
     key.dst_port = sport;
-    let answer = if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK {
-        Answer::SynAck
-    } else {
-        // flags_matter on ingress: the other case is RST+ACK.
-        Answer::Rst
-    };
     Fast::Parsed(Parsed::Answer {
         key,
         ack: u32::from_be_bytes([t(8), t(9), t(10), t(11)]),
-        answer,
+        answer: parse::answer_of(flags),
     })
 }
 
