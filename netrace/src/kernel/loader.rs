@@ -351,7 +351,7 @@ pub fn load(
             .ok_or_else(|| anyhow!("the kernel object has no map {name}"))
     };
     let events = RingBuf::try_from(take("EVENTS")?)?;
-    let pending = Pending {
+    let mut pending = Pending {
         v4: HashMap::try_from(take("PENDING_V4")?)?,
         v6: HashMap::try_from(take("PENDING_V6")?)?,
         errors: 0,
@@ -374,7 +374,6 @@ pub fn load(
     let tp_offsets = Array::try_from(take("TP_OFFSETS")?)?;
     let skb_offsets = Array::try_from(take("SKB_OFFSETS")?)?;
     let xmit_ifaces = HashMap::try_from(take("XMIT_IFACES")?)?;
-    let mut pending = pending;
     match Expiry::new(
         &mut ebpf,
         pending.v4.map().fd().as_fd(),

@@ -580,10 +580,7 @@ impl Tracker {
             waiting = usize::try_from(w).unwrap_or(usize::MAX);
             let due = std::mem::take(&mut chunk);
             for (key, seen) in &due {
-                if self.visit(key, seen, now_ns, map, out) {
-                    waiting += 1;
-                    self.note_waiting(key);
-                }
+                waiting += usize::from(self.visit(key, seen, now_ns, map, out));
             }
             chunk = due;
         }
@@ -604,10 +601,7 @@ impl Tracker {
                     deferred.push((*key, *seen));
                     continue;
                 }
-                if self.visit(key, seen, now_ns, map, out) {
-                    waiting += 1;
-                    self.note_waiting(key);
-                }
+                waiting += usize::from(self.visit(key, seen, now_ns, map, out));
             }
         }
         chunk.clear();
@@ -619,9 +613,8 @@ impl Tracker {
         };
         // The entries left for the pairing that it did not take: decided or counted now.
         for (key, seen) in &deferred {
-            if !paired.contains(key) && self.visit(key, seen, now_ns, map, out) {
-                waiting += 1;
-                self.note_waiting(key);
+            if !paired.contains(key) {
+                waiting += usize::from(self.visit(key, seen, now_ns, map, out));
             }
         }
         self.waiting = waiting;
@@ -669,7 +662,8 @@ impl Tracker {
         }
     }
 
-    /// One entry of the map: decides it if due; whether it is still waiting (young).
+    /// One entry of the map: decides it if due; whether it is still waiting (young: its port
+    /// is then noted among the waiting ones).
     fn visit(
         &mut self,
         key: &FlowKey,
@@ -687,7 +681,8 @@ impl Tracker {
                     && !self.is_decided(key, seen.isn)
                     && !self.was_lost(key, seen.isn) =>
             {
-                return true
+                self.note_waiting(key);
+                return true;
             }
             STATE_WAITING => self.decide_lost(*key, seen, map, out),
             STATE_LOST if age >= self.late_window_ns => {

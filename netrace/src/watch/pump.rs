@@ -261,8 +261,8 @@ impl Pump {
             let now = monotonic_ns();
             // Read before the pass: a SYN or an answer counted after this read is looked at
             // by the next sweep. With nothing held and no SYN since the last pass, the maps
-            // are empty: an idle node costs no pass over their buckets.
-            // A counter that cannot be read counts as changed.
+            // are empty: an idle node costs no pass over their buckets. A counter that cannot
+            // be read counts as changed.
             let syns = kernel.try_counter(Counter::SynSeen);
             if syns.is_none_or(|n| n != self.swept_syns) || !self.tracker.idle() {
                 self.tracker
@@ -530,8 +530,8 @@ impl Pump {
         }
     }
 
-    /// Reads every record waiting in the ring buffer into the tracker and the correlator.
-    /// Reads every record in the ring; returns how many.
+    /// Reads every record waiting in the ring buffer into the tracker and the correlator;
+    /// returns how many.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> usize {
         let mut n = 0;
         while let Some(item) = ring.next() {
