@@ -299,9 +299,15 @@ impl Tracker {
         self.lost_order.push_back((until_ns, key));
     }
 
-    /// A lost attempt leaves the late window: forgotten, but remembered until its horizon.
+    /// A lost attempt leaves the late window: forgotten, but remembered until its horizon, and
+    /// at least two SYN timeouts: a SYN retransmitted within the late window may have made a
+    /// new entry for it just now, which the sweep finds only once that entry is due; until then
+    /// it, or the kernel's report that a new ISN replaced it, is this attempt's, not a new one.
     fn retire_lost(&mut self, key: FlowKey, p: PendingSyn, now_ns: u64) {
-        let until = p.first_ns.saturating_add(self.retry_horizon_ns);
+        let until = p
+            .first_ns
+            .saturating_add(self.retry_horizon_ns)
+            .max(now_ns.saturating_add(self.syn_timeout_ns.saturating_mul(2)));
         if until > now_ns && !self.is_remembered_lost(&key, p.isn) {
             self.remember_lost(key, p.isn, until);
         }
@@ -972,6 +978,30 @@ mod tests {
             assert_eq!(l.t.held(), 0);
             assert!(l.map.0.is_empty());
         }
+    }
+
+    /// A lost attempt whose entry could not be put back (a full map) retransmits within the
+    /// late window, which makes a new waiting entry; the late window ends before that entry is
+    /// due, then a new ISN replaces it: the kernel's report of the replaced entry is the lost
+    /// attempt's, not a second outcome (found by the `tracker_model` fuzz target).
+    #[test]
+    fn lost_attempt_replaced_after_its_late_window_is_not_abandoned_too() {
+        let mut l = Lab::new(Tracker::new(3 * S, 60 * S), true);
+        let k = key(1000);
+        l.syn(S, k, 7);
+        l.sweep(5 * S);
+        assert_eq!(l.kinds(), [OutcomeKind::Lost]);
+        // The put-back refused: the tracker holds the attempt, the map has no entry.
+        assert!(l.map.0.remove(&k).is_some());
+        l.syn(60 * S, k, 7);
+        l.sweep(61 * S + 1);
+        assert_eq!(l.t.held(), 0, "its late window is over");
+        l.syn(62 * S, k, 8);
+        l.sweep(63 * S);
+        assert_eq!(l.kinds(), [OutcomeKind::Lost], "{:?}", l.out);
+        l.sweep(66 * S);
+        assert_eq!(l.kinds(), [OutcomeKind::Lost, OutcomeKind::Lost]);
+        assert_eq!(l.out[1].pending.isn, 8);
     }
 
     /// A pending map whose `take` races an answer: the answer is applied just before the take
