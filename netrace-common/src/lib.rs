@@ -9,6 +9,7 @@ pub mod pairing;
 pub mod parse;
 #[cfg(test)]
 mod rules_tests;
+pub mod table;
 
 /// `AF_INET`, as stored in [`FlowKey::family`].
 pub const FAMILY_V4: u8 = 2;
@@ -252,8 +253,6 @@ pub struct Expired<K> {
     pub slot: PendingSlot,
 }
 
-/// An IPv4 entry due.
-pub type ExpiredV4 = Expired<V4Key>;
 /// An IPv6 entry due.
 pub type ExpiredV6 = Expired<V6Key>;
 
@@ -617,6 +616,10 @@ mod pod {
     unsafe impl aya::Pod for super::AnswerBook {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ExpireCutoffs {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::table::BucketV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::table::TableCmd {}
 }
 
 #[cfg(test)]
@@ -640,7 +643,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<SkbOffsets>(), 16);
         assert_eq!(core::mem::size_of::<XmitIface>(), 8);
         assert_eq!(core::mem::size_of::<PendingSlot>(), 24);
-        assert_eq!(core::mem::size_of::<ExpiredV4>(), 12 + 4 + 24);
         assert_eq!(core::mem::size_of::<ExpiredV6>(), 36 + 4 + 24);
         assert_eq!(core::mem::size_of::<ExpireSummary>(), 24);
         assert_eq!(core::mem::size_of::<ExpireCutoffs>(), 16);

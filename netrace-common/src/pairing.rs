@@ -49,6 +49,34 @@ pub trait PendingTable {
     fn insert_new(&mut self, key: &FlowKey, value: &PendingSyn) -> Insert;
     /// Removes the entry; `false` when it was not there (someone else removed it).
     fn remove(&mut self, key: &FlowKey) -> bool;
+    /// Removes the entry for `key` if `accept` takes it, in one step where the table can.
+    #[inline(always)]
+    fn take_if<F: FnOnce(&PendingSyn) -> bool>(&mut self, key: &FlowKey, accept: F) -> Take {
+        let Some(p) = self.get(key) else {
+            return Take::Absent;
+        };
+        if !accept(&p) {
+            return Take::Kept(p);
+        }
+        if self.remove(key) {
+            Take::Taken(p)
+        } else {
+            Take::Gone
+        }
+    }
+}
+
+/// What [`PendingTable::take_if`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// No entry for the key.
+    Absent,
+    /// An entry the caller did not accept, left in place.
+    Kept(PendingSyn),
+    /// The entry, removed.
+    Taken(PendingSyn),
+    /// Accepted, then removed by someone else before this could (who reports it).
+    Gone,
 }
 
 /// A SYN or answer the rules left aside (already counted), with the values worth a debug line.
@@ -264,24 +292,25 @@ pub fn on_answer<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
     ack: u32,
     answer: Answer,
 ) {
-    let Some(pending) = table.get(key) else {
-        sink.unmatched(key, ack, answer);
-        return;
-    };
-    if !acknowledges(&pending, ack, answer) {
-        if let Answer::SynAck = answer {
-            sink.count(Counter::SynAckMismatch);
-            sink.note(Note::SynAckMismatch {
-                src_port: key.src_port,
-                ack,
-                expected: pending.isn.wrapping_add(1),
-            });
+    let pending = match table.take_if(key, |p| acknowledges(p, ack, answer)) {
+        Take::Taken(p) => p,
+        Take::Absent => {
+            sink.unmatched(key, ack, answer);
+            return;
         }
-        return;
-    }
-    if !table.remove(key) {
-        return;
-    }
+        Take::Kept(pending) => {
+            if let Answer::SynAck = answer {
+                sink.count(Counter::SynAckMismatch);
+                sink.note(Note::SynAckMismatch {
+                    src_port: key.src_port,
+                    ack,
+                    expected: pending.isn.wrapping_add(1),
+                });
+            }
+            return;
+        }
+        Take::Gone => return,
+    };
     let now = sink.now();
     let (kind, counter) = resolution(answer);
     sink.count(counter);

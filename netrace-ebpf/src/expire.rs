@@ -1,5 +1,6 @@
-//! The sweep's finder: BPF iterators over the pending maps (`iter/bpf_map_elem`) that write
-//! out only the entries user space must decide (waiting past the SYN timeout, or lost past the
+//! The sweep's finder for the IPv6 pending map (the IPv4 table is mapped into user space and
+//! read there): a BPF iterator (`iter/bpf_map_elem`) that writes out only the entries user
+//! space must decide (waiting past the SYN timeout, or lost past the
 //! late window), and at the end a summary of what the map holds. The rest never leaves the
 //! kernel, so finding the expired entries costs a pass in the kernel instead of a copy of the
 //! whole map to user space. Read-only: user space takes what it decides, as before.
@@ -7,9 +8,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{bindings::seq_file, helpers::bpf_seq_write};
-use netrace_common::{
-    ExpireCutoffs, ExpireSummary, Expired, PendingSlot, V4Key, V6Key, STATE_LOST,
-};
+use netrace_common::{ExpireCutoffs, ExpireSummary, Expired, PendingSlot, V6Key, STATE_LOST};
 
 use crate::{EXPIRE_CUTOFFS, EXPIRE_TALLY};
 
@@ -117,13 +116,6 @@ fn expire<K: Copy>(ctx: *mut c_void) -> i32 {
         );
     }
     0
-}
-
-/// The IPv4 pending map's iterator.
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/bpf_map_elem")]
-pub extern "C" fn netrace_expire_v4(ctx: *mut c_void) -> i32 {
-    expire::<V4Key>(ctx)
 }
 
 /// The IPv6 pending map's iterator.

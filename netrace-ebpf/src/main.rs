@@ -18,12 +18,13 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 mod expire;
 mod sock;
+mod table;
 mod xmit;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        BPF_RB_RING_SIZE, TC_ACT_UNSPEC,
+        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE, TC_ACT_UNSPEC,
     },
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
@@ -34,19 +35,19 @@ use aya_ebpf::{
 // library's AYA_LOG_LEVEL global before load; each call site then costs one global read.
 use aya_log_ebpf::debug;
 use netrace_common::{
-    pairing::{on_packet, on_pod_syn, EventSink, Insert, Note, PendingTable},
+    pairing::{on_packet, on_pod_syn, EventSink, Insert, Note, PendingTable, Take},
     parse::{Answer, Direction, Link, Parsed},
     rtt_slot, AnswerBook, BookKey, Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent,
     PendingSlot, PendingSyn, TpOffsets, COUNTER_SLOTS, DEFAULT_MAX_BOOKS, DEFAULT_MAX_PENDING,
     DEFAULT_RINGBUF_BYTES, FAMILY_V4, PORT_SLOTS, RTT_SLOTS, SEND_ANSWERS, SEND_SYNS,
 };
 
-/// Unanswered IPv4 SYNs, with a compact key. Preallocated: an insert takes an element from a
-/// free list instead of allocating, and a full map is an insert failure that is counted,
-/// never a silent eviction.
+/// Unanswered IPv4 SYNs: the bucketed table (`table.rs`), sized by the loader, mapped
+/// read-only by user space to find the expired entries. A full bucket is an insert failure
+/// that is counted, never a silent eviction.
 #[map]
-static PENDING_V4: HashMap<netrace_common::V4Key, PendingSlot> =
-    HashMap::with_max_entries(DEFAULT_MAX_PENDING, 0);
+static TABLE_V4: Array<netrace_common::table::BucketV4> =
+    Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Unanswered IPv6 SYNs (a quarter of the IPv4 map's capacity). Not preallocated: most
 /// nodes connect out over IPv4, and a preallocated IPv6 map would cost a third more memory
@@ -104,11 +105,16 @@ pub(crate) struct KernelTable;
 impl PendingTable for KernelTable {
     #[inline(always)]
     fn modify<R, F: FnOnce(&mut PendingSyn) -> R>(&mut self, key: &FlowKey, f: F) -> Option<R> {
-        let slot = if key.family == FAMILY_V4 {
-            PENDING_V4.get_ptr_mut(key.v4())
-        } else {
-            PENDING_V6.get_ptr_mut(key.v6())
-        }?;
+        if key.family == FAMILY_V4 {
+            let k = key.v4();
+            let mut b = table::Locked::of(&k)?;
+            let s = b.find(&k)?;
+            let mut entry = s.to_pending();
+            let r = f(&mut entry);
+            *s = entry.to_slot();
+            return Some(r);
+        }
+        let slot = PENDING_V6.get_ptr_mut(key.v6())?;
         // SAFETY: the pointer comes from a successful lookup and stays valid for this run of
         // the program (an entry removed meanwhile by another CPU is freed only after an RCU
         // grace period). Retransmissions of one SYN are a second or more apart, so two CPUs
@@ -123,11 +129,12 @@ impl PendingTable for KernelTable {
 
     #[inline(always)]
     fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
-        let slot = if key.family == FAMILY_V4 {
-            PENDING_V4.get_ptr(key.v4())
-        } else {
-            PENDING_V6.get_ptr(key.v6())
-        }?;
+        if key.family == FAMILY_V4 {
+            let k = key.v4();
+            let mut b = table::Locked::of(&k)?;
+            return b.find(&k).map(|s| s.to_pending());
+        }
+        let slot = PENDING_V6.get_ptr(key.v6())?;
         // SAFETY: the pointer comes from a successful lookup and is copied out at once.
         Some(unsafe { *slot }.to_pending())
     }
@@ -135,25 +142,64 @@ impl PendingTable for KernelTable {
     #[inline(always)]
     fn insert_new(&mut self, key: &FlowKey, value: &PendingSyn) -> Insert {
         let slot = value.to_slot();
-        let r = if key.family == FAMILY_V4 {
-            PENDING_V4.insert(key.v4(), slot, BPF_NOEXIST as u64)
-        } else {
-            PENDING_V6.insert(key.v6(), slot, BPF_NOEXIST as u64)
-        };
-        match r {
+        if key.family == FAMILY_V4 {
+            let k = key.v4();
+            // A lock that stays taken counts as a full map (see netrace_common::table).
+            return match table::Locked::of(&k).map(|mut b| b.insert_new(&k, &slot)) {
+                Some(Ok(true)) => Insert::Inserted,
+                Some(Ok(false)) => Insert::Exists,
+                Some(Err(())) | None => Insert::Full,
+            };
+        }
+        match PENDING_V6.insert(key.v6(), slot, BPF_NOEXIST as u64) {
             Ok(()) => Insert::Inserted,
             Err(e) if e == -EEXIST => Insert::Exists,
             Err(_) => Insert::Full,
         }
     }
 
+    /// IPv4: looked at and removed under one hold of the bucket's lock.
+    #[inline(always)]
+    fn take_if<F: FnOnce(&PendingSyn) -> bool>(&mut self, key: &FlowKey, accept: F) -> Take {
+        if key.family != FAMILY_V4 {
+            let Some(p) = self.get(key) else {
+                return Take::Absent;
+            };
+            if !accept(&p) {
+                return Take::Kept(p);
+            }
+            return if self.remove(key) {
+                Take::Taken(p)
+            } else {
+                Take::Gone
+            };
+        }
+        let k = key.v4();
+        // A lock that stays taken reads as no entry: the answer is then counted and sent as
+        // unmatched (see netrace_common::table), never dropped unseen.
+        let Some(mut b) = table::Locked::of(&k) else {
+            return Take::Absent;
+        };
+        let Some(p) = b.find(&k).map(|s| s.to_pending()) else {
+            return Take::Absent;
+        };
+        if !accept(&p) {
+            return Take::Kept(p);
+        }
+        b.remove(&k);
+        Take::Taken(p)
+    }
+
     #[inline(always)]
     fn remove(&mut self, key: &FlowKey) -> bool {
         if key.family == FAMILY_V4 {
-            PENDING_V4.remove(key.v4()).is_ok()
-        } else {
-            PENDING_V6.remove(key.v6()).is_ok()
+            let k = key.v4();
+            let Some(mut b) = table::Locked::of(&k) else {
+                return false;
+            };
+            return b.remove(&k).is_some();
         }
+        PENDING_V6.remove(key.v6()).is_ok()
     }
 }
 

@@ -25,6 +25,7 @@ use serde_json::Value;
 use crate::{cmd, netns};
 
 pub(crate) const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
@@ -447,6 +448,8 @@ pub struct MapHandle {
     pub name: String,
     /// Size of a key in bytes.
     pub key_size: u32,
+    /// Size of a value in bytes.
+    pub value_size: u32,
     /// Capacity.
     pub max_entries: u32,
 }
@@ -478,6 +481,37 @@ impl MapHandle {
     }
 }
 
+impl MapHandle {
+    /// Entries of the IPv4 pending table (an array of buckets): its used slots, read bucket
+    /// by bucket (entries may change meanwhile).
+    pub fn table_entries(&self) -> Result<usize> {
+        use netrace_common::table::{BucketV4, WAYS};
+        let tags = std::mem::offset_of!(BucketV4, tags);
+        if self.value_size as usize != size_of::<BucketV4>() {
+            bail!(
+                "map {} holds {}-byte values, not buckets",
+                self.name,
+                self.value_size
+            );
+        }
+        let mut value = vec![0u8; self.value_size as usize];
+        let mut n = 0;
+        for i in 0..self.max_entries {
+            let mut attr = Attr::new();
+            attr.u32(0, self.fd.as_raw_fd() as u32)
+                .u64(8, &i as *const u32 as u64)
+                .u64(16, value.as_mut_ptr() as u64);
+            attr.call(BPF_MAP_LOOKUP_ELEM)
+                .context("BPF_MAP_LOOKUP_ELEM")?;
+            n += value[tags..tags + 4 * WAYS]
+                .chunks_exact(4)
+                .filter(|t| *t != [0; 4])
+                .count();
+        }
+        Ok(n)
+    }
+}
+
 /// The BPF map named `name` that process `pid` holds open.
 pub fn process_map(pid: u32, name: &str) -> Result<MapHandle> {
     for id in held_by(pid)?.maps {
@@ -504,6 +538,7 @@ pub fn process_map(pid: u32, name: &str) -> Result<MapHandle> {
                 fd,
                 name: found,
                 key_size: word(8),
+                value_size: word(12),
                 max_entries: word(16),
             });
         }

@@ -1295,7 +1295,7 @@ fn steady_run(length: Duration) {
     const WORKERS: usize = 8;
     let run = start(&lab, &["--metrics-addr", METRICS, "--ringbuf-kib", "256"]);
     let pid = run.pid();
-    let map = inspect::process_map(pid, "PENDING_V4").unwrap_or_else(|e| panic!("{e:#}"));
+    let map = inspect::process_map(pid, "TABLE_V4").unwrap_or_else(|e| panic!("{e:#}"));
     let metrics: SocketAddr = METRICS.parse().unwrap();
     let client = lab.client_with(ClientOptions {
         workers: WORKERS,
@@ -1310,7 +1310,7 @@ fn steady_run(length: Duration) {
             .ok()
             .and_then(|t| inspect::metric(&t, "netrace_pending_connections"))
             .unwrap_or(f64::NAN),
-        kernel_entries: map.entries().unwrap_or_else(|e| panic!("{e:#}")),
+        kernel_entries: map.table_entries().unwrap_or_else(|e| panic!("{e:#}")),
     };
     let (attempts, mut samples) = std::thread::scope(|s| {
         let sampler = s.spawn(|| {

@@ -2,7 +2,8 @@
 //! (`BPF_MAP_LOOKUP_BATCH`, one system call per thousands of entries instead of two per entry),
 //! take-an-entry (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, atomic against the kernel programs:
 //! whoever removes an entry reports it), and a map-element iterator linked to a map and run
-//! (`BPF_LINK_CREATE` with the map in its link info, `BPF_ITER_CREATE`).
+//! (`BPF_LINK_CREATE` with the map in its link info, `BPF_ITER_CREATE`), and a program run on
+//! a packet user space hands it (`BPF_PROG_TEST_RUN`: the IPv4 table's control program).
 
 use std::{
     io::{self, Read as _},
@@ -12,6 +13,7 @@ use std::{
 
 use aya::Pod;
 
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -68,6 +70,40 @@ struct IterLinkAttr {
 struct IterLinkInfo {
     map_fd: u32,
     _rest: [u32; 3],
+}
+
+/// `union bpf_attr` for `BPF_PROG_TEST_RUN`, up to the context fields (left zero).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+}
+
+/// Runs the classifier `prog` once on `packet`, which it may rewrite: the packet as it left
+/// the program is written back over it.
+pub fn test_run(prog: BorrowedFd<'_>, packet: &mut [u8]) -> io::Result<()> {
+    let len = u32::try_from(packet.len()).map_err(|_| io::Error::other("packet too long"))?;
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: len,
+        data_size_out: len,
+        data_in: packet.as_ptr() as u64,
+        data_out: packet.as_mut_ptr() as u64,
+        repeat: 1,
+        ..TestRunAttr::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    if attr.data_size_out as usize != packet.len() {
+        return Err(io::Error::other("the program changed the packet's length"));
+    }
+    Ok(())
 }
 
 /// `union bpf_attr` for `BPF_ITER_CREATE`.

@@ -6,17 +6,21 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
-use aya::{maps::IterableMap as _, programs::Iter};
+use aya::{
+    maps::IterableMap as _,
+    programs::{Iter, SchedClassifier},
+};
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
 use netrace_common::{
     AnswerBook, BookKey, Counter, ExpireCutoffs, ExpireSummary, Expired, FlowKey, KernelFilter,
-    PendingSlot, PendingSyn, SkbOffsets, TpOffsets, V4Key, V6Key, XmitIface, FAMILY_V4, RTT_SLOTS,
+    PendingSlot, PendingSyn, SkbOffsets, TpOffsets, V6Key, XmitIface, FAMILY_V4, RTT_SLOTS,
+    STATE_LOST,
 };
 
-use super::batch;
+use super::{batch, table::TableV4};
 use crate::track::tracker::{PendingMap, PutBack, ScanPos};
 
 /// The kernel programs, compiled from `netrace-ebpf` by build.rs.
@@ -36,9 +40,10 @@ pub const SOCK_STATE_PROGRAM: &str = "netrace_sock_state";
 pub const XMIT_PROGRAM: &str = "netrace_xmit";
 /// The raw tracepoint the device hook attaches to.
 pub const XMIT_TRACEPOINT: &str = "net_dev_start_xmit";
-/// The sweep's iterators over the pending maps.
-pub const EXPIRE_V4_PROGRAM: &str = "netrace_expire_v4";
+/// The sweep's iterator over the IPv6 pending map.
 pub const EXPIRE_V6_PROGRAM: &str = "netrace_expire_v6";
+/// The IPv4 table's control program (user space's take and put-back).
+pub const TABLE_CTL_PROGRAM: &str = "netrace_table_ctl";
 /// An empty classifier in the same object, the baseline for benchmarks.
 pub const NOOP_PROGRAM: &str = "netrace_noop";
 
@@ -64,73 +69,66 @@ pub struct Maps {
 
 /// The pending maps, IPv4 and IPv6, as one.
 pub struct Pending {
-    pub v4: HashMap<MapData, V4Key, PendingSlot>,
+    pub v4: TableV4,
     pub v6: HashMap<MapData, V6Key, PendingSlot>,
     /// Errors of the last operations (reported once by the caller, never fatal: a failed
     /// walk only delays decisions to the next one).
     pub errors: u64,
-    walk_v4: batch::Walk<V4Key, PendingSlot>,
+    /// The next bucket of the IPv4 table in a walk.
+    walk_v4: usize,
     walk_v6: batch::Walk<V6Key, PendingSlot>,
-    /// The kernel's finder of due entries; `None` where iterators cannot load (the sweep
-    /// walks the whole map instead).
+    /// The kernel's finder of due IPv6 entries; `None` where iterators cannot load (the
+    /// sweep walks the whole map instead).
     pub expiry: Option<Expiry>,
 }
 
-/// The sweep's iterators (`netrace_expire_v4`, `netrace_expire_v6`), linked to the pending
-/// maps, and the cutoffs they read.
+/// Buckets of the IPv4 table per step of a walk (about 1 MiB of table).
+const WALK_BUCKETS: usize = 4096;
+
+/// The sweep's iterator (`netrace_expire_v6`), linked to the IPv6 pending map, and the
+/// cutoffs it reads.
 pub struct Expiry {
-    links: [std::os::fd::OwnedFd; 2],
+    link: std::os::fd::OwnedFd,
     cutoffs: Array<MapData, ExpireCutoffs>,
     buf: Vec<u8>,
 }
 
 impl Expiry {
-    /// Loads the iterators and links them to the maps. Needs the kernel's BTF.
-    fn new(ebpf: &mut Ebpf, v4: BorrowedFd<'_>, v6: BorrowedFd<'_>) -> anyhow::Result<Self> {
+    /// Loads the iterator and links it to the map. Needs the kernel's BTF.
+    fn new(ebpf: &mut Ebpf, v6: BorrowedFd<'_>) -> anyhow::Result<Self> {
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-        let mut link = |name: &str, map: BorrowedFd<'_>| -> anyhow::Result<std::os::fd::OwnedFd> {
-            let prog: &mut Iter = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?
-                .try_into()?;
-            prog.load("bpf_map_elem", &btf)
-                .with_context(|| format!("the kernel refused program {name}"))?;
-            let fd = prog.fd()?;
-            batch::link_map_iter(fd.as_fd(), map).with_context(|| format!("linking {name}"))
-        };
-        let links = [link(EXPIRE_V4_PROGRAM, v4)?, link(EXPIRE_V6_PROGRAM, v6)?];
+        let name = EXPIRE_V6_PROGRAM;
+        let prog: &mut Iter = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?
+            .try_into()?;
+        prog.load("bpf_map_elem", &btf)
+            .with_context(|| format!("the kernel refused program {name}"))?;
+        let fd = prog.fd()?;
+        let link =
+            batch::link_map_iter(fd.as_fd(), v6).with_context(|| format!("linking {name}"))?;
         let cutoffs = Array::try_from(
             ebpf.take_map("EXPIRE_CUTOFFS")
                 .ok_or_else(|| anyhow!("the kernel object has no map EXPIRE_CUTOFFS"))?,
         )?;
         Ok(Self {
-            links,
+            link,
             cutoffs,
             buf: Vec::new(),
         })
     }
 
-    /// Runs both iterators: the due entries into `out`, and the number of entries waiting and
-    /// lost.
+    /// Runs the iterator: the due entries appended to `out`, and the number of entries
+    /// waiting and lost.
     fn due(
         &mut self,
         cut: ExpireCutoffs,
         out: &mut Vec<(FlowKey, PendingSyn)>,
     ) -> anyhow::Result<(u64, u64)> {
         self.cutoffs.set(0, cut, 0)?;
-        out.clear();
-        let (mut waiting, mut lost) = (0, 0);
-        for (i, link) in self.links.iter().enumerate() {
-            batch::run_iter(link.as_fd(), &mut self.buf)?;
-            let summary = if i == 0 {
-                decode_due::<V4Key>(&self.buf, out)?
-            } else {
-                decode_due::<V6Key>(&self.buf, out)?
-            };
-            waiting += summary.waiting;
-            lost += summary.lost;
-        }
-        Ok((waiting, lost))
+        batch::run_iter(self.link.as_fd(), &mut self.buf)?;
+        let summary = decode_due::<V6Key>(&self.buf, out)?;
+        Ok((summary.waiting, summary.lost))
     }
 }
 
@@ -171,18 +169,24 @@ impl Pending {
     /// Every entry, into `out` (cleared first).
     pub fn walk_into(&mut self, out: &mut Vec<(FlowKey, PendingSyn)>) {
         out.clear();
-        let v4 = batch::walk(self.v4.map().fd().as_fd(), |k: &V4Key, v: &PendingSlot| {
+        self.v4.for_each(0..self.v4.buckets(), |k, v| {
             out.push((FlowKey::from(*k), v.to_pending()));
         });
         let v6 = batch::walk(self.v6.map().fd().as_fd(), |k: &V6Key, v: &PendingSlot| {
             out.push((FlowKey::from(*k), v.to_pending()));
         });
-        for r in [v4, v6] {
-            if let Err(e) = r {
-                self.errors += 1;
-                log::debug!("walking the pending map: {e}");
-            }
+        if let Err(e) = v6 {
+            self.errors += 1;
+            log::debug!("walking the pending map: {e}");
         }
+    }
+
+    fn failed<T>(&mut self, what: &str, r: std::io::Result<T>) -> Option<T> {
+        r.map_err(|e| {
+            self.errors += 1;
+            log::debug!("{what}: {e}");
+        })
+        .ok()
     }
 }
 
@@ -193,11 +197,22 @@ impl PendingMap for Pending {
         out: &mut Vec<(FlowKey, PendingSyn)>,
     ) -> Option<(u64, u64)> {
         let expiry = self.expiry.as_mut()?;
+        out.clear();
+        // IPv4: read where it lies, front to back.
+        let (mut waiting, mut lost) = (0, 0);
+        self.v4.for_each(0..self.v4.buckets(), |k, v| {
+            match cut.due(v.state, v.first_ns) {
+                Some(true) => out.push((FlowKey::from(*k), v.to_pending())),
+                Some(false) if v.state == STATE_LOST => lost += 1,
+                Some(false) => waiting += 1,
+                None => {}
+            }
+        });
         match expiry.due(cut, out) {
-            Ok(counts) => Some(counts),
+            Ok((w, l)) => Some((waiting + w, lost + l)),
             Err(e) => {
                 // Walk the whole map from now on.
-                log::debug!("the sweep's iterators failed, walking the map instead: {e:#}");
+                log::debug!("the sweep's iterator failed, walking the map instead: {e:#}");
                 self.errors += 1;
                 self.expiry = None;
                 None
@@ -208,70 +223,62 @@ impl PendingMap for Pending {
     fn scan_next(&mut self, pos: &mut ScanPos, out: &mut Vec<(FlowKey, PendingSyn)>) {
         out.clear();
         if pos.start() {
-            self.walk_v4.restart();
+            self.walk_v4 = 0;
             self.walk_v6.restart();
         }
-        let r = if !self.walk_v4.done() {
-            self.walk_v4
-                .next_batch(self.v4.map().fd().as_fd())
-                .map(|(keys, values)| {
-                    out.extend(
-                        keys.iter()
-                            .zip(values)
-                            .map(|(k, v)| (FlowKey::from(*k), v.to_pending())),
-                    );
-                })
-        } else {
-            self.walk_v6
-                .next_batch(self.v6.map().fd().as_fd())
-                .map(|(keys, values)| {
-                    out.extend(
-                        keys.iter()
-                            .zip(values)
-                            .map(|(k, v)| (FlowKey::from(*k), v.to_pending())),
-                    );
-                })
-        };
+        if self.walk_v4 < self.v4.buckets() {
+            let end = self.walk_v4.saturating_add(WALK_BUCKETS);
+            self.v4.for_each(self.walk_v4..end, |k, v| {
+                out.push((FlowKey::from(*k), v.to_pending()));
+            });
+            self.walk_v4 = end.min(self.v4.buckets());
+            return;
+        }
+        let r = self
+            .walk_v6
+            .next_batch(self.v6.map().fd().as_fd())
+            .map(|(keys, values)| {
+                out.extend(
+                    keys.iter()
+                        .zip(values)
+                        .map(|(k, v)| (FlowKey::from(*k), v.to_pending())),
+                );
+            });
         if let Err(e) = r {
             self.errors += 1;
             log::debug!("walking the pending map: {e}");
         }
-        if self.walk_v4.done() && self.walk_v6.done() {
+        if self.walk_v6.done() {
             pos.finish();
         }
     }
 
     fn take(&mut self, key: &FlowKey) -> Option<PendingSyn> {
         let r = if key.family == FAMILY_V4 {
-            batch::take::<_, PendingSlot>(self.v4.map().fd().as_fd(), &key.v4())
+            self.v4.take(&key.v4())
         } else {
             batch::take::<_, PendingSlot>(self.v6.map().fd().as_fd(), &key.v6())
         };
-        match r {
-            Ok(v) => v.map(|s| s.to_pending()),
-            Err(e) => {
-                self.errors += 1;
-                log::debug!("taking a pending entry: {e}");
-                None
-            }
-        }
+        self.failed("taking a pending entry", r)?
+            .map(|s| s.to_pending())
     }
 
     fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> PutBack {
-        // BPF_NOEXIST: a SYN that made a new entry meanwhile wins.
+        // Unless the key has an entry again: a SYN that made a new entry meanwhile wins.
         let slot = value.to_slot();
-        let r = if key.family == FAMILY_V4 {
-            self.v4.insert(key.v4(), slot, BPF_NOEXIST)
-        } else {
-            self.v6.insert(key.v6(), slot, BPF_NOEXIST)
-        };
-        match r {
+        if key.family == FAMILY_V4 {
+            let r = self.v4.put_back(&key.v4(), &slot);
+            return self
+                .failed("putting a pending entry back", r)
+                .unwrap_or(PutBack::Refused);
+        }
+        match self.v6.insert(key.v6(), slot, BPF_NOEXIST) {
             Ok(()) => PutBack::Done,
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 PutBack::Taken
             }
             Err(e) => {
-                // E2BIG: the preallocated map is full.
+                // E2BIG: the map is full.
                 self.errors += 1;
                 log::debug!("putting a pending entry back: {e}");
                 PutBack::Refused
@@ -339,23 +346,44 @@ pub fn load(
     } else {
         0
     };
+    let buckets = netrace_common::table::buckets_for(max_pending);
+    let mask = buckets - 1;
+    // A seed per run: which 4-tuples share a bucket is not predictable from outside.
+    let seed =
+        std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8)
+            as u32;
     let mut ebpf = EbpfLoader::new()
         .override_global(aya_log::LEVEL, &kernel_log, true)
-        .map_max_entries("PENDING_V4", max_pending)
+        .override_global("TABLE_V4_MASK", &mask, true)
+        .override_global("TABLE_V4_SEED", &seed, true)
+        .map_max_entries("TABLE_V4", buckets)
         .map_max_entries("PENDING_V6", max_pending_v6(max_pending))
         .map_max_entries("EVENTS", ringbuf_bytes)
         .load(EBPF_OBJECT)
         .context("loading netrace's kernel programs")?;
+    let ctl = {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(TABLE_CTL_PROGRAM)
+            .ok_or_else(|| anyhow!("the kernel object has no program {TABLE_CTL_PROGRAM}"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel refused program {TABLE_CTL_PROGRAM}"))?;
+        prog.fd()?.try_clone()?
+    };
     let mut take = |name: &str| {
         ebpf.take_map(name)
             .ok_or_else(|| anyhow!("the kernel object has no map {name}"))
     };
     let events = RingBuf::try_from(take("EVENTS")?)?;
+    let v4 = match take("TABLE_V4")? {
+        aya::maps::Map::Array(m) => m,
+        _ => anyhow::bail!("the kernel object's TABLE_V4 is not an array"),
+    };
     let mut pending = Pending {
-        v4: HashMap::try_from(take("PENDING_V4")?)?,
+        v4: TableV4::new(v4, ctl, buckets).context("mapping the IPv4 pending table")?,
         v6: HashMap::try_from(take("PENDING_V6")?)?,
         errors: 0,
-        walk_v4: batch::Walk::default(),
+        walk_v4: 0,
         walk_v6: batch::Walk::default(),
         expiry: None,
     };
@@ -374,11 +402,7 @@ pub fn load(
     let tp_offsets = Array::try_from(take("TP_OFFSETS")?)?;
     let skb_offsets = Array::try_from(take("SKB_OFFSETS")?)?;
     let xmit_ifaces = HashMap::try_from(take("XMIT_IFACES")?)?;
-    match Expiry::new(
-        &mut ebpf,
-        pending.v4.map().fd().as_fd(),
-        pending.v6.map().fd().as_fd(),
-    ) {
+    match Expiry::new(&mut ebpf, pending.v6.map().fd().as_fd()) {
         Ok(e) => pending.expiry = Some(e),
         Err(e) => log::debug!("the sweep walks the whole pending map: {e:#}"),
     }

@@ -2,8 +2,8 @@
 //! attaching and detaching the programs (`attach`), decoding ring-buffer records (`events`),
 //! the filesystems the tracepoint needs (`tracefs`, `mounts`), and every netlink request
 //! (`netlink`: tc filters, the clsact qdisc, conntrack); where outbound SYNs are observed
-//! (`egress_hook`: tc egress or the device hook) and the kernel's BTF offsets the device hook
-//! needs (`btf`). Everything that touches the kernel lives here.
+//! (`egress_hook`: tc egress or the device hook), the kernel's BTF offsets the device hook
+//! needs (`btf`), and the IPv4 pending table as user space reads and changes it (`table`). Everything that touches the kernel lives here.
 
 pub mod attach;
 pub mod batch;
@@ -13,4 +13,5 @@ pub mod events;
 pub mod loader;
 pub mod mounts;
 pub mod netlink;
+pub mod table;
 pub mod tracefs;

@@ -213,12 +213,47 @@ pub fn maps_memory() -> anyhow::Result<Vec<MapMem>> {
     Ok(by_id.into_values().collect())
 }
 
-/// This process's resident set size in bytes (`VmRSS` in /proc/self/status).
+/// This process's resident set size in bytes (`VmRSS` in /proc/self/status), without the BPF
+/// maps it has mapped (see [`mapped_bpf_bytes`]).
 pub fn rss_bytes() -> anyhow::Result<u64> {
     let text = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    text.lines()
+    let rss = text
+        .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .ok_or_else(|| anyhow!("no VmRSS in /proc/self/status"))
+        .and_then(kib)
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/self/status"))?;
+    Ok(rss.saturating_sub(mapped_bpf_bytes()?))
+}
+
+/// A `/proc` size field ("  123 kB") in bytes.
+fn kib(v: &str) -> Option<u64> {
+    v.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|k| k * 1024)
+}
+
+/// The resident bytes of BPF maps mapped into this process (the IPv4 pending table): the
+/// maps' own figure counts them already, so the process's RSS is taken without them.
+fn mapped_bpf_bytes() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/self/smaps").context("reading /proc/self/smaps")?;
+    let mut in_map = false;
+    let mut total = 0;
+    for line in text.lines() {
+        // A mapping's header: "start-end perms offset dev inode [path]".
+        if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            in_map = line.ends_with("anon_inode:bpf-map");
+        } else if in_map {
+            if let Some(v) = line.strip_prefix("Rss:") {
+                total += kib(v).unwrap_or(0);
+            }
+        }
+    }
+    Ok(total)
 }

@@ -83,9 +83,9 @@ pub fn run(n: u32) -> anyhow::Result<Value> {
     // As `watch` sweeps every second: nothing expired yet, every entry waiting. This is the
     // memory of `watch` holding them, and the cost of a sweep with nothing due.
     let finder = if k.maps.pending.expiry.is_some() {
-        "kernel iterators"
+        "mapped table read in place (IPv4), kernel iterator (IPv6)"
     } else {
-        "batched walk (iterators did not load)"
+        "batched walk (the IPv6 iterator did not load)"
     };
     let mut quiet = Vec::new();
     for _ in 0..3 {

@@ -1,0 +1,293 @@
+//! The IPv4 pending table's operations (layout and rules: `netrace_common::table`). Every
+//! change is made under the bucket's lock; the lock guard releases it on every path.
+
+use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering};
+
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use netrace_common::{
+    table::{
+        hash_v4, same_key, tag_v4, BucketV4, TableCmd, LOCK_TRIES, SPILL, TABLE_BUSY,
+        TABLE_CMD_OFFSET, TABLE_DONE, TABLE_FULL, TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK,
+        TABLE_TAKE, WAYS,
+    },
+    PendingSlot, V4Key,
+};
+
+use crate::TABLE_V4;
+
+/// Buckets - 1 (a power of two less one), set by the loader.
+#[unsafe(no_mangle)]
+static TABLE_V4_MASK: u32 = 0;
+
+/// The hash seed of this run, set by the loader.
+#[unsafe(no_mangle)]
+static TABLE_V4_SEED: u32 = 0;
+
+/// Takes a bucket's lock; `false` when it stayed taken.
+#[inline(always)]
+fn lock(b: *mut BucketV4) -> bool {
+    let mut tries = 0;
+    while tries < LOCK_TRIES {
+        // SAFETY: `b` points at a bucket of the array map, valid for this run of the program;
+        // the lock word is only ever changed atomically.
+        let (_, won) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Acquire }, { AtomicOrdering::Relaxed }>(
+                &raw mut (*b).lock,
+                0,
+                1,
+            )
+        };
+        if won {
+            return true;
+        }
+        tries += 1;
+    }
+    false
+}
+
+/// Where a key's entry is: the distance from its own bucket, and the way.
+#[derive(Clone, Copy)]
+pub(crate) struct At {
+    dist: usize,
+    way: usize,
+}
+
+/// A key's own bucket, locked, and the next ones once they are needed (locked in order, so
+/// two programs never wait for each other in a circle short of the whole table).
+pub(crate) struct Locked {
+    home: u32,
+    mask: u32,
+    tag: u32,
+    /// The own bucket (distance 0).
+    own: *mut BucketV4,
+    /// Bit `d`: the bucket at distance `d` is locked. (Pointers are looked up again rather
+    /// than kept in an array: the verifier loses their type behind a variable index.)
+    held: u32,
+}
+
+impl Locked {
+    /// The bucket of `key`, locked; `None` when the lock stayed taken (or the table is
+    /// missing, which the loader prevents).
+    #[inline(always)]
+    pub(crate) fn of(key: &V4Key) -> Option<Self> {
+        // SAFETY: read-only globals, set before load.
+        let (mask, seed) = unsafe {
+            (
+                core::ptr::read_volatile(&TABLE_V4_MASK),
+                core::ptr::read_volatile(&TABLE_V4_SEED),
+            )
+        };
+        let h = hash_v4(key, seed);
+        let home = h & mask;
+        let b = TABLE_V4.get_ptr_mut(home)?;
+        if !lock(b) {
+            return None;
+        }
+        Some(Self {
+            home,
+            mask,
+            tag: tag_v4(h),
+            own: b,
+            held: 1,
+        })
+    }
+
+    /// Locks the next buckets (all of them, in order, the first time): `false` when a lock
+    /// stayed taken. All or none, so the verifier follows two cases, not one per bucket.
+    #[inline(always)]
+    fn neighbours(&mut self) -> bool {
+        let mut dist = 1;
+        while dist <= SPILL {
+            // A table of fewer buckets than that distance has no such neighbour.
+            if self.held & (1 << dist) == 0 && dist as u32 <= self.mask {
+                let idx = self.home.wrapping_add(dist as u32) & self.mask;
+                let Some(b) = TABLE_V4.get_ptr_mut(idx) else {
+                    return false;
+                };
+                if !lock(b) {
+                    return false;
+                }
+                self.held |= 1 << dist;
+            }
+            dist += 1;
+        }
+        true
+    }
+
+    /// The bucket at distance `dist`, if locked.
+    #[inline(always)]
+    fn bucket(&self, dist: usize) -> Option<*mut BucketV4> {
+        if dist == 0 {
+            return Some(self.own);
+        }
+        if dist > SPILL || self.held & (1 << dist) == 0 {
+            return None;
+        }
+        TABLE_V4.get_ptr_mut(self.home.wrapping_add(dist as u32) & self.mask)
+    }
+
+    /// The way of bucket `b` holding `key`.
+    #[inline(always)]
+    fn way_of(&self, b: *mut BucketV4, key: &V4Key) -> Option<usize> {
+        let mut way = 0;
+        while way < WAYS {
+            // SAFETY: `b` is valid and locked by this program: no one else changes it; `way`
+            // is below WAYS.
+            if unsafe { (*b).tags[way] == self.tag && same_key(&(*b).slots[way].key, key) } {
+                return Some(way);
+            }
+            way += 1;
+        }
+        None
+    }
+
+    /// Where `key`'s entry is; `Err` when a bucket that may hold it could not be locked.
+    #[inline(always)]
+    fn locate(&mut self, key: &V4Key) -> Result<Option<At>, ()> {
+        if let Some(way) = self.way_of(self.own, key) {
+            return Ok(Some(At { dist: 0, way }));
+        }
+        // SAFETY: the own bucket is valid and locked (see `of`): its spill counts are stable.
+        if unsafe { (*self.own).spilled } == [0; SPILL] {
+            return Ok(None);
+        }
+        if !self.neighbours() {
+            return Err(());
+        }
+        let mut dist = 1;
+        while dist <= SPILL {
+            if let Some(b) = self.bucket(dist) {
+                if let Some(way) = self.way_of(b, key) {
+                    return Ok(Some(At { dist, way }));
+                }
+            }
+            dist += 1;
+        }
+        Ok(None)
+    }
+
+    #[inline(always)]
+    fn slot(&mut self, at: At) -> Option<&mut PendingSlot> {
+        let b = self.bucket(at.dist)?;
+        // SAFETY: `b` is valid and locked; `at.way` is below WAYS (from `locate`).
+        Some(unsafe { &mut (*b).slots[at.way % WAYS].slot })
+    }
+
+    /// The entry for `key` (`None` too when a bucket that may hold it could not be locked).
+    #[inline(always)]
+    pub(crate) fn find(&mut self, key: &V4Key) -> Option<&mut PendingSlot> {
+        let at = self.locate(key).ok()??;
+        self.slot(at)
+    }
+
+    /// Removes the entry for `key` and returns it.
+    #[inline(always)]
+    pub(crate) fn remove(&mut self, key: &V4Key) -> Option<PendingSlot> {
+        let at = self.locate(key).ok()??;
+        let b = self.bucket(at.dist)?;
+        // SAFETY: `b` and the own bucket are valid and locked; the indices are in range.
+        unsafe {
+            (*b).tags[at.way % WAYS] = 0;
+            if let Some(n) = at
+                .dist
+                .checked_sub(1)
+                .and_then(|d| (*self.own).spilled.get_mut(d))
+            {
+                *n = n.saturating_sub(1);
+            }
+            Some((*b).slots[at.way % WAYS].slot)
+        }
+    }
+
+    /// Stores `slot` for `key` in the first free slot of its bucket or the next ones:
+    /// `Ok(true)` stored, `Ok(false)` the key has an entry, `Err(())` no free slot (or a lock
+    /// that stayed taken).
+    #[inline(always)]
+    pub(crate) fn insert_new(&mut self, key: &V4Key, slot: &PendingSlot) -> Result<bool, ()> {
+        if self.locate(key)?.is_some() {
+            return Ok(false);
+        }
+        let mut dist = 0;
+        while dist <= SPILL {
+            if dist == 1 && !self.neighbours() {
+                return Err(());
+            }
+            if let Some(b) = self.bucket(dist) {
+                let mut way = 0;
+                while way < WAYS {
+                    // SAFETY: `b` and the own bucket are valid and locked by this program; the
+                    // indices are in range.
+                    unsafe {
+                        if (*b).tags[way] == 0 {
+                            (*b).slots[way].key = *key;
+                            (*b).slots[way].slot = *slot;
+                            (*b).tags[way] = self.tag;
+                            if let Some(n) = dist
+                                .checked_sub(1)
+                                .and_then(|d| (*self.own).spilled.get_mut(d))
+                            {
+                                *n += 1;
+                            }
+                            return Ok(true);
+                        }
+                    }
+                    way += 1;
+                }
+            }
+            dist += 1;
+        }
+        Err(())
+    }
+}
+
+impl Drop for Locked {
+    #[inline(always)]
+    fn drop(&mut self) {
+        let mut dist = SPILL;
+        while dist > 0 {
+            if self.held & (1 << dist) != 0 {
+                let idx = self.home.wrapping_add(dist as u32) & self.mask;
+                if let Some(b) = TABLE_V4.get_ptr_mut(idx) {
+                    // SAFETY: a valid bucket whose lock this program holds; the exchange
+                    // publishes the changes before the lock is seen free.
+                    unsafe {
+                        atomic_xchg::<u64, { AtomicOrdering::Release }>(&raw mut (*b).lock, 0)
+                    };
+                }
+            }
+            dist -= 1;
+        }
+        // SAFETY: as above, the own bucket.
+        unsafe { atomic_xchg::<u64, { AtomicOrdering::Release }>(&raw mut (*self.own).lock, 0) };
+    }
+}
+
+/// User space's take and put-back (`netrace_common::table::TableCmd`), run with
+/// `BPF_PROG_TEST_RUN`: the answer is written over the command in the packet.
+#[classifier]
+pub fn netrace_table_ctl(ctx: TcContext) -> i32 {
+    let off = TABLE_CMD_OFFSET as usize;
+    let Ok(mut cmd) = ctx.load::<TableCmd>(off) else {
+        return TC_ACT_UNSPEC;
+    };
+    cmd.result = match Locked::of(&cmd.key) {
+        None => TABLE_BUSY,
+        Some(mut b) => match cmd.op {
+            TABLE_TAKE => match b.remove(&cmd.key) {
+                Some(s) => {
+                    cmd.slot = s;
+                    TABLE_DONE
+                }
+                None => TABLE_PRESENT_OR_ABSENT,
+            },
+            TABLE_PUT_BACK => match b.insert_new(&cmd.key, &cmd.slot) {
+                Ok(true) => TABLE_DONE,
+                Ok(false) => TABLE_PRESENT_OR_ABSENT,
+                Err(()) => TABLE_FULL,
+            },
+            _ => 0,
+        },
+    };
+    let _ = ctx.store(off, &cmd, 0);
+    TC_ACT_UNSPEC
+}

@@ -1,0 +1,177 @@
+//! The IPv4 pending table from user space (layout and rules: `netrace_common::table`): mapped
+//! read-only into this process, read front to back to find the expired entries; taken from and
+//! put back into through the kernel's control program, which holds the bucket's lock as the
+//! classifiers do.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    ptr::NonNull,
+};
+
+use aya::{maps::MapData, programs::ProgramFd};
+use netrace_common::{
+    table::{
+        BucketV4, SlotV4, TableCmd, TABLE_BUSY, TABLE_CMD_OFFSET, TABLE_DONE, TABLE_FULL,
+        TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK, TABLE_TAKE, WAYS,
+    },
+    PendingSlot, V4Key,
+};
+
+use super::batch;
+use crate::track::tracker::PutBack;
+
+/// The table: the map, its mapping, and the control program.
+pub struct TableV4 {
+    map: MapData,
+    ctl: ProgramFd,
+    base: NonNull<BucketV4>,
+    buckets: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone and only read through volatile reads; the
+// kernel is the only writer. Moving it to another thread changes nothing.
+unsafe impl Send for TableV4 {}
+
+impl TableV4 {
+    /// Maps `map` (an array of `buckets` buckets made with `BPF_F_MMAPABLE`) read-only.
+    pub fn new(map: MapData, ctl: ProgramFd, buckets: u32) -> io::Result<Self> {
+        let buckets = buckets as usize;
+        let len = buckets
+            .checked_mul(size_of::<BucketV4>())
+            .ok_or_else(|| io::Error::other("the table is too large to map"))?;
+        // SAFETY: a new shared, read-only mapping of the map's file descriptor, of the map's
+        // own size (the kernel refuses more); nothing else is at the address it returns.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(p.cast::<BucketV4>())
+            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Self {
+            map,
+            ctl,
+            base,
+            buckets,
+            len,
+        })
+    }
+
+    /// How many buckets the table has.
+    pub fn buckets(&self) -> usize {
+        self.buckets
+    }
+
+    /// How many entries it can hold at most.
+    pub fn capacity(&self) -> usize {
+        self.buckets * WAYS
+    }
+
+    /// The map's file descriptor (for memory accounting and inspection).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.map.fd().as_fd()
+    }
+
+    /// Bucket `bucket`'s slot tags and, for each used slot, the slot, as they are at this
+    /// moment (the kernel may be changing them: a hint, confirmed by a take).
+    fn used(&self, bucket: usize, mut f: impl FnMut(SlotV4)) {
+        if bucket >= self.buckets {
+            return;
+        }
+        // SAFETY: the bucket is inside the mapping (checked above), which lives as long as
+        // `self`; tags and slots are plain integers, so any bytes read are valid values, and
+        // the reads are volatile because the kernel writes the memory.
+        let b = unsafe { self.base.as_ptr().add(bucket) };
+        // SAFETY: as above.
+        let tags = unsafe { std::ptr::read_volatile(&raw const (*b).tags) };
+        for (w, t) in tags.iter().enumerate() {
+            if *t != 0 {
+                // SAFETY: as above; `w` is below WAYS.
+                f(unsafe { std::ptr::read_volatile(&raw const (*b).slots[w]) });
+            }
+        }
+    }
+
+    /// Calls `f` on each used slot of buckets `range` (clamped to the table).
+    pub fn for_each(&self, range: std::ops::Range<usize>, mut f: impl FnMut(&V4Key, &PendingSlot)) {
+        for b in range.start.min(self.buckets)..range.end.min(self.buckets) {
+            self.used(b, |s| f(&s.key, &s.slot));
+        }
+    }
+
+    fn run(&self, mut cmd: TableCmd) -> io::Result<TableCmd> {
+        let mut packet = [0u8; TABLE_CMD_OFFSET as usize + size_of::<TableCmd>()];
+        // The control program reads the command after an Ethernet header's worth of bytes.
+        let at = TABLE_CMD_OFFSET as usize;
+        cmd.result = 0;
+        packet[at..].copy_from_slice(pod_bytes(&cmd));
+        batch::test_run(self.ctl.as_fd(), &mut packet)?;
+        // SAFETY: the slice holds exactly size_of::<TableCmd>() bytes written by the program
+        // from such a value, a plain #[repr(C)] type of integers; read unaligned.
+        Ok(unsafe { std::ptr::read_unaligned(packet[at..].as_ptr().cast::<TableCmd>()) })
+    }
+
+    /// Removes the entry for `key` and returns it; `None` when there was none.
+    pub fn take(&self, key: &V4Key) -> io::Result<Option<PendingSlot>> {
+        let r = self.run(TableCmd {
+            op: TABLE_TAKE,
+            key: *key,
+            ..TableCmd::default()
+        })?;
+        match r.result {
+            TABLE_DONE => Ok(Some(r.slot)),
+            TABLE_PRESENT_OR_ABSENT => Ok(None),
+            other => Err(io::Error::other(outcome(other))),
+        }
+    }
+
+    /// Puts `slot` back for `key` unless the key has an entry again.
+    pub fn put_back(&self, key: &V4Key, slot: &PendingSlot) -> io::Result<PutBack> {
+        let r = self.run(TableCmd {
+            op: TABLE_PUT_BACK,
+            key: *key,
+            slot: *slot,
+            ..TableCmd::default()
+        })?;
+        match r.result {
+            TABLE_DONE => Ok(PutBack::Done),
+            TABLE_PRESENT_OR_ABSENT => Ok(PutBack::Taken),
+            TABLE_FULL | TABLE_BUSY => Ok(PutBack::Refused),
+            other => Err(io::Error::other(outcome(other))),
+        }
+    }
+}
+
+fn outcome(code: u32) -> String {
+    match code {
+        TABLE_BUSY => "the bucket's lock stayed taken".into(),
+        0 => "the table's control program did not answer".into(),
+        c => format!("the table's control program answered {c}"),
+    }
+}
+
+fn pod_bytes(cmd: &TableCmd) -> &[u8] {
+    // SAFETY: TableCmd is #[repr(C)], made of integers with every padding byte an explicit
+    // field, so all of its bytes are initialised; the slice borrows it.
+    unsafe {
+        std::slice::from_raw_parts((cmd as *const TableCmd).cast::<u8>(), size_of::<TableCmd>())
+    }
+}
+
+impl Drop for TableV4 {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of this length, unmapped once; nothing borrows
+        // it past `self`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
