@@ -91,7 +91,9 @@ pub struct WatchArgs {
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub ready_file: Option<PathBuf>,
 
-    /// Capacity of the kernel's pending-SYN map (SYNs beyond it are counted, not tracked).
+    /// Room in the kernel's pending-SYN table: at least N SYNs waiting for an answer (the
+    /// table has twice as many slots, 384 bytes per 8; SYNs it cannot place are counted, not
+    /// tracked).
     #[arg(
         long,
         value_name = "N",

@@ -102,6 +102,21 @@ impl TableV4 {
         }
     }
 
+    /// The buckets' spill counts summed: keys living in a bucket after their own (zero in an
+    /// empty table, or a removal missed its count).
+    pub fn spilled(&self) -> u64 {
+        (0..self.buckets)
+            .map(|b| {
+                // SAFETY: as in `used`: the bucket is inside the mapping; a volatile read of
+                // plain integers.
+                let s = unsafe {
+                    std::ptr::read_volatile(&raw const (*self.base.as_ptr().add(b)).spilled)
+                };
+                s.iter().map(|&n| u64::from(n)).sum::<u64>()
+            })
+            .sum()
+    }
+
     /// Calls `f` on each used slot of buckets `range` (clamped to the table).
     pub fn for_each(&self, range: std::ops::Range<usize>, mut f: impl FnMut(&V4Key, &PendingSlot)) {
         for b in range.start.min(self.buckets)..range.end.min(self.buckets) {

@@ -138,8 +138,9 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
         "netrace is meant to run on every node all the time. Its default mode keeps the books \
          in the kernel: no event per SYN, answered connections counted in the kernel's answer \
          books and round-trip histogram, only lost, refused, unreachable and late ones sent \
-         one by one; the kernel's map iterators hand user space only the expired SYNs (a \
-         batched walk of the whole map where iterators do not load). The targets:\n"
+         one by one; user space finds the expired SYNs by reading the IPv4 pending table where \
+         it lies (mapped into its memory) and from the kernel's iterator over the IPv6 map (a \
+         batched walk of that map where the iterator does not load). The targets:\n"
     )?;
     let target_rows: Vec<&Row> = rows.iter().filter(|r| r.met.is_some()).collect();
     writeln!(d, "| target | measured | result |")?;
@@ -548,19 +549,21 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
          `netrace::track::tracker::Tracker` then sweeps them as `watch` does every second, all \
          still waiting. *All maps* is the kernel's `memlock` figure of every map of the \
          object (from `/proc/self/fdinfo`; each map below), *RSS* the process's `VmRSS` at \
-         that point (the tracker holds no copy of the map: the sweep's finder hands it only \
+         that point, less the mapped IPv4 table (its pages are the map's, counted above) (the tracker holds no copy of the map: the sweep's finder hands it only \
          the due entries, and a whole-map walk goes batch by batch into one reused buffer): the memory of `watch` holding that many \
          pending SYNs. *Sweep, none due*: one `Tracker::sweep` then, as `watch` runs one \
          every second (median of three). *Find expired*: at a time past the SYN timeout, \
          every entry due, the sweep's finder (`PendingMap::due` of \
-         `netrace::kernel::loader::Pending`: BPF map-element iterators over both pending maps \
-         write out only the due entries and a count of the rest; median of four runs, the \
-         first, which allocates the buffers, in brackets); *whole-map walk*: every entry read \
-         in batches (`scan_next`, `BPF_MAP_LOOKUP_BATCH`) with the age test, as the sweep \
-         does where the iterators do not load, to pair translated answers, and at the end \
-         (median of three). *Decide lost*: `Tracker::sweep` at that time, which takes each \
-         expired entry (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`), reports it lost and puts it back \
-         marked lost (two system calls per entry); every entry reported lost.\n"
+         `netrace::kernel::loader::Pending`: the IPv4 table read where it lies, mapped into \
+         the process, and the BPF map-element iterator over the IPv6 map, which writes out only \
+         the due entries and a count of the rest; median of four runs, the first, which \
+         allocates the buffers, in brackets); *whole-map walk*: every entry read step by step \
+         (`scan_next`: the table 4096 buckets at a time, the IPv6 map in batches, \
+         `BPF_MAP_LOOKUP_BATCH`) with the age test, as the sweep does where the iterator does \
+         not load, to pair translated answers, and at the end (median of three). *Decide \
+         lost*: `Tracker::sweep` at that time, which takes each expired entry (the table's \
+         control program, `BPF_PROG_TEST_RUN`), reports it lost and puts it back marked lost \
+         (two system calls per entry); every entry reported lost.\n"
     )?;
     writeln!(
         d,
@@ -570,7 +573,10 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
     for l in list(r, "/scale") {
         let pending_maps: f64 = list(l, "/maps")
             .iter()
-            .filter(|m| s(m, "/map").starts_with("PENDING"))
+            .filter(|m| {
+                let name = s(m, "/map");
+                name.starts_with("PENDING") || name.starts_with("TABLE_V4")
+            })
             .map(|m| f(m, "/memlock_bytes"))
             .sum();
         writeln!(
@@ -626,8 +632,8 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
          entries and fills it with that many IPv4 entries (`BPF_MAP_UPDATE_BATCH`): *old*, \
          the layout netrace had before (a 40-byte `FlowKey` for IPv4 and IPv6 alike, a \
          32-byte `PendingSyn`, `BPF_F_NO_PREALLOC`: memory grows with the entries); *new*, \
-         the IPv4 map netrace has now (a 12-byte `V4Key`, a 24-byte `PendingSlot`, \
-         preallocated: all of it taken at load, no allocation on the SYN path). Memory is the \
+         the compact IPv4 map netrace had next (a 12-byte `V4Key`, a 24-byte `PendingSlot`, \
+         preallocated), before the bucketed table (`TABLE_V4` above) replaced it. Memory is the \
          kernel's `memlock` figure; the walk is the same batched walk as above (median of \
          three).\n"
     )?;

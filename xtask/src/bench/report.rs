@@ -431,7 +431,7 @@ fn scale_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             rows.push(Row {
                 section: S,
                 figure: format!(
-                    "{} entries, map layout: new (12 B key, preallocated) vs old (40 B key, not)",
+                    "{} entries, hash map layout: compact (12 B key, preallocated) vs old (40 B key, not)",
                     count(n)
                 ),
                 value: format!(
