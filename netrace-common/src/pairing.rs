@@ -52,17 +52,28 @@ pub trait PendingTable {
     /// Removes the entry for `key` if `accept` takes it, in one step where the table can.
     #[inline(always)]
     fn take_if<F: FnOnce(&PendingSyn) -> bool>(&mut self, key: &FlowKey, accept: F) -> Take {
-        let Some(p) = self.get(key) else {
-            return Take::Absent;
-        };
-        if !accept(&p) {
-            return Take::Kept(p);
-        }
-        if self.remove(key) {
-            Take::Taken(p)
-        } else {
-            Take::Gone
-        }
+        take_if_in_two_steps(self, key, accept)
+    }
+}
+
+/// [`PendingTable::take_if`] as a [`PendingTable::get`], then a [`PendingTable::remove`] (which
+/// may find the entry gone in between).
+#[inline(always)]
+pub fn take_if_in_two_steps<T: PendingTable + ?Sized, F: FnOnce(&PendingSyn) -> bool>(
+    table: &mut T,
+    key: &FlowKey,
+    accept: F,
+) -> Take {
+    let Some(p) = table.get(key) else {
+        return Take::Absent;
+    };
+    if !accept(&p) {
+        return Take::Kept(p);
+    }
+    if table.remove(key) {
+        Take::Taken(p)
+    } else {
+        Take::Gone
     }
 }
 

@@ -35,7 +35,9 @@ use aya_ebpf::{
 // library's AYA_LOG_LEVEL global before load; each call site then costs one global read.
 use aya_log_ebpf::debug;
 use netrace_common::{
-    pairing::{on_packet, on_pod_syn, EventSink, Insert, Note, PendingTable, Take},
+    pairing::{
+        on_packet, on_pod_syn, take_if_in_two_steps, EventSink, Insert, Note, PendingTable, Take,
+    },
     parse::{Answer, Direction, Link, Parsed},
     rtt_slot, AnswerBook, BookKey, Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent,
     PendingSlot, PendingSyn, TpOffsets, COUNTER_SLOTS, DEFAULT_MAX_BOOKS, DEFAULT_MAX_PENDING,
@@ -162,17 +164,7 @@ impl PendingTable for KernelTable {
     #[inline(always)]
     fn take_if<F: FnOnce(&PendingSyn) -> bool>(&mut self, key: &FlowKey, accept: F) -> Take {
         if key.family != FAMILY_V4 {
-            let Some(p) = self.get(key) else {
-                return Take::Absent;
-            };
-            if !accept(&p) {
-                return Take::Kept(p);
-            }
-            return if self.remove(key) {
-                Take::Taken(p)
-            } else {
-                Take::Gone
-            };
+            return take_if_in_two_steps(self, key, accept);
         }
         let k = key.v4();
         // A lock that stays taken reads as no entry: the answer is then counted and sent as
