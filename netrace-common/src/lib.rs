@@ -617,7 +617,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ExpireCutoffs {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::table::BucketV4 {}
+    unsafe impl aya::Pod for super::table::HeadV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::table::SlotsV4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::table::TableCmd {}
 }

@@ -44,12 +44,16 @@ use netrace_common::{
     DEFAULT_RINGBUF_BYTES, FAMILY_V4, PORT_SLOTS, RTT_SLOTS, SEND_ANSWERS, SEND_SYNS,
 };
 
-/// Unanswered IPv4 SYNs: the bucketed table (`table.rs`), sized by the loader, mapped
-/// read-only by user space to find the expired entries. A full bucket is an insert failure
-/// that is counted, never a silent eviction.
+/// Unanswered IPv4 SYNs: the bucketed table (`table.rs`), heads here and slots in
+/// `SLOTS_V4` at the same index, both sized by the loader and mapped read-only by user space to
+/// find the expired entries. A key that finds its bucket and the next ones full is an insert
+/// failure that is counted, never a silent eviction.
 #[map]
-static TABLE_V4: Array<netrace_common::table::BucketV4> =
-    Array::with_max_entries(1, BPF_F_MMAPABLE);
+static TABLE_V4: Array<netrace_common::table::HeadV4> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The IPv4 table's slots (see `TABLE_V4`).
+#[map]
+static SLOTS_V4: Array<netrace_common::table::SlotsV4> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Unanswered IPv6 SYNs (a quarter of the IPv4 map's capacity). Not preallocated: most
 /// nodes connect out over IPv4, and a preallocated IPv6 map would cost a third more memory

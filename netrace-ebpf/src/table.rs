@@ -6,14 +6,14 @@ use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering};
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use netrace_common::{
     table::{
-        hash_v4, same_key, tag_v4, BucketV4, TableCmd, LOCK_TRIES, SPILL, TABLE_BUSY,
+        hash_v4, same_key, tag_v4, HeadV4, SlotsV4, TableCmd, LOCK_TRIES, SPILL, TABLE_BUSY,
         TABLE_CMD_OFFSET, TABLE_DONE, TABLE_FULL, TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK,
         TABLE_TAKE, WAYS,
     },
     PendingSlot, V4Key,
 };
 
-use crate::TABLE_V4;
+use crate::{SLOTS_V4, TABLE_V4};
 
 /// Buckets - 1 (a power of two less one), set by the loader.
 #[unsafe(no_mangle)]
@@ -25,7 +25,7 @@ static TABLE_V4_SEED: u32 = 0;
 
 /// Takes a bucket's lock; `false` when it stayed taken.
 #[inline(always)]
-fn lock(b: *mut BucketV4) -> bool {
+fn lock(b: *mut HeadV4) -> bool {
     let mut tries = 0;
     while tries < LOCK_TRIES {
         // SAFETY: `b` points at a bucket of the array map, valid for this run of the program;
@@ -59,7 +59,7 @@ pub(crate) struct Locked {
     mask: u32,
     tag: u32,
     /// The own bucket (distance 0).
-    own: *mut BucketV4,
+    own: *mut HeadV4,
     /// Bit `d`: the bucket at distance `d` is locked. (Pointers are looked up again rather
     /// than kept in an array: the verifier loses their type behind a variable index.)
     held: u32,
@@ -114,9 +114,15 @@ impl Locked {
         true
     }
 
+    /// The slots of the bucket at distance `dist` (valid to change while it is locked).
+    #[inline(always)]
+    fn slots(&self, dist: usize) -> Option<*mut SlotsV4> {
+        SLOTS_V4.get_ptr_mut(self.home.wrapping_add(dist as u32) & self.mask)
+    }
+
     /// The bucket at distance `dist`, if locked.
     #[inline(always)]
-    fn bucket(&self, dist: usize) -> Option<*mut BucketV4> {
+    fn bucket(&self, dist: usize) -> Option<*mut HeadV4> {
         if dist == 0 {
             return Some(self.own);
         }
@@ -126,15 +132,19 @@ impl Locked {
         TABLE_V4.get_ptr_mut(self.home.wrapping_add(dist as u32) & self.mask)
     }
 
-    /// The way of bucket `b` holding `key`.
+    /// The way of bucket `b` (at distance `dist`) holding `key`.
     #[inline(always)]
-    fn way_of(&self, b: *mut BucketV4, key: &V4Key) -> Option<usize> {
+    fn way_of(&self, dist: usize, b: *mut HeadV4, key: &V4Key) -> Option<usize> {
         let mut way = 0;
         while way < WAYS {
             // SAFETY: `b` is valid and locked by this program: no one else changes it; `way`
             // is below WAYS.
-            if unsafe { (*b).tags[way] == self.tag && same_key(&(*b).slots[way].key, key) } {
-                return Some(way);
+            if unsafe { (*b).tags[way] } == self.tag {
+                let slots = self.slots(dist)?;
+                // SAFETY: the bucket's slots, locked with its head; `way` is below WAYS.
+                if same_key(unsafe { &(*slots).slots[way].key }, key) {
+                    return Some(way);
+                }
             }
             way += 1;
         }
@@ -144,7 +154,7 @@ impl Locked {
     /// Where `key`'s entry is; `Err` when a bucket that may hold it could not be locked.
     #[inline(always)]
     fn locate(&mut self, key: &V4Key) -> Result<Option<At>, ()> {
-        if let Some(way) = self.way_of(self.own, key) {
+        if let Some(way) = self.way_of(0, self.own, key) {
             return Ok(Some(At { dist: 0, way }));
         }
         // SAFETY: the own bucket is valid and locked (see `of`): its spill counts are stable.
@@ -157,7 +167,7 @@ impl Locked {
         let mut dist = 1;
         while dist <= SPILL {
             if let Some(b) = self.bucket(dist) {
-                if let Some(way) = self.way_of(b, key) {
+                if let Some(way) = self.way_of(dist, b, key) {
                     return Ok(Some(At { dist, way }));
                 }
             }
@@ -168,9 +178,10 @@ impl Locked {
 
     #[inline(always)]
     fn slot(&mut self, at: At) -> Option<&mut PendingSlot> {
-        let b = self.bucket(at.dist)?;
-        // SAFETY: `b` is valid and locked; `at.way` is below WAYS (from `locate`).
-        Some(unsafe { &mut (*b).slots[at.way % WAYS].slot })
+        self.bucket(at.dist)?;
+        let s = self.slots(at.dist)?;
+        // SAFETY: the slots of a bucket this program has locked; `at.way` is below WAYS.
+        Some(unsafe { &mut (*s).slots[at.way % WAYS].slot })
     }
 
     /// The entry for `key` (`None` too when a bucket that may hold it could not be locked).
@@ -185,7 +196,9 @@ impl Locked {
     pub(crate) fn remove(&mut self, key: &V4Key) -> Option<PendingSlot> {
         let at = self.locate(key).ok()??;
         let b = self.bucket(at.dist)?;
-        // SAFETY: `b` and the own bucket are valid and locked; the indices are in range.
+        let s = self.slots(at.dist)?;
+        // SAFETY: `b` (with its slots `s`) and the own bucket are valid and locked; the
+        // indices are in range.
         unsafe {
             (*b).tags[at.way % WAYS] = 0;
             if let Some(n) = at
@@ -195,7 +208,7 @@ impl Locked {
             {
                 *n = n.saturating_sub(1);
             }
-            Some((*b).slots[at.way % WAYS].slot)
+            Some((*s).slots[at.way % WAYS].slot)
         }
     }
 
@@ -212,15 +225,15 @@ impl Locked {
             if dist == 1 && !self.neighbours() {
                 return Err(());
             }
-            if let Some(b) = self.bucket(dist) {
+            if let (Some(b), Some(s)) = (self.bucket(dist), self.slots(dist)) {
                 let mut way = 0;
                 while way < WAYS {
-                    // SAFETY: `b` and the own bucket are valid and locked by this program; the
-                    // indices are in range.
+                    // SAFETY: `b` (with its slots `s`) and the own bucket are valid and locked
+                    // by this program; the indices are in range.
                     unsafe {
                         if (*b).tags[way] == 0 {
-                            (*b).slots[way].key = *key;
-                            (*b).slots[way].slot = *slot;
+                            (*s).slots[way].key = *key;
+                            (*s).slots[way].slot = *slot;
                             (*b).tags[way] = self.tag;
                             if let Some(n) = dist
                                 .checked_sub(1)

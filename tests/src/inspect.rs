@@ -482,14 +482,14 @@ impl MapHandle {
 }
 
 impl MapHandle {
-    /// Entries of the IPv4 pending table (an array of buckets): its used slots, read bucket
-    /// by bucket (entries may change meanwhile).
+    /// Entries of the IPv4 pending table (`TABLE_V4`, an array of bucket heads): its used
+    /// slots, read bucket by bucket (entries may change meanwhile).
     pub fn table_entries(&self) -> Result<usize> {
-        use netrace_common::table::{BucketV4, WAYS};
-        let tags = std::mem::offset_of!(BucketV4, tags);
-        if self.value_size as usize != size_of::<BucketV4>() {
+        use netrace_common::table::{HeadV4, WAYS};
+        let tags = std::mem::offset_of!(HeadV4, tags);
+        if self.value_size as usize != size_of::<HeadV4>() {
             bail!(
-                "map {} holds {}-byte values, not buckets",
+                "map {} holds {}-byte values, not bucket heads",
                 self.name,
                 self.value_size
             );

@@ -357,6 +357,7 @@ pub fn load(
         .override_global("TABLE_V4_MASK", &mask, true)
         .override_global("TABLE_V4_SEED", &seed, true)
         .map_max_entries("TABLE_V4", buckets)
+        .map_max_entries("SLOTS_V4", buckets)
         .map_max_entries("PENDING_V6", max_pending_v6(max_pending))
         .map_max_entries("EVENTS", ringbuf_bytes)
         .load(EBPF_OBJECT)
@@ -375,12 +376,13 @@ pub fn load(
             .ok_or_else(|| anyhow!("the kernel object has no map {name}"))
     };
     let events = RingBuf::try_from(take("EVENTS")?)?;
-    let v4 = match take("TABLE_V4")? {
-        aya::maps::Map::Array(m) => m,
-        _ => anyhow::bail!("the kernel object's TABLE_V4 is not an array"),
+    let mut array = |name: &str| match take(name)? {
+        aya::maps::Map::Array(m) => Ok(m),
+        _ => Err(anyhow!("the kernel object's {name} is not an array")),
     };
+    let (heads, slots) = (array("TABLE_V4")?, array("SLOTS_V4")?);
     let mut pending = Pending {
-        v4: TableV4::new(v4, ctl, buckets).context("mapping the IPv4 pending table")?,
+        v4: TableV4::new(heads, slots, ctl, buckets).context("mapping the IPv4 pending table")?,
         v6: HashMap::try_from(take("PENDING_V6")?)?,
         errors: 0,
         walk_v4: 0,

@@ -12,7 +12,7 @@ use std::{
 use aya::{maps::MapData, programs::ProgramFd};
 use netrace_common::{
     table::{
-        BucketV4, SlotV4, TableCmd, TABLE_BUSY, TABLE_CMD_OFFSET, TABLE_DONE, TABLE_FULL,
+        HeadV4, SlotV4, SlotsV4, TableCmd, TABLE_BUSY, TABLE_CMD_OFFSET, TABLE_DONE, TABLE_FULL,
         TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK, TABLE_TAKE, WAYS,
     },
     PendingSlot, V4Key,
@@ -21,25 +21,18 @@ use netrace_common::{
 use super::batch;
 use crate::track::tracker::PutBack;
 
-/// The table: the map, its mapping, and the control program.
-pub struct TableV4 {
+/// An array map mapped read-only into this process.
+struct Mapped<T> {
     map: MapData,
-    ctl: ProgramFd,
-    base: NonNull<BucketV4>,
-    buckets: usize,
+    base: NonNull<T>,
     len: usize,
 }
 
-// SAFETY: the mapping is owned by this value alone and only read through volatile reads; the
-// kernel is the only writer. Moving it to another thread changes nothing.
-unsafe impl Send for TableV4 {}
-
-impl TableV4 {
-    /// Maps `map` (an array of `buckets` buckets made with `BPF_F_MMAPABLE`) read-only.
-    pub fn new(map: MapData, ctl: ProgramFd, buckets: u32) -> io::Result<Self> {
-        let buckets = buckets as usize;
-        let len = buckets
-            .checked_mul(size_of::<BucketV4>())
+impl<T> Mapped<T> {
+    /// Maps `map`, an array of `n` values of `T` made with `BPF_F_MMAPABLE`.
+    fn new(map: MapData, n: usize) -> io::Result<Self> {
+        let len = n
+            .checked_mul(size_of::<T>())
             .ok_or_else(|| io::Error::other("the table is too large to map"))?;
         // SAFETY: a new shared, read-only mapping of the map's file descriptor, of the map's
         // own size (the kernel refuses more); nothing else is at the address it returns.
@@ -56,14 +49,42 @@ impl TableV4 {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let base = NonNull::new(p.cast::<BucketV4>())
-            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        let base =
+            NonNull::new(p.cast::<T>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Self { map, base, len })
+    }
+}
+
+impl<T> Drop for Mapped<T> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of this length, unmapped once; nothing borrows
+        // it past `self`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The table: its heads and slots mapped, and the control program.
+pub struct TableV4 {
+    heads: Mapped<HeadV4>,
+    slots: Mapped<SlotsV4>,
+    ctl: ProgramFd,
+    buckets: usize,
+}
+
+// SAFETY: the mappings are owned by this value alone and only read through volatile reads;
+// the kernel is the only writer. Moving it to another thread changes nothing.
+unsafe impl Send for TableV4 {}
+
+impl TableV4 {
+    /// Maps `heads` and `slots` (arrays of `buckets` values made with `BPF_F_MMAPABLE`)
+    /// read-only.
+    pub fn new(heads: MapData, slots: MapData, ctl: ProgramFd, buckets: u32) -> io::Result<Self> {
+        let buckets = buckets as usize;
         Ok(Self {
-            map,
+            heads: Mapped::new(heads, buckets)?,
+            slots: Mapped::new(slots, buckets)?,
             ctl,
-            base,
             buckets,
-            len,
         })
     }
 
@@ -77,9 +98,9 @@ impl TableV4 {
         self.buckets * WAYS
     }
 
-    /// The map's file descriptor (for memory accounting and inspection).
+    /// The heads' map (for inspection).
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.map.fd().as_fd()
+        self.heads.map.fd().as_fd()
     }
 
     /// Bucket `bucket`'s slot tags and, for each used slot, the slot, as they are at this
@@ -88,16 +109,21 @@ impl TableV4 {
         if bucket >= self.buckets {
             return;
         }
-        // SAFETY: the bucket is inside the mapping (checked above), which lives as long as
+        // SAFETY: the bucket is inside both mappings (checked above), which live as long as
         // `self`; tags and slots are plain integers, so any bytes read are valid values, and
         // the reads are volatile because the kernel writes the memory.
-        let b = unsafe { self.base.as_ptr().add(bucket) };
+        let (h, s) = unsafe {
+            (
+                self.heads.base.as_ptr().add(bucket),
+                self.slots.base.as_ptr().add(bucket),
+            )
+        };
         // SAFETY: as above.
-        let tags = unsafe { std::ptr::read_volatile(&raw const (*b).tags) };
+        let tags = unsafe { std::ptr::read_volatile(&raw const (*h).tags) };
         for (w, t) in tags.iter().enumerate() {
             if *t != 0 {
                 // SAFETY: as above; `w` is below WAYS.
-                f(unsafe { std::ptr::read_volatile(&raw const (*b).slots[w]) });
+                f(unsafe { std::ptr::read_volatile(&raw const (*s).slots[w]) });
             }
         }
     }
@@ -110,7 +136,7 @@ impl TableV4 {
                 // SAFETY: as in `used`: the bucket is inside the mapping; a volatile read of
                 // plain integers.
                 let s = unsafe {
-                    std::ptr::read_volatile(&raw const (*self.base.as_ptr().add(b)).spilled)
+                    std::ptr::read_volatile(&raw const (*self.heads.base.as_ptr().add(b)).spilled)
                 };
                 s.iter().map(|&n| u64::from(n)).sum::<u64>()
             })
@@ -180,13 +206,5 @@ fn pod_bytes(cmd: &TableCmd) -> &[u8] {
     // field, so all of its bytes are initialised; the slice borrows it.
     unsafe {
         std::slice::from_raw_parts((cmd as *const TableCmd).cast::<u8>(), size_of::<TableCmd>())
-    }
-}
-
-impl Drop for TableV4 {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, of this length, unmapped once; nothing borrows
-        // it past `self`.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }

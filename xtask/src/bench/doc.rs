@@ -575,7 +575,9 @@ fn scale(d: &mut String, r: &Value) -> anyhow::Result<()> {
             .iter()
             .filter(|m| {
                 let name = s(m, "/map");
-                name.starts_with("PENDING") || name.starts_with("TABLE_V4")
+                ["PENDING", "TABLE_V4", "SLOTS_V4"]
+                    .iter()
+                    .any(|p| name.starts_with(p))
             })
             .map(|m| f(m, "/memlock_bytes"))
             .sum();
