@@ -49,6 +49,14 @@ pub fn run(netrace_bin: &Path) -> Result<()> {
     for line in lab.snat_description() {
         println!("  node: {line}");
     }
+    // The failed attempts' conntrack entries keep the ports SNAT gave them until they expire
+    // (2 min unanswered): a pod that reuses such a source port (nc binds port 0, and the
+    // kernel hands out a failed connection's port again) would go out through the old,
+    // blocked port. Part of applying the fix on a real node too.
+    let flush = ["conntrack", "-D", "-p", "tcp", "--state", "SYN_SENT"];
+    println!("  node: {}", flush.join(" "));
+    // conntrack exits 1 when nothing matched: the entries may have expired already.
+    let _ = lab.exec(lab.node_ns(), &flush);
     let after = scenario(&lab, netrace_bin)?;
 
     phase("tearing down the lab");

@@ -112,7 +112,9 @@ pub fn for_node(allowed: PortRange, node: &NodePorts, nat: Option<&NatReport>) -
         ));
     }
     out.push(format!(
-        "restrict SNAT to the allowed range: {} ({})",
+        "restrict SNAT to the allowed range: {} ({}); then delete the failed attempts' \
+         conntrack entries, which keep their old ports until they expire (2 min): conntrack -D \
+         -p tcp --state SYN_SENT",
         masquerade_rule(allowed),
         nftables_rule(allowed)
     ));
