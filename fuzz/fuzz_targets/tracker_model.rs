@@ -7,8 +7,8 @@
 //!   bounded size that drops (and counts) what does not fit;
 //! - user space: draining the ring, sweeping the kernel map (at least once per SYN timeout)
 //!   and finishing as `watch/pump.rs` does, over a pending map that finds its due entries
-//!   itself (the kernel's iterators) or is walked in batches, as the input chooses, and lets
-//!   the input put a packet (an answer, a retransmitted SYN, a SYN with a new ISN, a stray
+//!   itself (as the mapped IPv4 table and the kernel's IPv6 iterator do) or is walked in
+//!   batches, as the input chooses, and lets the input put a packet (an answer, a retransmitted SYN, a SYN with a new ISN, a stray
 //!   SYN-ACK) after the finding or between batches, between a take and the put-back, and after
 //!   the put-back (at most two per 4-tuple in a sweep);
 //! - clients that open connections on a few 4-tuples, retransmit their SYNs until they have an
@@ -189,7 +189,7 @@ struct World {
     horizon: u64,
     /// Sweeps begun.
     sweeps: u64,
-    /// Whether the map finds the due entries itself (the kernel's iterators).
+    /// Whether the map finds the due entries itself (the mapped table, the kernel's iterator).
     iterators: bool,
     /// When the last one began.
     last_sweep: u64,
@@ -470,7 +470,7 @@ impl PendingMap for RacyMap<'_, '_, '_> {
         cut: ExpireCutoffs,
         out: &mut Vec<(FlowKey, PendingSyn)>,
     ) -> Option<(u64, u64)> {
-        // The kernel's iterators where they load, or not (then the sweep walks).
+        // The map's own finder where it works, or not (then the sweep walks).
         if !self.w.iterators {
             return None;
         }
