@@ -8,9 +8,10 @@
 //! - user space: draining the ring, sweeping the kernel map (at least once per SYN timeout)
 //!   and finishing as `watch/pump.rs` does, over a pending map that finds its due entries
 //!   itself (as the mapped IPv4 table and the kernel's IPv6 iterator do) or is walked in
-//!   batches, as the input chooses, and lets the input put a packet (an answer, a retransmitted SYN, a SYN with a new ISN, a stray
-//!   SYN-ACK) after the finding or between batches, between a take and the put-back, and after
-//!   the put-back (at most two per 4-tuple in a sweep);
+//!   batches, as the input chooses, and lets the input put a packet (an answer, a
+//!   retransmitted SYN, a SYN with a new ISN, a stray SYN-ACK) after the finding or between
+//!   batches, between a take and the put-back, and after the put-back (at most two per 4-tuple
+//!   in a sweep);
 //! - clients that open connections on a few 4-tuples, retransmit their SYNs until they have an
 //!   answer (within the late window), give up for a new ISN, and servers that answer (SYN-ACK,
 //!   RST, ICMP error), repeat their answers, or never answer.
