@@ -176,14 +176,11 @@ impl PendingTable for KernelTable {
         let Some(mut b) = table::Locked::of(&k) else {
             return Take::Absent;
         };
-        let Some(p) = b.find(&k).map(|s| s.to_pending()) else {
-            return Take::Absent;
-        };
-        if !accept(&p) {
-            return Take::Kept(p);
+        match b.take_if(&k, |s| accept(&s.to_pending())) {
+            None => Take::Absent,
+            Some(Ok(s)) => Take::Taken(s.to_pending()),
+            Some(Err(s)) => Take::Kept(s.to_pending()),
         }
-        b.remove(&k);
-        Take::Taken(p)
     }
 
     #[inline(always)]

@@ -191,15 +191,25 @@ impl Locked {
         self.slot(at)
     }
 
-    /// Removes the entry for `key` and returns it.
+    /// Removes the entry for `key` if `accept` takes it: `Ok` the entry removed, `Err` the
+    /// entry left in place; `None` when there is none (or a bucket that may hold it could not
+    /// be locked). One look-up for both.
     #[inline(always)]
-    pub(crate) fn remove(&mut self, key: &V4Key) -> Option<PendingSlot> {
+    pub(crate) fn take_if<F: FnOnce(&PendingSlot) -> bool>(
+        &mut self,
+        key: &V4Key,
+        accept: F,
+    ) -> Option<Result<PendingSlot, PendingSlot>> {
         let at = self.locate(key).ok()??;
         let b = self.bucket(at.dist)?;
         let s = self.slots(at.dist)?;
         // SAFETY: `b` (with its slots `s`) and the own bucket are valid and locked; the
         // indices are in range.
         unsafe {
+            let slot = (*s).slots[at.way % WAYS].slot;
+            if !accept(&slot) {
+                return Some(Err(slot));
+            }
             (*b).tags[at.way % WAYS] = 0;
             if let Some(n) = at
                 .dist
@@ -208,8 +218,14 @@ impl Locked {
             {
                 *n = n.saturating_sub(1);
             }
-            Some((*s).slots[at.way % WAYS].slot)
+            Some(Ok(slot))
         }
+    }
+
+    /// Removes the entry for `key` and returns it.
+    #[inline(always)]
+    pub(crate) fn remove(&mut self, key: &V4Key) -> Option<PendingSlot> {
+        self.take_if(key, |_| true)?.ok()
     }
 
     /// Stores `slot` for `key` in the first free slot of its bucket or the next ones:

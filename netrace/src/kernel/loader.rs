@@ -17,11 +17,10 @@ use aya::{
 use netrace_common::{
     AnswerBook, BookKey, Counter, ExpireCutoffs, ExpireSummary, Expired, FlowKey, KernelFilter,
     PendingSlot, PendingSyn, SkbOffsets, TpOffsets, V6Key, XmitIface, FAMILY_V4, RTT_SLOTS,
-    STATE_LOST,
 };
 
 use super::{batch, table::TableV4};
-use crate::track::tracker::{PendingMap, PutBack, ScanPos};
+use crate::track::tracker::{NotDue, PendingMap, PutBack, ScanPos};
 
 /// The kernel programs, compiled from `netrace-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netrace"));
@@ -175,12 +174,10 @@ impl Pending {
         let v6 = batch::walk(self.v6.map().fd().as_fd(), |k: &V6Key, v: &PendingSlot| {
             out.push((FlowKey::from(*k), v.to_pending()));
         });
-        if let Err(e) = v6 {
-            self.errors += 1;
-            log::debug!("walking the pending map: {e}");
-        }
+        self.failed("walking the pending map", v6);
     }
 
+    /// `r`'s value; an error is counted and logged (never fatal: see `errors`).
     fn failed<T>(&mut self, what: &str, r: std::io::Result<T>) -> Option<T> {
         r.map_err(|e| {
             self.errors += 1;
@@ -199,17 +196,14 @@ impl PendingMap for Pending {
         let expiry = self.expiry.as_mut()?;
         out.clear();
         // IPv4: read where it lies, front to back.
-        let (mut waiting, mut lost) = (0, 0);
+        let mut rest = NotDue::default();
         self.v4.for_each(0..self.v4.buckets(), |k, v| {
-            match cut.due(v.state, v.first_ns) {
-                Some(true) => out.push((FlowKey::from(*k), v.to_pending())),
-                Some(false) if v.state == STATE_LOST => lost += 1,
-                Some(false) => waiting += 1,
-                None => {}
+            if rest.is_due(&cut, v.state, v.first_ns) {
+                out.push((FlowKey::from(*k), v.to_pending()));
             }
         });
         match expiry.due(cut, out) {
-            Ok((w, l)) => Some((waiting + w, lost + l)),
+            Ok((w, l)) => Some((rest.waiting + w, rest.lost + l)),
             Err(e) => {
                 // Walk the whole map from now on.
                 log::debug!("the sweep's iterator failed, walking the map instead: {e:#}");
@@ -244,10 +238,7 @@ impl PendingMap for Pending {
                         .map(|(k, v)| (FlowKey::from(*k), v.to_pending())),
                 );
             });
-        if let Err(e) = r {
-            self.errors += 1;
-            log::debug!("walking the pending map: {e}");
-        }
+        self.failed("walking the pending map", r);
         if self.walk_v6.done() {
             pos.finish();
         }

@@ -75,6 +75,32 @@ pub enum PutBack {
 #[derive(Clone, Debug, Default)]
 pub struct MemoryMap(pub HashMap<FlowKey, PendingSyn>);
 
+/// What [`PendingMap::due`] counts besides the due entries: those waiting, those held lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NotDue {
+    pub waiting: u64,
+    pub lost: u64,
+}
+
+impl NotDue {
+    /// Whether an entry in `state` first seen at `first_ns` is due under `cut`; one that is
+    /// not is counted here.
+    pub fn is_due(&mut self, cut: &ExpireCutoffs, state: u8, first_ns: u64) -> bool {
+        match cut.due(state, first_ns) {
+            Some(true) => true,
+            Some(false) if state == STATE_LOST => {
+                self.lost += 1;
+                false
+            }
+            Some(false) => {
+                self.waiting += 1;
+                false
+            }
+            None => false,
+        }
+    }
+}
+
 impl PendingMap for MemoryMap {
     fn due(
         &mut self,
@@ -82,16 +108,13 @@ impl PendingMap for MemoryMap {
         out: &mut Vec<(FlowKey, PendingSyn)>,
     ) -> Option<(u64, u64)> {
         out.clear();
-        let (mut waiting, mut lost) = (0, 0);
+        let mut rest = NotDue::default();
         for (k, p) in &self.0 {
-            match cut.due(p.state, p.first_ns) {
-                Some(true) => out.push((*k, *p)),
-                Some(false) if p.state == STATE_LOST => lost += 1,
-                Some(false) => waiting += 1,
-                None => {}
+            if rest.is_due(&cut, p.state, p.first_ns) {
+                out.push((*k, *p));
             }
         }
-        Some((waiting, lost))
+        Some((rest.waiting, rest.lost))
     }
 
     fn scan_next(&mut self, pos: &mut ScanPos, out: &mut Vec<(FlowKey, PendingSyn)>) {
