@@ -1,7 +1,10 @@
 //! The IPv4 pending table's operations (layout and rules: `netrace_common::table`). Every
 //! change is made under the bucket's lock; the lock guard releases it on every path.
 
-use core::intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering};
+use core::{
+    intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering},
+    sync::atomic::{compiler_fence, Ordering},
+};
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use netrace_common::{
@@ -22,6 +25,15 @@ static TABLE_V4_MASK: u32 = 0;
 /// The hash seed of this run, set by the loader.
 #[unsafe(no_mangle)]
 static TABLE_V4_SEED: u32 = 0;
+
+/// 1 when the CPU keeps stores in program order and never moves a store before an earlier
+/// load (x86-64's total store order), set by the loader from the architecture it was built
+/// for. A plain store then releases a lock, as the kernel's own x86 spinlocks do; an atomic
+/// exchange would also wait for every earlier store to reach the cache, and the slot a new SYN
+/// writes is usually a cache miss (a third of its time in `cargo xtask bench`). Elsewhere
+/// (arm64) the exchange stays: a plain store there may become visible before the slot's.
+#[unsafe(no_mangle)]
+static TABLE_V4_TSO: u32 = 0;
 
 /// Takes a bucket's lock; `false` when it stayed taken.
 #[inline(always)]
@@ -269,25 +281,37 @@ impl Locked {
     }
 }
 
+/// Releases a bucket's lock, publishing the changes made under it first.
+#[inline(always)]
+fn unlock(b: *mut HeadV4, tso: bool) {
+    if tso {
+        // The compiler keeps every access above this line above the store; the CPU (total
+        // store order, see TABLE_V4_TSO) makes them visible before it.
+        compiler_fence(Ordering::Release);
+        // SAFETY: a valid bucket whose lock this program holds; an aligned word store.
+        unsafe { core::ptr::write_volatile(&raw mut (*b).lock, 0) };
+    } else {
+        // SAFETY: as above; the exchange publishes the changes before the lock is seen free.
+        unsafe { atomic_xchg::<u64, { AtomicOrdering::Release }>(&raw mut (*b).lock, 0) };
+    }
+}
+
 impl Drop for Locked {
     #[inline(always)]
     fn drop(&mut self) {
+        // SAFETY: a read-only global, set before load.
+        let tso = unsafe { core::ptr::read_volatile(&TABLE_V4_TSO) } != 0;
         let mut dist = SPILL;
         while dist > 0 {
             if self.held & (1 << dist) != 0 {
                 let idx = self.home.wrapping_add(dist as u32) & self.mask;
                 if let Some(b) = TABLE_V4.get_ptr_mut(idx) {
-                    // SAFETY: a valid bucket whose lock this program holds; the exchange
-                    // publishes the changes before the lock is seen free.
-                    unsafe {
-                        atomic_xchg::<u64, { AtomicOrdering::Release }>(&raw mut (*b).lock, 0)
-                    };
+                    unlock(b, tso);
                 }
             }
             dist -= 1;
         }
-        // SAFETY: as above, the own bucket.
-        unsafe { atomic_xchg::<u64, { AtomicOrdering::Release }>(&raw mut (*self.own).lock, 0) };
+        unlock(self.own, tso);
     }
 }
 

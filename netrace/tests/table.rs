@@ -9,9 +9,13 @@ mod support;
 use std::{
     collections::HashSet,
     net::{Ipv4Addr, SocketAddr},
+    os::fd::AsFd as _,
 };
 
-use netrace::track::tracker::{PendingMap as _, PutBack};
+use netrace::{
+    kernel::batch::test_run,
+    track::tracker::{PendingMap as _, PutBack},
+};
 use netrace_common::{table, Counter, FlowKey, KernelFilter, STATE_LOST};
 use netrace_lab::wire::{answer, syn, TCP_ACK, TCP_SYN};
 use support::bpf::Bpf;
@@ -91,4 +95,96 @@ fn a_crowded_table_finds_every_entry_it_took_and_counts_the_rest() {
     }
     assert_eq!(bpf.pending_all().len(), held.len());
     assert_eq!(bpf.maps.pending.errors, 0);
+}
+
+/// Threads running SYNs and their answers at the same time, one per CPU, on a table so small
+/// that every bucket is shared: the bucket locks must keep each change whole. A slot two CPUs
+/// both took, a tag or spill count one of them overwrote, shows as an answer that finds no
+/// entry, an entry left behind or a spill count left over.
+#[test]
+fn concurrent_syns_and_answers_on_shared_buckets_lose_nothing() {
+    const PER_THREAD: u16 = 24;
+    const ROUNDS: u32 = 1000;
+    let mut bpf = Bpf::load_sized(KernelFilter::default(), MAX_PENDING);
+    let egress = bpf.program_fd(netrace::kernel::loader::EGRESS_PROGRAM);
+    let ingress = bpf.program_fd(netrace::kernel::loader::INGRESS_PROGRAM);
+    let cpus = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 4);
+    // Fewer keys than slots in all: a refusal would only mean a lock that stayed taken.
+    assert!(cpus * usize::from(PER_THREAD) < table::buckets_for(MAX_PENDING) as usize * 4);
+    let start = std::sync::Barrier::new(cpus);
+    std::thread::scope(|s| {
+        for t in 0..cpus {
+            let (egress, ingress, start) = (&egress, &ingress, &start);
+            s.spawn(move || {
+                pin_to_cpu(t);
+                let flows: Vec<_> = (0..PER_THREAD)
+                    .map(|i| tuple(t as u16 * PER_THREAD + i))
+                    .collect();
+                let mut syns: Vec<_> = flows.iter().map(|(f, d)| syn(*f, *d, ISN)).collect();
+                let mut answers: Vec<_> = flows
+                    .iter()
+                    .map(|(f, d)| answer(*f, *d, TCP_SYN | TCP_ACK, ISN + 1))
+                    .collect();
+                start.wait();
+                for _ in 0..ROUNDS {
+                    for p in &mut syns {
+                        test_run(egress.as_fd(), p).expect("egress test run");
+                    }
+                    for p in &mut answers {
+                        test_run(ingress.as_fd(), p).expect("ingress test run");
+                    }
+                }
+            });
+        }
+    });
+    let sent = cpus as u64 * u64::from(PER_THREAD) * u64::from(ROUNDS);
+    assert_eq!(bpf.counter(Counter::SynSeen), sent);
+    // A lock that stays taken (a CPU stopped by the hypervisor while holding it) refuses a SYN
+    // or leaves an answer unmatched, its entry then met again by the next round's SYN as a
+    // retransmission: counted, and rare.
+    let refused = bpf.counter(Counter::PendingMapFull);
+    let unmatched = bpf.counter(Counter::SynAckUnmatched) + bpf.counter(Counter::SynAckRepeated);
+    let retransmits = bpf.counter(Counter::SynRetransmit);
+    assert!(retransmits <= unmatched, "{retransmits} retransmissions");
+    assert!(
+        (refused + unmatched) * 1000 <= sent,
+        "{refused} refused, {unmatched} unmatched of {sent}: locks stayed taken far too often"
+    );
+    // Answer what is left, one CPU at a time.
+    for t in 0..cpus {
+        for i in 0..PER_THREAD {
+            let (from, to) = tuple(t as u16 * PER_THREAD + i);
+            bpf.ingress(&answer(from, to, TCP_SYN | TCP_ACK, ISN + 1));
+        }
+    }
+    assert_eq!(
+        bpf.counter(Counter::SynAckMatched),
+        sent - retransmits - refused,
+        "every SYN the table took is found by its answer"
+    );
+    assert_eq!(bpf.pending_all(), Vec::new(), "nothing left behind");
+    assert_eq!(bpf.maps.pending.v4.spilled(), 0, "spill counts left over");
+}
+
+/// Runs the calling thread on CPU `n` modulo the CPUs it may use.
+fn pin_to_cpu(n: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read and write it.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of_val(&allowed), &mut allowed),
+            0
+        );
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|c| libc::CPU_ISSET(*c, &allowed))
+            .collect();
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus[n % cpus.len()], &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0
+        );
+    }
 }

@@ -324,6 +324,11 @@ pub fn max_pending_v6(max_pending: u32) -> u32 {
     (max_pending / 4).max(1024)
 }
 
+/// Whether this CPU's stores are seen in program order (x86-64), so that a plain store
+/// releases a table lock (see `TABLE_V4_TSO` in the kernel crate's table module). The kernel
+/// programs run on the CPU this binary was built for.
+const TABLE_V4_TSO: u32 = if cfg!(target_arch = "x86_64") { 1 } else { 0 };
+
 /// Loads the object with the configured map sizes.
 pub fn load(
     max_pending: u32,
@@ -347,6 +352,7 @@ pub fn load(
         .override_global(aya_log::LEVEL, &kernel_log, true)
         .override_global("TABLE_V4_MASK", &mask, true)
         .override_global("TABLE_V4_SEED", &seed, true)
+        .override_global("TABLE_V4_TSO", &TABLE_V4_TSO, true)
         .map_max_entries("TABLE_V4", buckets)
         .map_max_entries("SLOTS_V4", buckets)
         .map_max_entries("PENDING_V6", max_pending_v6(max_pending))

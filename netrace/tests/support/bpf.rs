@@ -1,7 +1,10 @@
 //! Runs crafted packets through netrace's kernel programs with `BPF_PROG_TEST_RUN` and reads
 //! back what they did through the maps.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
+};
 
 use aya::{programs::ProgramError, sys::SyscallError, TestRun as _, TestRunOptions};
 pub use netrace::kernel::events::Event;
@@ -110,6 +113,24 @@ impl Bpf {
                 hex(packet)
             );
         }
+    }
+
+    /// An owned descriptor of `program` (loaded), for running it from several threads at once
+    /// with `netrace::kernel::batch::test_run`.
+    #[allow(dead_code)] // Not every test binary runs programs concurrently.
+    pub fn program_fd(&mut self, program: &str) -> OwnedFd {
+        let prog = self
+            .attachments
+            .program(program)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        if prog.fd().is_err() {
+            prog.load()
+                .unwrap_or_else(|e| panic!("the kernel refused {program}: {e:#}"));
+        }
+        let fd = prog.fd().unwrap_or_else(|e| panic!("{program}: {e}"));
+        fd.as_fd()
+            .try_clone_to_owned()
+            .unwrap_or_else(|e| panic!("duplicating {program}'s descriptor: {e}"))
     }
 
     /// Like [`Bpf::run`], but returns the errno when `BPF_PROG_TEST_RUN` itself fails (the
