@@ -9,9 +9,9 @@ use core::{
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use netrace_common::{
     table::{
-        hash_v4, same_key, tag_v4, HeadV4, SlotsV4, TableCmd, LOCK_TRIES, SPILL, TABLE_BUSY,
-        TABLE_CMD_OFFSET, TABLE_DONE, TABLE_FULL, TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK,
-        TABLE_TAKE, WAYS,
+        hash_v4, same_key, spill_count, spill_unit, tag_v4, HeadV4, SlotsV4, TableCmd, LOCKED,
+        LOCK_TRIES, SPILL, SPILL_MASK, TABLE_BUSY, TABLE_CMD_OFFSET, TABLE_DONE, TABLE_FULL,
+        TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK, TABLE_TAKE, WAYS,
     },
     PendingSlot, V4Key,
 };
@@ -38,23 +38,49 @@ static TABLE_V4_TSO: u32 = 0;
 /// Takes a bucket's lock; `false` when it stayed taken.
 #[inline(always)]
 fn lock(b: *mut HeadV4) -> bool {
+    // A free bucket's word is 0 unless it has spill counts: try that first, without a read
+    // before the compare-and-swap; a failed one returns the word to try next.
+    let mut expect = 0;
     let mut tries = 0;
     while tries < LOCK_TRIES {
         // SAFETY: `b` points at a bucket of the array map, valid for this run of the program;
-        // the lock word is only ever changed atomically.
-        let (_, won) = unsafe {
+        // the word is changed only by compare-and-swap or by the lock's holder.
+        let (old, won) = unsafe {
             atomic_cxchg::<u64, { AtomicOrdering::Acquire }, { AtomicOrdering::Relaxed }>(
-                &raw mut (*b).lock,
-                0,
-                1,
+                &raw mut (*b).word,
+                expect,
+                expect | LOCKED,
             )
         };
         if won {
             return true;
         }
+        expect = old & !LOCKED;
         tries += 1;
     }
     false
+}
+
+/// Changes the spill count at distance `dist` of a bucket this program has locked: one more,
+/// or one fewer (never below 0).
+#[inline(always)]
+fn spill(b: *mut HeadV4, dist: usize, more: bool) {
+    if dist == 0 || dist > SPILL {
+        return;
+    }
+    // SAFETY: a valid bucket whose lock this program holds: no one else changes its word,
+    // and the store keeps the lock bit; an aligned word store.
+    unsafe {
+        let w = core::ptr::read_volatile(&raw const (*b).word);
+        let w = if more {
+            w + spill_unit(dist)
+        } else if spill_count(w, dist) > 0 {
+            w - spill_unit(dist)
+        } else {
+            w
+        };
+        core::ptr::write_volatile(&raw mut (*b).word, w);
+    }
 }
 
 /// Where a key's entry is: the distance from its own bucket, and the way.
@@ -69,7 +95,7 @@ pub(crate) struct At {
 pub(crate) struct Locked {
     home: u32,
     mask: u32,
-    tag: u32,
+    tag: u8,
     /// The own bucket (distance 0).
     own: *mut HeadV4,
     /// Bit `d`: the bucket at distance `d` is locked. (Pointers are looked up again rather
@@ -170,7 +196,7 @@ impl Locked {
             return Ok(Some(At { dist: 0, way }));
         }
         // SAFETY: the own bucket is valid and locked (see `of`): its spill counts are stable.
-        if unsafe { (*self.own).spilled } == [0; SPILL] {
+        if unsafe { core::ptr::read_volatile(&raw const (*self.own).word) } & SPILL_MASK == 0 {
             return Ok(None);
         }
         if !self.neighbours() {
@@ -223,13 +249,7 @@ impl Locked {
                 return Some(Err(slot));
             }
             (*b).tags[at.way % WAYS] = 0;
-            if let Some(n) = at
-                .dist
-                .checked_sub(1)
-                .and_then(|d| (*self.own).spilled.get_mut(d))
-            {
-                *n = n.saturating_sub(1);
-            }
+            spill(self.own, at.dist, false);
             Some(Ok(slot))
         }
     }
@@ -263,12 +283,7 @@ impl Locked {
                             (*s).slots[way].key = *key;
                             (*s).slots[way].slot = *slot;
                             (*b).tags[way] = self.tag;
-                            if let Some(n) = dist
-                                .checked_sub(1)
-                                .and_then(|d| (*self.own).spilled.get_mut(d))
-                            {
-                                *n += 1;
-                            }
+                            spill(self.own, dist, true);
                             return Ok(true);
                         }
                     }
@@ -284,15 +299,17 @@ impl Locked {
 /// Releases a bucket's lock, publishing the changes made under it first.
 #[inline(always)]
 fn unlock(b: *mut HeadV4, tso: bool) {
+    // SAFETY: a valid bucket whose lock this program holds: no one else changes its word.
+    let free = unsafe { core::ptr::read_volatile(&raw const (*b).word) } & !LOCKED;
     if tso {
         // The compiler keeps every access above this line above the store; the CPU (total
         // store order, see TABLE_V4_TSO) makes them visible before it.
         compiler_fence(Ordering::Release);
-        // SAFETY: a valid bucket whose lock this program holds; an aligned word store.
-        unsafe { core::ptr::write_volatile(&raw mut (*b).lock, 0) };
+        // SAFETY: as above; an aligned word store.
+        unsafe { core::ptr::write_volatile(&raw mut (*b).word, free) };
     } else {
         // SAFETY: as above; the exchange publishes the changes before the lock is seen free.
-        unsafe { atomic_xchg::<u64, { AtomicOrdering::Release }>(&raw mut (*b).lock, 0) };
+        unsafe { atomic_xchg::<u64, { AtomicOrdering::Release }>(&raw mut (*b).word, free) };
     }
 }
 

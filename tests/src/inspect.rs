@@ -503,10 +503,7 @@ impl MapHandle {
                 .u64(16, value.as_mut_ptr() as u64);
             attr.call(BPF_MAP_LOOKUP_ELEM)
                 .context("BPF_MAP_LOOKUP_ELEM")?;
-            n += value[tags..tags + 4 * WAYS]
-                .chunks_exact(4)
-                .filter(|t| *t != [0; 4])
-                .count();
+            n += value[tags..tags + WAYS].iter().filter(|t| **t != 0).count();
         }
         Ok(n)
     }

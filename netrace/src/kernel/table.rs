@@ -12,8 +12,8 @@ use std::{
 use aya::{maps::MapData, programs::ProgramFd};
 use netrace_common::{
     table::{
-        HeadV4, SlotV4, SlotsV4, TableCmd, TABLE_BUSY, TABLE_CMD_OFFSET, TABLE_DONE, TABLE_FULL,
-        TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK, TABLE_TAKE, WAYS,
+        spill_count, HeadV4, SlotV4, SlotsV4, TableCmd, SPILL, TABLE_BUSY, TABLE_CMD_OFFSET,
+        TABLE_DONE, TABLE_FULL, TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK, TABLE_TAKE, WAYS,
     },
     PendingSlot, V4Key,
 };
@@ -135,10 +135,10 @@ impl TableV4 {
             .map(|b| {
                 // SAFETY: as in `used`: the bucket is inside the mapping; a volatile read of
                 // plain integers.
-                let s = unsafe {
-                    std::ptr::read_volatile(&raw const (*self.heads.base.as_ptr().add(b)).spilled)
+                let w = unsafe {
+                    std::ptr::read_volatile(&raw const (*self.heads.base.as_ptr().add(b)).word)
                 };
-                s.iter().map(|&n| u64::from(n)).sum::<u64>()
+                (1..=SPILL).map(|d| spill_count(w, d)).sum::<u64>()
             })
             .sum()
     }
