@@ -40,9 +40,9 @@ pub struct SlotV4 {
 /// heads are an array of their own (`TABLE_V4`), the slots another (`SLOTS_V4`, [`SlotsV4`]
 /// at the same index): a lookup reads one head and only the slots whose tag matches, and
 /// user space finds the used slots by reading the heads front to back, a twentieth of the
-/// slots' size. A new SYN's time is mostly its head's cache miss, and the smaller the heads the likelier
-/// that is a hit: 16-byte heads instead of 64-byte ones cut a new SYN's time by about a third
-/// (interleaved runs of `cargo xtask bench`'s per-packet probe).
+/// slots' size. A new SYN's time is mostly its head's cache miss, and the smaller the heads
+/// the likelier that is a hit: 16-byte heads instead of 64-byte ones cut a new SYN's time by
+/// about a third (interleaved runs of `cargo xtask bench`'s per-packet probe).
 ///
 /// A key lives in its own bucket, or when that is full, in one of the [`SPILL`] next ones
 /// (the word's spill counts say how many of this bucket's keys live there, so a lookup reads a
