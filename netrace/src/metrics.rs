@@ -28,12 +28,13 @@ use hyper::{body::Incoming, server::conn::http1, service::service_fn, Method, Re
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     collector::Collector,
-    encoding::{text::encode, DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    encoding::{
+        text::encode, DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+    },
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::Gauge,
-        histogram::Histogram,
         MetricType,
     },
     registry::Registry,
@@ -49,6 +50,58 @@ fn rtt_bounds() -> impl Iterator<Item = f64> {
     netrace_common::RTT_BOUNDS_US
         .iter()
         .map(|us| *us as f64 / 1e6)
+}
+
+/// The connect round-trip histogram. prometheus_client's `Histogram` observes one value at a
+/// time, and the kernel's books hand over answers by the thousand per slot: this one takes a
+/// count, and is encoded by the same encoder call (`_bucket`, `_sum`, `_count`).
+#[derive(Clone, Debug)]
+struct RttHistogram(Arc<Mutex<RttInner>>);
+
+#[derive(Debug)]
+struct RttInner {
+    sum: f64,
+    count: u64,
+    /// Upper bound and the observations in that bucket alone (the encoder adds them up), the
+    /// last one +Inf.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl RttHistogram {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(RttInner {
+            sum: 0.0,
+            count: 0,
+            buckets: rtt_bounds()
+                .chain(std::iter::once(f64::INFINITY))
+                .map(|b| (b, 0))
+                .collect(),
+        })))
+    }
+
+    /// `n` observations of `seconds`.
+    fn observe_n(&self, seconds: f64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        h.sum += seconds * n as f64;
+        h.count += n;
+        if let Some((_, c)) = h.buckets.iter_mut().find(|(b, _)| *b >= seconds) {
+            *c += n;
+        }
+    }
+}
+
+impl EncodeMetric for RttHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        encoder.encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 /// Connections served at once; more are closed right after accept.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -250,7 +303,7 @@ struct Inner {
     pending_map_full: Counter,
     kernel: Family<EventLabels, Counter>,
     pending: Gauge,
-    rtt: Histogram,
+    rtt: RttHistogram,
     attached: Family<AttachLabels, Gauge>,
     verdict: Family<VerdictLabels, Gauge>,
     edge: Family<EdgeLabels, Gauge>,
@@ -316,7 +369,7 @@ impl Metrics {
             "SYNs waiting for an answer right now",
             pending.clone(),
         );
-        let rtt = Histogram::new(rtt_bounds());
+        let rtt = RttHistogram::new();
         registry.register(
             "netrace_connect_rtt_seconds",
             "Time from the first SYN to its SYN-ACK, for answered connections",
@@ -425,7 +478,7 @@ impl Metrics {
     ) {
         self.outcomes(iface, kind, port, dst, 1);
         if let (OutcomeKind::Answered, Some(ns)) = (kind, rtt_ns) {
-            self.0.rtt.observe(ns as f64 / 1e9);
+            self.0.rtt.observe_n(ns as f64 / 1e9, 1);
         }
     }
 
@@ -438,9 +491,7 @@ impl Metrics {
             .get(slot)
             .copied()
             .unwrap_or(bounds[bounds.len() - 1] * 2);
-        for _ in 0..n {
-            self.0.rtt.observe(us as f64 / 1e6);
-        }
+        self.0.rtt.observe_n(us as f64 / 1e6, n);
     }
 
     /// `n` decided connections of one kind from one source port to one destination.
@@ -713,6 +764,38 @@ mod tests {
 
     fn dst(last: u8) -> SocketAddr {
         SocketAddr::new(IpAddr::from([198, 18, 3, last]), 8080)
+    }
+
+    /// The counted histogram renders exactly as prometheus_client's own after the same
+    /// observations one by one.
+    #[test]
+    fn rtt_histogram_by_count_renders_as_observed_one_by_one() -> std::fmt::Result {
+        let render = |m: Box<dyn Fn(&mut Registry)>| {
+            let mut r = Registry::default();
+            m(&mut r);
+            let mut t = String::new();
+            encode(&mut t, &r).map(|()| t)
+        };
+        let seen = [(0.0004, 3), (0.002, 1), (0.9, 2), (1e6, 4)];
+        let ours = render(Box::new(move |r| {
+            let h = RttHistogram::new();
+            for (v, n) in seen {
+                h.observe_n(v, n);
+            }
+            r.register("rtt", "help", h);
+        }))?;
+        let theirs = render(Box::new(move |r| {
+            let h = prometheus_client::metrics::histogram::Histogram::new(rtt_bounds());
+            for (v, n) in seen {
+                for _ in 0..n {
+                    h.observe(v);
+                }
+            }
+            r.register("rtt", "help", h);
+        }))?;
+        assert_eq!(ours, theirs);
+        assert!(ours.contains("rtt_count 10"), "{ours}");
+        Ok(())
     }
 
     #[test]

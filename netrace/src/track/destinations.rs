@@ -131,17 +131,25 @@ impl Destinations {
 
     /// Records one outcome of a connection from `src_port` to `d`.
     pub fn add(&mut self, d: Destination, src_port: u16, kind: OutcomeKind) {
+        self.add_n(d, src_port, kind, 1);
+    }
+
+    /// Records `n` outcomes of one kind from `src_port` to `d`.
+    pub fn add_n(&mut self, d: Destination, src_port: u16, kind: OutcomeKind, n: u64) {
+        if n == 0 {
+            return;
+        }
         let slot = self.slot(d);
         match self.rows.get_mut(usize::from(slot)) {
-            Some((_, c)) => c.add(kind),
+            Some((_, c)) => c.add_n(kind, n),
             None => {
-                self.other.add(kind);
+                self.other.add_n(kind, n);
                 if kind != OutcomeKind::Late {
-                    self.other_attempts += 1;
+                    self.other_attempts += n;
                 }
             }
         }
-        self.add_port(slot, src_port, kind);
+        self.add_port(slot, src_port, kind, n);
     }
 
     /// An attempt known answered whose outcome event was dropped (ring buffer full).
@@ -149,7 +157,7 @@ impl Destinations {
         self.add(d, src_port, OutcomeKind::Answered);
     }
 
-    fn add_port(&mut self, slot: Slot, port: u16, kind: OutcomeKind) {
+    fn add_port(&mut self, slot: Slot, port: u16, kind: OutcomeKind, n: u64) {
         // An ICMP error says nothing about which ports SYN-ACKs come back to.
         if kind == OutcomeKind::Unreachable {
             return;
@@ -158,19 +166,20 @@ impl Destinations {
         let cell = match self.cells.get_mut(&(slot, port)) {
             Some(c) => c,
             None if full => {
-                self.cells_overflow += 1;
+                self.cells_overflow += n;
                 return;
             }
             None => self.cells.entry((slot, port)).or_default(),
         };
+        let m = u32::try_from(n).unwrap_or(u32::MAX);
         match kind {
-            OutcomeKind::Answered | OutcomeKind::Refused => cell.back += 1,
-            OutcomeKind::Lost | OutcomeKind::Abandoned => cell.lost += 1,
+            OutcomeKind::Answered | OutcomeKind::Refused => cell.back = cell.back.saturating_add(m),
+            OutcomeKind::Lost | OutcomeKind::Abandoned => cell.lost = cell.lost.saturating_add(m),
             // The answer came after all: the port is reachable. The attempt stays lost in
             // the counts (it was, for the client's timeout), but not as evidence of a block.
             OutcomeKind::Late => {
-                cell.back += 1;
-                cell.lost = cell.lost.saturating_sub(1);
+                cell.back = cell.back.saturating_add(m);
+                cell.lost = cell.lost.saturating_sub(m);
             }
             OutcomeKind::Unreachable => {}
         }
@@ -267,6 +276,42 @@ mod tests {
             addr: IpAddr::V4(Ipv4Addr::new(198, 18, 3, last)),
             port,
         }
+    }
+
+    /// A count of outcomes (the kernel's books) lands as that many outcomes one by one would,
+    /// the "other" row and a full cell table included.
+    #[test]
+    fn counted_outcomes_add_up_as_single_ones() {
+        let mut one = Destinations::new(2, 3);
+        let mut counted = one.clone();
+        let seen = [
+            (d(1, 80), 2000, OutcomeKind::Answered, 3),
+            (d(1, 80), 2000, OutcomeKind::Lost, 2),
+            (d(1, 80), 2000, OutcomeKind::Late, 1),
+            (d(2, 80), 40000, OutcomeKind::Refused, 4),
+            (d(3, 80), 40001, OutcomeKind::Answered, 5),
+            (d(1, 80), 40002, OutcomeKind::Answered, 6),
+            (d(2, 80), 40003, OutcomeKind::Lost, 7),
+            (d(2, 80), 40004, OutcomeKind::Unreachable, 2),
+        ];
+        for (dst, port, kind, n) in seen {
+            for _ in 0..n {
+                one.add(dst, port, kind);
+            }
+            counted.add_n(dst, port, kind, n);
+        }
+        let cells = |t: &Destinations| {
+            let mut c: Vec<_> = t.cells.iter().map(|(k, v)| (*k, *v)).collect();
+            c.sort_by_key(|(k, _)| *k);
+            c
+        };
+        assert_eq!(one.rows, counted.rows);
+        assert_eq!(one.other, counted.other);
+        assert_eq!(one.other_attempts, counted.other_attempts);
+        assert_eq!(one.cells_overflow, counted.cells_overflow);
+        assert_eq!(cells(&one), cells(&counted));
+        assert!(counted.cells_overflow > 0);
+        assert!(counted.other_attempts > 0);
     }
 
     #[test]

@@ -16,18 +16,23 @@ pub struct Counts {
 
 impl Counts {
     pub fn add(&mut self, kind: OutcomeKind) {
+        self.add_n(kind, 1);
+    }
+
+    /// `n` outcomes of one kind (the kernel's books count answers by the thousand).
+    pub fn add_n(&mut self, kind: OutcomeKind, n: u64) {
         match kind {
-            OutcomeKind::Answered => self.answered += 1,
-            OutcomeKind::Lost | OutcomeKind::Abandoned => self.lost += 1,
-            OutcomeKind::Refused => self.refused += 1,
-            OutcomeKind::Unreachable => self.unreachable += 1,
+            OutcomeKind::Answered => self.answered += n,
+            OutcomeKind::Lost | OutcomeKind::Abandoned => self.lost += n,
+            OutcomeKind::Refused => self.refused += n,
+            OutcomeKind::Unreachable => self.unreachable += n,
             // The same connection, already counted as an attempt when it was lost.
             OutcomeKind::Late => {
-                self.late += 1;
+                self.late += n;
                 return;
             }
         }
-        self.attempts += 1;
+        self.attempts += n;
     }
 
     /// Lost as a percentage of attempts, `None` without attempts.
@@ -100,14 +105,22 @@ impl Histogram {
     }
 
     pub fn add(&mut self, port: u16, kind: OutcomeKind) {
-        self.totals.add(kind);
+        self.add_n(port, kind, 1);
+    }
+
+    /// `n` outcomes of one kind from one source port.
+    pub fn add_n(&mut self, port: u16, kind: OutcomeKind, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.totals.add_n(kind, n);
         if self.allowed.contains(port) {
-            self.inside.add(kind);
+            self.inside.add_n(kind, n);
         } else {
-            self.outside.add(kind);
+            self.outside.add_n(kind, n);
         }
         if let Some(b) = self.buckets.iter_mut().find(|b| b.range().contains(port)) {
-            b.counts.add(kind);
+            b.counts.add_n(kind, n);
         }
         if kind != OutcomeKind::Late {
             self.port_span = Some(match self.port_span {
@@ -130,6 +143,28 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A count of outcomes (the kernel's books) lands as that many outcomes one by one would.
+    #[test]
+    fn counted_outcomes_add_up_as_single_ones() {
+        let mut one = Histogram::new(PortRange::new(32768, 60999), &[1024, 32768]);
+        let mut counted = one.clone();
+        let seen = [
+            (2000, OutcomeKind::Answered, 3),
+            (40000, OutcomeKind::Answered, 5),
+            (2000, OutcomeKind::Lost, 2),
+            (2001, OutcomeKind::Late, 1),
+            (65000, OutcomeKind::Refused, 4),
+            (9000, OutcomeKind::Answered, 0),
+        ];
+        for (port, kind, n) in seen {
+            for _ in 0..n {
+                one.add(port, kind);
+            }
+            counted.add_n(port, kind, n);
+        }
+        assert_eq!(format!("{one:?}"), format!("{counted:?}"));
+    }
 
     #[test]
     fn buckets_split_at_defaults_and_allowed_edges() {

@@ -493,10 +493,9 @@ impl Pump {
             };
             let dst = destination(&key);
             self.know(*port);
-            for _ in 0..*n {
-                self.histogram.add(*port, OutcomeKind::Answered);
-                self.destinations.add(dst, *port, OutcomeKind::Answered);
-            }
+            self.histogram.add_n(*port, OutcomeKind::Answered, *n);
+            self.destinations
+                .add_n(dst, *port, OutcomeKind::Answered, *n);
             let bucket = self
                 .histogram
                 .buckets
