@@ -115,10 +115,8 @@ impl Bpf {
         }
     }
 
-    /// An owned descriptor of `program` (loaded), for running it from several threads at once
-    /// with `netrace::kernel::batch::test_run`.
-    #[allow(dead_code)] // Not every test binary runs programs concurrently.
-    pub fn program_fd(&mut self, program: &str) -> OwnedFd {
+    /// `program`, loaded (the programs for interfaces without Ethernet load when first needed).
+    fn loaded(&mut self, program: &str) -> &mut aya::programs::SchedClassifier {
         let prog = self
             .attachments
             .program(program)
@@ -127,7 +125,17 @@ impl Bpf {
             prog.load()
                 .unwrap_or_else(|e| panic!("the kernel refused {program}: {e:#}"));
         }
-        let fd = prog.fd().unwrap_or_else(|e| panic!("{program}: {e}"));
+        prog
+    }
+
+    /// An owned descriptor of `program` (loaded), for running it from several threads at once
+    /// with `netrace::kernel::batch::test_run`.
+    #[allow(dead_code)] // Not every test binary runs programs concurrently.
+    pub fn program_fd(&mut self, program: &str) -> OwnedFd {
+        let fd = self
+            .loaded(program)
+            .fd()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
         fd.as_fd()
             .try_clone_to_owned()
             .unwrap_or_else(|e| panic!("duplicating {program}'s descriptor: {e}"))
@@ -141,15 +149,7 @@ impl Bpf {
             packet.len() >= 14,
             "BPF_PROG_TEST_RUN needs at least an Ethernet header's worth of bytes"
         );
-        let prog = self
-            .attachments
-            .program(program)
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        if prog.fd().is_err() {
-            // The programs for interfaces without Ethernet load when first needed.
-            prog.load()
-                .unwrap_or_else(|e| panic!("the kernel refused {program}: {e:#}"));
-        }
+        let prog = self.loaded(program);
         let mut out = vec![0u8; packet.len() + 256];
         let result = match prog.test_run(TestRunOptions {
             data_in: Some(packet),
