@@ -69,19 +69,28 @@ pub const LOCKED: u64 = 1;
 /// Where the spill counts start in [`HeadV4::word`].
 pub const SPILL_SHIFT: u32 = 8;
 
+/// Bits per spill count: enough for [`WAYS`].
+const SPILL_BITS: usize = 4;
+
 /// The spill counts' bits in [`HeadV4::word`].
-pub const SPILL_MASK: u64 = ((1 << (4 * SPILL as u64)) - 1) << SPILL_SHIFT;
+pub const SPILL_MASK: u64 = ((1 << (SPILL_BITS * SPILL)) - 1) << SPILL_SHIFT;
+
+/// Where the spill count of distance `dist` (1 to [`SPILL`]) lies in a head's word.
+#[inline(always)]
+fn spill_shift(dist: usize) -> usize {
+    SPILL_SHIFT as usize + SPILL_BITS * (dist - 1)
+}
 
 /// One key at distance `dist` (1 to [`SPILL`]) in a head's word.
 #[inline(always)]
 pub fn spill_unit(dist: usize) -> u64 {
-    1 << (SPILL_SHIFT as usize + 4 * (dist - 1))
+    1 << spill_shift(dist)
 }
 
 /// How many of a bucket's keys live at distance `dist` (1 to [`SPILL`]), from its word.
 #[inline(always)]
 pub fn spill_count(word: u64, dist: usize) -> u64 {
-    (word >> (SPILL_SHIFT as usize + 4 * (dist - 1))) & 0xf
+    (word >> spill_shift(dist)) & ((1 << SPILL_BITS) - 1)
 }
 
 /// A bucket's slots (320 bytes).

@@ -130,6 +130,12 @@ impl Locked {
         })
     }
 
+    /// The index of the bucket at distance `dist`.
+    #[inline(always)]
+    fn index(&self, dist: usize) -> u32 {
+        self.home.wrapping_add(dist as u32) & self.mask
+    }
+
     /// Locks the next buckets (all of them, in order, the first time): `false` when a lock
     /// stayed taken. All or none, so the verifier follows two cases, not one per bucket.
     #[inline(always)]
@@ -138,8 +144,7 @@ impl Locked {
         while dist <= SPILL {
             // A table of fewer buckets than that distance has no such neighbour.
             if self.held & (1 << dist) == 0 && dist as u32 <= self.mask {
-                let idx = self.home.wrapping_add(dist as u32) & self.mask;
-                let Some(b) = TABLE_V4.get_ptr_mut(idx) else {
+                let Some(b) = TABLE_V4.get_ptr_mut(self.index(dist)) else {
                     return false;
                 };
                 if !lock(b) {
@@ -155,7 +160,7 @@ impl Locked {
     /// The slots of the bucket at distance `dist` (valid to change while it is locked).
     #[inline(always)]
     fn slots(&self, dist: usize) -> Option<*mut SlotsV4> {
-        SLOTS_V4.get_ptr_mut(self.home.wrapping_add(dist as u32) & self.mask)
+        SLOTS_V4.get_ptr_mut(self.index(dist))
     }
 
     /// The bucket at distance `dist`, if locked.
@@ -167,7 +172,7 @@ impl Locked {
         if dist > SPILL || self.held & (1 << dist) == 0 {
             return None;
         }
-        TABLE_V4.get_ptr_mut(self.home.wrapping_add(dist as u32) & self.mask)
+        TABLE_V4.get_ptr_mut(self.index(dist))
     }
 
     /// The way of bucket `b` (at distance `dist`) holding `key`.
@@ -320,11 +325,9 @@ impl Drop for Locked {
         let tso = unsafe { core::ptr::read_volatile(&TABLE_V4_TSO) } != 0;
         let mut dist = SPILL;
         while dist > 0 {
-            if self.held & (1 << dist) != 0 {
-                let idx = self.home.wrapping_add(dist as u32) & self.mask;
-                if let Some(b) = TABLE_V4.get_ptr_mut(idx) {
-                    unlock(b, tso);
-                }
+            // Only those this program holds.
+            if let Some(b) = self.bucket(dist) {
+                unlock(b, tso);
             }
             dist -= 1;
         }
