@@ -103,6 +103,7 @@ impl EncodeMetric for RttHistogram {
         MetricType::Histogram
     }
 }
+
 /// Connections served at once; more are closed right after accept.
 pub const MAX_CONNECTIONS: usize = 16;
 /// A client must send its request headers within this time.
