@@ -41,10 +41,11 @@ pub fn out_of_sight(tc_hook: bool) -> Vec<String> {
     }
 }
 
-/// `iptables` rule that makes SNAT pick ports only from `r`.
+/// `iptables` rule that makes SNAT pick ports only from `r`: inserted first in the chain, so
+/// that it comes before the node's own MASQUERADE rule (appended after it, it never matches).
 pub fn masquerade_rule(r: PortRange) -> String {
     format!(
-        "iptables -t nat -A POSTROUTING -o IFACE -p tcp -j MASQUERADE --random-fully \
+        "iptables -t nat -I POSTROUTING 1 -o IFACE -p tcp -j MASQUERADE --random-fully \
          --to-ports {}-{}",
         r.start, r.end
     )
