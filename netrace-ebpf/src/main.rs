@@ -113,7 +113,7 @@ impl PendingTable for KernelTable {
     fn modify<R, F: FnOnce(&mut PendingSyn) -> R>(&mut self, key: &FlowKey, f: F) -> Option<R> {
         if key.family == FAMILY_V4 {
             let k = key.v4();
-            let mut b = table::Locked::of(&k)?;
+            let mut b = table::Entry::of(&k)?;
             let s = b.find(&k)?;
             let mut entry = s.to_pending();
             let r = f(&mut entry);
@@ -137,7 +137,7 @@ impl PendingTable for KernelTable {
     fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
         if key.family == FAMILY_V4 {
             let k = key.v4();
-            let mut b = table::Locked::of(&k)?;
+            let mut b = table::Entry::of(&k)?;
             return b.find(&k).map(|s| s.to_pending());
         }
         let slot = PENDING_V6.get_ptr(key.v6())?;
@@ -151,7 +151,7 @@ impl PendingTable for KernelTable {
         if key.family == FAMILY_V4 {
             let k = key.v4();
             // A lock that stays taken counts as a full map (see netrace_common::table).
-            return match table::Locked::of(&k).map(|mut b| b.insert_new(&k, &slot)) {
+            return match table::Entry::of(&k).map(|mut b| b.insert_new(&k, &slot, false)) {
                 Some(Ok(true)) => Insert::Inserted,
                 Some(Ok(false)) => Insert::Exists,
                 Some(Err(())) | None => Insert::Full,
@@ -173,7 +173,7 @@ impl PendingTable for KernelTable {
         let k = key.v4();
         // A lock that stays taken reads as no entry: the answer is then counted and sent as
         // unmatched (see netrace_common::table), never dropped unseen.
-        let Some(mut b) = table::Locked::of(&k) else {
+        let Some(mut b) = table::Entry::of(&k) else {
             return Take::Absent;
         };
         match b.take_if(&k, |s| accept(&s.to_pending())) {
@@ -187,7 +187,7 @@ impl PendingTable for KernelTable {
     fn remove(&mut self, key: &FlowKey) -> bool {
         if key.family == FAMILY_V4 {
             let k = key.v4();
-            let Some(mut b) = table::Locked::of(&k) else {
+            let Some(mut b) = table::Entry::of(&k) else {
                 return false;
             };
             return b.remove(&k).is_some();

@@ -1,5 +1,5 @@
 //! The IPv4 pending table's operations (layout and rules: `netrace_common::table`). Every
-//! change is made under the bucket's lock; the lock guard releases it on every path.
+//! change is made under the bucket's lock; the lock guards release them on every path.
 
 use core::{
     intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering},
@@ -9,18 +9,23 @@ use core::{
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use netrace_common::{
     table::{
-        hash_v4, same_key, spill_count, spill_unit, tag_v4, HeadV4, SlotsV4, TableCmd, LOCKED,
-        LOCK_TRIES, SPILL, SPILL_MASK, TABLE_BUSY, TABLE_CMD_OFFSET, TABLE_DONE, TABLE_FULL,
-        TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK, TABLE_TAKE, WAYS,
+        far_count, hash_v4, same_key, spill_count, spill_unit, tag_v4, HeadV4, SlotsV4, TableCmd,
+        FAR_UNIT, LOCKED, LOCK_TRIES, SPILL, SPILL_MASK, TABLE_BUSY, TABLE_CMD_OFFSET, TABLE_DONE,
+        TABLE_FULL, TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK, TABLE_TAKE, WAYS,
     },
     PendingSlot, V4Key,
 };
 
 use crate::{SLOTS_V4, TABLE_V4};
 
-/// Buckets - 1 (a power of two less one), set by the loader.
+/// The far region's buckets - 1 (a power of two less one), set by the loader. The near region
+/// starts after the far one (`netrace_common::table::Regions`).
 #[unsafe(no_mangle)]
 static TABLE_V4_MASK: u32 = 0;
+
+/// The near region's buckets - 1 (a power of two less one), set by the loader.
+#[unsafe(no_mangle)]
+static TABLE_V4_NEAR_MASK: u32 = 0;
 
 /// The hash seed of this run, set by the loader.
 #[unsafe(no_mangle)]
@@ -83,6 +88,24 @@ fn spill(b: *mut HeadV4, dist: usize, more: bool) {
     }
 }
 
+/// Changes the far count of a near bucket this program has locked: one more, or one fewer
+/// (never below 0).
+#[inline(always)]
+fn far(b: *mut HeadV4, more: bool) {
+    // SAFETY: as in `spill`.
+    unsafe {
+        let w = core::ptr::read_volatile(&raw const (*b).word);
+        let w = if more {
+            w + FAR_UNIT
+        } else if far_count(w) > 0 {
+            w - FAR_UNIT
+        } else {
+            w
+        };
+        core::ptr::write_volatile(&raw mut (*b).word, w);
+    }
+}
+
 /// Where a key's entry is: the distance from its own bucket, and the way.
 #[derive(Clone, Copy)]
 pub(crate) struct At {
@@ -90,11 +113,19 @@ pub(crate) struct At {
     way: usize,
 }
 
-/// A key's own bucket, locked, and the next ones once they are needed (locked in order, so
-/// two programs never wait for each other in a circle short of the whole table).
-pub(crate) struct Locked {
-    home: u32,
+/// A region's buckets: `mask + 1` of them from index `base`.
+#[derive(Clone, Copy)]
+struct Region {
+    base: u32,
     mask: u32,
+}
+
+/// A key's own bucket in one region, locked, and the next ones once they are needed (locked in
+/// order, so two programs never wait for each other in a circle short of the whole region).
+struct Locked {
+    /// The own bucket's index within the region.
+    home: u32,
+    region: Region,
     tag: u8,
     /// The own bucket (distance 0).
     own: *mut HeadV4,
@@ -104,26 +135,18 @@ pub(crate) struct Locked {
 }
 
 impl Locked {
-    /// The bucket of `key`, locked; `None` when the lock stayed taken (or the table is
-    /// missing, which the loader prevents).
+    /// The bucket of the key with hash `h` in `region`, locked; `None` when the lock stayed
+    /// taken (or the table is missing, which the loader prevents).
     #[inline(always)]
-    pub(crate) fn of(key: &V4Key) -> Option<Self> {
-        // SAFETY: read-only globals, set before load.
-        let (mask, seed) = unsafe {
-            (
-                core::ptr::read_volatile(&TABLE_V4_MASK),
-                core::ptr::read_volatile(&TABLE_V4_SEED),
-            )
-        };
-        let h = hash_v4(key, seed);
-        let home = h & mask;
-        let b = TABLE_V4.get_ptr_mut(home)?;
+    fn of(h: u32, region: Region) -> Option<Self> {
+        let home = h & region.mask;
+        let b = TABLE_V4.get_ptr_mut(region.base.wrapping_add(home))?;
         if !lock(b) {
             return None;
         }
         Some(Self {
             home,
-            mask,
+            region,
             tag: tag_v4(h),
             own: b,
             held: 1,
@@ -133,7 +156,9 @@ impl Locked {
     /// The index of the bucket at distance `dist`.
     #[inline(always)]
     fn index(&self, dist: usize) -> u32 {
-        self.home.wrapping_add(dist as u32) & self.mask
+        self.region
+            .base
+            .wrapping_add(self.home.wrapping_add(dist as u32) & self.region.mask)
     }
 
     /// Locks the next buckets (all of them, in order, the first time): `false` when a lock
@@ -143,7 +168,7 @@ impl Locked {
         let mut dist = 1;
         while dist <= SPILL {
             // A table of fewer buckets than that distance has no such neighbour.
-            if self.held & (1 << dist) == 0 && dist as u32 <= self.mask {
+            if self.held & (1 << dist) == 0 && dist as u32 <= self.region.mask {
                 let Some(b) = TABLE_V4.get_ptr_mut(self.index(dist)) else {
                     return false;
                 };
@@ -227,23 +252,14 @@ impl Locked {
         Some(unsafe { &mut (*s).slots[at.way % WAYS].slot })
     }
 
-    /// The entry for `key` (`None` too when a bucket that may hold it could not be locked).
+    /// Removes the entry at `at` if `accept` takes it: `Ok` the entry removed, `Err` the
+    /// entry left in place.
     #[inline(always)]
-    pub(crate) fn find(&mut self, key: &V4Key) -> Option<&mut PendingSlot> {
-        let at = self.locate(key).ok()??;
-        self.slot(at)
-    }
-
-    /// Removes the entry for `key` if `accept` takes it: `Ok` the entry removed, `Err` the
-    /// entry left in place; `None` when there is none (or a bucket that may hold it could not
-    /// be locked). One look-up for both.
-    #[inline(always)]
-    pub(crate) fn take_if<F: FnOnce(&PendingSlot) -> bool>(
+    fn take_at<F: FnOnce(&PendingSlot) -> bool>(
         &mut self,
-        key: &V4Key,
+        at: At,
         accept: F,
     ) -> Option<Result<PendingSlot, PendingSlot>> {
-        let at = self.locate(key).ok()??;
         let b = self.bucket(at.dist)?;
         let s = self.slots(at.dist)?;
         // SAFETY: `b` (with its slots `s`) and the own bucket are valid and locked; the
@@ -259,20 +275,10 @@ impl Locked {
         }
     }
 
-    /// Removes the entry for `key` and returns it.
+    /// Stores `slot` for `key` (which has no entry) in the first free slot of its bucket or
+    /// the next ones: `Err(())` no free slot (or a lock that stayed taken).
     #[inline(always)]
-    pub(crate) fn remove(&mut self, key: &V4Key) -> Option<PendingSlot> {
-        self.take_if(key, |_| true)?.ok()
-    }
-
-    /// Stores `slot` for `key` in the first free slot of its bucket or the next ones:
-    /// `Ok(true)` stored, `Ok(false)` the key has an entry, `Err(())` no free slot (or a lock
-    /// that stayed taken).
-    #[inline(always)]
-    pub(crate) fn insert_new(&mut self, key: &V4Key, slot: &PendingSlot) -> Result<bool, ()> {
-        if self.locate(key)?.is_some() {
-            return Ok(false);
-        }
+    fn place(&mut self, key: &V4Key, slot: &PendingSlot) -> Result<(), ()> {
         let mut dist = 0;
         while dist <= SPILL {
             if dist == 1 && !self.neighbours() {
@@ -289,13 +295,150 @@ impl Locked {
                             (*s).slots[way].slot = *slot;
                             (*b).tags[way] = self.tag;
                             spill(self.own, dist, true);
-                            return Ok(true);
+                            return Ok(());
                         }
                     }
                     way += 1;
                 }
             }
             dist += 1;
+        }
+        Err(())
+    }
+}
+
+/// Where a key's entry was found.
+#[derive(Clone, Copy)]
+struct Found {
+    far: bool,
+    at: At,
+}
+
+/// A key's buckets: its near bucket, locked, and its far one once it is needed (always locked
+/// after the near one). See `netrace_common::table::Regions`.
+pub(crate) struct Entry {
+    near: Locked,
+    far: Option<Locked>,
+    hash: u32,
+    far_mask: u32,
+}
+
+impl Entry {
+    /// The buckets of `key`, its near one locked; `None` when the lock stayed taken (or the
+    /// table is missing, which the loader prevents).
+    #[inline(always)]
+    pub(crate) fn of(key: &V4Key) -> Option<Self> {
+        // SAFETY: read-only globals, set before load.
+        let (far_mask, near_mask, seed) = unsafe {
+            (
+                core::ptr::read_volatile(&TABLE_V4_MASK),
+                core::ptr::read_volatile(&TABLE_V4_NEAR_MASK),
+                core::ptr::read_volatile(&TABLE_V4_SEED),
+            )
+        };
+        let hash = hash_v4(key, seed);
+        let near = Region {
+            base: far_mask.wrapping_add(1),
+            mask: near_mask,
+        };
+        Some(Self {
+            near: Locked::of(hash, near)?,
+            far: None,
+            hash,
+            far_mask,
+        })
+    }
+
+    /// The key's far bucket, locked now if it is not yet; `None` when the lock stayed taken.
+    #[inline(always)]
+    fn far(&mut self) -> Option<&mut Locked> {
+        if self.far.is_none() {
+            let region = Region {
+                base: 0,
+                mask: self.far_mask,
+            };
+            self.far = Some(Locked::of(self.hash, region)?);
+        }
+        self.far.as_mut()
+    }
+
+    /// Where `key`'s entry is; `Err` when a bucket that may hold it could not be locked.
+    #[inline(always)]
+    fn locate(&mut self, key: &V4Key) -> Result<Option<Found>, ()> {
+        if let Some(at) = self.near.locate(key)? {
+            return Ok(Some(Found { far: false, at }));
+        }
+        // SAFETY: the near bucket is valid and locked (see `of`): its far count is stable.
+        if far_count(unsafe { core::ptr::read_volatile(&raw const (*self.near.own).word) }) == 0 {
+            return Ok(None);
+        }
+        let far = self.far().ok_or(())?;
+        Ok(far.locate(key)?.map(|at| Found { far: true, at }))
+    }
+
+    /// The entry for `key` (`None` too when a bucket that may hold it could not be locked).
+    #[inline(always)]
+    pub(crate) fn find(&mut self, key: &V4Key) -> Option<&mut PendingSlot> {
+        let found = self.locate(key).ok()??;
+        if found.far {
+            self.far.as_mut()?.slot(found.at)
+        } else {
+            self.near.slot(found.at)
+        }
+    }
+
+    /// Removes the entry for `key` if `accept` takes it: `Ok` the entry removed, `Err` the
+    /// entry left in place; `None` when there is none (or a bucket that may hold it could not
+    /// be locked). One look-up for both.
+    #[inline(always)]
+    pub(crate) fn take_if<F: FnOnce(&PendingSlot) -> bool>(
+        &mut self,
+        key: &V4Key,
+        accept: F,
+    ) -> Option<Result<PendingSlot, PendingSlot>> {
+        let found = self.locate(key).ok()??;
+        if !found.far {
+            return self.near.take_at(found.at, accept);
+        }
+        let own = self.near.own;
+        let r = self.far.as_mut()?.take_at(found.at, accept)?;
+        if r.is_ok() {
+            far(own, false);
+        }
+        Some(r)
+    }
+
+    /// Removes the entry for `key` and returns it.
+    #[inline(always)]
+    pub(crate) fn remove(&mut self, key: &V4Key) -> Option<PendingSlot> {
+        self.take_if(key, |_| true)?.ok()
+    }
+
+    /// Stores `slot` for `key`: in the near region, else in the far one (`far_first`: the
+    /// other way round). `Ok(true)` stored, `Ok(false)` the key has an entry, `Err(())` no free
+    /// slot (or a lock that stayed taken).
+    #[inline(always)]
+    pub(crate) fn insert_new(
+        &mut self,
+        key: &V4Key,
+        slot: &PendingSlot,
+        far_first: bool,
+    ) -> Result<bool, ()> {
+        if self.locate(key)?.is_some() {
+            return Ok(false);
+        }
+        if !far_first && self.near.place(key, slot).is_ok() {
+            return Ok(true);
+        }
+        let own = self.near.own;
+        if let Some(f) = self.far() {
+            if f.place(key, slot).is_ok() {
+                far(own, true);
+                return Ok(true);
+            }
+        }
+        if far_first && self.near.place(key, slot).is_ok() {
+            return Ok(true);
         }
         Err(())
     }
@@ -343,7 +486,7 @@ pub fn netrace_table_ctl(ctx: TcContext) -> i32 {
     let Ok(mut cmd) = ctx.load::<TableCmd>(off) else {
         return TC_ACT_UNSPEC;
     };
-    cmd.result = match Locked::of(&cmd.key) {
+    cmd.result = match Entry::of(&cmd.key) {
         None => TABLE_BUSY,
         Some(mut b) => match cmd.op {
             TABLE_TAKE => match b.remove(&cmd.key) {
@@ -353,7 +496,9 @@ pub fn netrace_table_ctl(ctx: TcContext) -> i32 {
                 }
                 None => TABLE_PRESENT_OR_ABSENT,
             },
-            TABLE_PUT_BACK => match b.insert_new(&cmd.key, &cmd.slot) {
+            // Decided lost, kept for the late window: in the far region, out of the way of
+            // the SYNs in flight.
+            TABLE_PUT_BACK => match b.insert_new(&cmd.key, &cmd.slot, true) {
                 Ok(true) => TABLE_DONE,
                 Ok(false) => TABLE_PRESENT_OR_ABSENT,
                 Err(()) => TABLE_FULL,

@@ -21,7 +21,7 @@ use netrace_lab::wire::{answer, syn, TCP_ACK, TCP_SYN};
 use support::bpf::Bpf;
 
 const ISN: u32 = 9_000;
-/// Room for at least 64 entries: 16 buckets of 8 slots.
+/// Room for at least 64 entries: 16 far buckets of 8 slots, and 16 near ones.
 const MAX_PENDING: u32 = 64;
 
 fn tuple(i: u16) -> (SocketAddr, SocketAddr) {
@@ -34,7 +34,7 @@ fn tuple(i: u16) -> (SocketAddr, SocketAddr) {
 #[test]
 fn a_crowded_table_finds_every_entry_it_took_and_counts_the_rest() {
     let mut bpf = Bpf::load_sized(KernelFilter::default(), MAX_PENDING);
-    let slots = table::buckets_for(MAX_PENDING) as usize * table::WAYS;
+    let slots = table::Regions::for_max_pending(MAX_PENDING).buckets() as usize * table::WAYS;
     assert_eq!(bpf.maps.pending.v4.capacity(), slots);
     let tuples: Vec<_> = (0..400).map(tuple).collect();
     for (from, to) in &tuples {
@@ -103,7 +103,9 @@ fn a_crowded_table_finds_every_entry_it_took_and_counts_the_rest() {
 /// entry, an entry left behind or a spill count left over.
 #[test]
 fn concurrent_syns_and_answers_on_shared_buckets_lose_nothing() {
-    const PER_THREAD: u16 = 24;
+    // More keys than the near region's 128 slots: some live in the far region whenever the
+    // threads' keys are in the table together.
+    const KEYS: u16 = 160;
     const ROUNDS: u32 = 1000;
     let mut bpf = Bpf::load_sized(KernelFilter::default(), MAX_PENDING);
     let egress = bpf.program_fd(netrace::kernel::loader::EGRESS_PROGRAM);
@@ -111,16 +113,20 @@ fn concurrent_syns_and_answers_on_shared_buckets_lose_nothing() {
     let cpus = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(2, 4);
-    // Fewer keys than slots in all: a refusal would only mean a lock that stayed taken.
-    assert!(cpus * usize::from(PER_THREAD) < table::buckets_for(MAX_PENDING) as usize * 4);
+    let regions = table::Regions::for_max_pending(MAX_PENDING);
+    assert!(usize::from(KEYS) > regions.near as usize * table::WAYS);
+    // Fewer keys than two thirds of the slots in all: a refusal would only mean a lock that
+    // stayed taken.
+    assert!(usize::from(KEYS) * 3 < regions.buckets() as usize * table::WAYS * 2);
+    let per_thread = KEYS / cpus as u16;
     let start = std::sync::Barrier::new(cpus);
     std::thread::scope(|s| {
         for t in 0..cpus {
             let (egress, ingress, start) = (&egress, &ingress, &start);
             s.spawn(move || {
                 pin_to_cpu(t);
-                let flows: Vec<_> = (0..PER_THREAD)
-                    .map(|i| tuple(t as u16 * PER_THREAD + i))
+                let flows: Vec<_> = (0..per_thread)
+                    .map(|i| tuple(t as u16 * per_thread + i))
                     .collect();
                 let mut syns: Vec<_> = flows.iter().map(|(f, d)| syn(*f, *d, ISN)).collect();
                 let mut answers: Vec<_> = flows
@@ -139,7 +145,7 @@ fn concurrent_syns_and_answers_on_shared_buckets_lose_nothing() {
             });
         }
     });
-    let sent = cpus as u64 * u64::from(PER_THREAD) * u64::from(ROUNDS);
+    let sent = cpus as u64 * u64::from(per_thread) * u64::from(ROUNDS);
     assert_eq!(bpf.counter(Counter::SynSeen), sent);
     // A lock that stays taken (a CPU stopped by the hypervisor while holding it) refuses a SYN
     // or leaves an answer unmatched, its entry then met again by the next round's SYN as a
@@ -154,8 +160,8 @@ fn concurrent_syns_and_answers_on_shared_buckets_lose_nothing() {
     );
     // Answer what is left, one CPU at a time.
     for t in 0..cpus {
-        for i in 0..PER_THREAD {
-            let (from, to) = tuple(t as u16 * PER_THREAD + i);
+        for i in 0..per_thread {
+            let (from, to) = tuple(t as u16 * per_thread + i);
             bpf.ingress(&answer(from, to, TCP_SYN | TCP_ACK, ISN + 1));
         }
     }

@@ -756,7 +756,10 @@ fn flood_case(count: usize, max_rss_mib: u64) {
     );
     // Room for at least the 1000 asked for: twice as many slots, in buckets.
     let table = inspect::process_map(w.pid(), "TABLE_V4").unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(table.max_entries, netrace_common::table::buckets_for(1000));
+    assert_eq!(
+        table.max_entries,
+        netrace_common::table::Regions::for_max_pending(1000).buckets()
+    );
     let capacity = u64::from(table.max_entries) * netrace_common::table::WAYS as u64;
     let flood = SynFlood {
         src: hub_v4(&s),

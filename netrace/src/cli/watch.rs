@@ -92,8 +92,8 @@ pub struct WatchArgs {
     pub ready_file: Option<PathBuf>,
 
     /// Room in the kernel's pending-SYN table: at least N SYNs waiting for an answer (the
-    /// table has twice as many slots, 336 bytes per 8; SYNs it cannot place are counted, not
-    /// tracked).
+    /// table has twice as many slots, 336 bytes per 8, plus 336 KiB for the SYNs in flight;
+    /// SYNs it cannot place are counted, not tracked).
     #[arg(
         long,
         value_name = "N",

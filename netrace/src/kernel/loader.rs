@@ -342,8 +342,8 @@ pub fn load(
     } else {
         0
     };
-    let buckets = netrace_common::table::buckets_for(max_pending);
-    let mask = buckets - 1;
+    let regions = netrace_common::table::Regions::for_max_pending(max_pending);
+    let (mask, near_mask, buckets) = (regions.far - 1, regions.near - 1, regions.buckets());
     // A seed per run: which 4-tuples share a bucket is not predictable from outside.
     let seed =
         std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8)
@@ -351,6 +351,7 @@ pub fn load(
     let mut ebpf = EbpfLoader::new()
         .override_global(aya_log::LEVEL, &kernel_log, true)
         .override_global("TABLE_V4_MASK", &mask, true)
+        .override_global("TABLE_V4_NEAR_MASK", &near_mask, true)
         .override_global("TABLE_V4_SEED", &seed, true)
         .override_global("TABLE_V4_TSO", &TABLE_V4_TSO, true)
         .map_max_entries("TABLE_V4", buckets)

@@ -12,8 +12,9 @@ use std::{
 use aya::{maps::MapData, programs::ProgramFd};
 use netrace_common::{
     table::{
-        spill_count, HeadV4, SlotV4, SlotsV4, TableCmd, SPILL, TABLE_BUSY, TABLE_CMD_OFFSET,
-        TABLE_DONE, TABLE_FULL, TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK, TABLE_TAKE, WAYS,
+        far_count, spill_count, HeadV4, SlotV4, SlotsV4, TableCmd, SPILL, TABLE_BUSY,
+        TABLE_CMD_OFFSET, TABLE_DONE, TABLE_FULL, TABLE_PRESENT_OR_ABSENT, TABLE_PUT_BACK,
+        TABLE_TAKE, WAYS,
     },
     PendingSlot, V4Key,
 };
@@ -128,8 +129,8 @@ impl TableV4 {
         }
     }
 
-    /// The buckets' spill counts summed: keys living in a bucket after their own (zero in an
-    /// empty table, or a removal missed its count).
+    /// The buckets' spill and far counts summed: keys living in a bucket after their own or in
+    /// the far region (zero in an empty table, or a removal missed its count).
     pub fn spilled(&self) -> u64 {
         (0..self.buckets)
             .map(|b| {
@@ -138,7 +139,7 @@ impl TableV4 {
                 let w = unsafe {
                     std::ptr::read_volatile(&raw const (*self.heads.base.as_ptr().add(b)).word)
                 };
-                (1..=SPILL).map(|d| spill_count(w, d)).sum::<u64>()
+                (1..=SPILL).map(|d| spill_count(w, d)).sum::<u64>() + far_count(w)
             })
             .sum()
     }
