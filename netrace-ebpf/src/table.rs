@@ -73,32 +73,28 @@ fn spill(b: *mut HeadV4, dist: usize, more: bool) {
     if dist == 0 || dist > SPILL {
         return;
     }
-    // SAFETY: a valid bucket whose lock this program holds: no one else changes its word,
-    // and the store keeps the lock bit; an aligned word store.
-    unsafe {
-        let w = core::ptr::read_volatile(&raw const (*b).word);
-        let w = if more {
-            w + spill_unit(dist)
-        } else if spill_count(w, dist) > 0 {
-            w - spill_unit(dist)
-        } else {
-            w
-        };
-        core::ptr::write_volatile(&raw mut (*b).word, w);
-    }
+    change(b, spill_unit(dist), |w| spill_count(w, dist), more);
 }
 
 /// Changes the far count of a near bucket this program has locked: one more, or one fewer
 /// (never below 0).
 #[inline(always)]
 fn far(b: *mut HeadV4, more: bool) {
-    // SAFETY: as in `spill`.
+    change(b, FAR_UNIT, far_count, more);
+}
+
+/// Adds `unit` to the word of a bucket this program has locked, or takes it away when its
+/// count (`count` of the word) is above 0.
+#[inline(always)]
+fn change(b: *mut HeadV4, unit: u64, count: impl Fn(u64) -> u64, more: bool) {
+    // SAFETY: a valid bucket whose lock this program holds: no one else changes its word,
+    // and the store keeps the lock bit; an aligned word store.
     unsafe {
         let w = core::ptr::read_volatile(&raw const (*b).word);
         let w = if more {
-            w + FAR_UNIT
-        } else if far_count(w) > 0 {
-            w - FAR_UNIT
+            w + unit
+        } else if count(w) > 0 {
+            w - unit
         } else {
             w
         };
