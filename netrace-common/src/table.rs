@@ -139,9 +139,12 @@ pub const NEAR_BUCKETS: u32 = 1024;
 /// answer, and it pushes the node's own network stack out of the caches. On a veth pair at
 /// about 90 k connections/s that cost netrace 13 points of the connection rate with the default
 /// table against 4 with a table of 1024 buckets (interleaved rounds). So a new SYN goes to its
-/// bucket in the small near region, and only when that and its next ones are full to its
-/// bucket in the far region; the near bucket counts such keys ([`far_count`]), so that looking
-/// a key up reads the far region only when the key may be there. User space puts the entries
+/// bucket in the small near region, and only when that is full to its bucket (or one of the
+/// [`SPILL`] next ones) in the far region. The near region does not spill: during a storm it
+/// stays full, and an insert that had to lock the next buckets too would hold seven locks
+/// there, which other CPUs' SYNs then meet taken. The near bucket counts its keys in the far
+/// region ([`far_count`]), so that looking a key up reads the far region only when the key may
+/// be there. User space puts the entries
 /// it decided lost back into the far region first: they stay until their late window closes
 /// and would otherwise crowd out the SYNs in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

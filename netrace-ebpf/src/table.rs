@@ -109,11 +109,13 @@ pub(crate) struct At {
     way: usize,
 }
 
-/// A region's buckets: `mask + 1` of them from index `base`.
+/// A region's buckets: `mask + 1` of them from index `base`; a key lives in its own bucket or
+/// up to `reach` buckets after it.
 #[derive(Clone, Copy)]
 struct Region {
     base: u32,
     mask: u32,
+    reach: usize,
 }
 
 /// A key's own bucket in one region, locked, and the next ones once they are needed (locked in
@@ -272,11 +274,11 @@ impl Locked {
     }
 
     /// Stores `slot` for `key` (which has no entry) in the first free slot of its bucket or
-    /// the next ones: `Err(())` no free slot (or a lock that stayed taken).
+    /// the next ones in reach: `Err(())` no free slot (or a lock that stayed taken).
     #[inline(always)]
     fn place(&mut self, key: &V4Key, slot: &PendingSlot) -> Result<(), ()> {
         let mut dist = 0;
-        while dist <= SPILL {
+        while dist <= SPILL && dist <= self.region.reach {
             if dist == 1 && !self.neighbours() {
                 return Err(());
             }
@@ -333,9 +335,13 @@ impl Entry {
             )
         };
         let hash = hash_v4(key, seed);
+        // No spilling in the near region: a key whose near bucket is full goes far, so that an
+        // insert there never holds the next buckets' locks too (a storm keeps the near region
+        // full, and every SYN would then lock seven of its buckets).
         let near = Region {
             base: far_mask.wrapping_add(1),
             mask: near_mask,
+            reach: 0,
         };
         Some(Self {
             near: Locked::of(hash, near)?,
@@ -352,6 +358,7 @@ impl Entry {
             let region = Region {
                 base: 0,
                 mask: self.far_mask,
+                reach: SPILL,
             };
             self.far = Some(Locked::of(self.hash, region)?);
         }
