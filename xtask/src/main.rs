@@ -53,6 +53,10 @@ enum Task {
         /// Fewer repetitions, under a minute; writes under target/netrace-bench/.
         #[arg(long)]
         quick: bool,
+        /// Measure nothing: rewrite docs/benchmarks.md from docs/benchmarks.json, after a
+        /// change to how the results are reported.
+        #[arg(long, conflicts_with = "quick")]
+        render: bool,
     },
 }
 
@@ -250,6 +254,16 @@ fn leak_check(stale_before: &[String]) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Reading and writing two files needs neither root nor the toolchain.
+    if let Task::Bench { render: true, .. } = cli.task {
+        return match bench::render() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("xtask: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Task::SyncRules = cli.task {
         return match deploy::sync_rules() {
             Ok(()) => ExitCode::SUCCESS,
@@ -279,7 +293,7 @@ fn main() -> ExitCode {
             Task::CheckDeploy => deploy::check(),
             Task::Demo => build_netrace().and_then(|bin| demo::run(&bin)),
             Task::Test { long } => test(long),
-            Task::Bench { quick } => build_netrace().and_then(|bin| bench::run(&bin, quick)),
+            Task::Bench { quick, .. } => build_netrace().and_then(|bin| bench::run(&bin, quick)),
             Task::Static => build_static().map(|_| ()),
         });
     match result {

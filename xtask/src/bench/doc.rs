@@ -5,7 +5,7 @@ use std::{fmt::Write as _, process::Command};
 
 use serde_json::{json, Value};
 
-use super::report::{self, count, mib, ns, rate, Row};
+use super::report::{self, count, mib, ns, rate, Outcome, Row};
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
@@ -153,29 +153,34 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
             r.figure.replace('|', "\\|"),
             r.target,
             r.value.replace('|', "\\|"),
-            if r.met == Some(true) {
-                "met"
-            } else {
-                "**missed**"
+            match r.met {
+                Some(Outcome::Met) => "met",
+                Some(Outcome::Unresolved) => "not resolved",
+                _ => "**missed**",
             }
         )?;
     }
     writeln!(d)?;
     writeln!(d, "## Results\n")?;
     d.push_str(&report::markdown_table(rows));
-    let met = rows.iter().filter(|r| r.met == Some(true)).count();
-    let missed: Vec<&Row> = rows.iter().filter(|r| r.met == Some(false)).collect();
+    let with = |o: Outcome| -> Vec<&Row> { rows.iter().filter(|r| r.met == Some(o)).collect() };
+    let (missed, unresolved) = (with(Outcome::Missed), with(Outcome::Unresolved));
     writeln!(
         d,
-        "\nTargets are reported, not asserted: {met} met, {} missed.",
-        missed.len()
+        "\nTargets are reported, not asserted: {} met, {} missed, {} not resolved (the rounds' \
+         95 % interval lies on both sides of the target).",
+        with(Outcome::Met).len(),
+        missed.len(),
+        unresolved.len()
     )?;
-    for r in &missed {
-        writeln!(
-            d,
-            "- missed: {} — {} (target {})",
-            r.figure, r.value, r.target
-        )?;
+    for (word, list) in [("missed", &missed), ("not resolved", &unresolved)] {
+        for r in list {
+            writeln!(
+                d,
+                "- {word}: {}: {} — {} (target {})",
+                r.section, r.figure, r.value, r.target
+            )?;
+        }
     }
     writeln!(d)?;
 
@@ -370,7 +375,12 @@ fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
          100 ms). The targets compare netrace's ratio with the empty classifier's and \
          tcpdump's of the same run, in points: the median over the rounds of the difference \
          between the two modes' ratios in the same round (paired, so that a round when the \
-         whole machine was slower weighs on both sides).\n",
+         whole machine was slower weighs on both sides), with a 95 % confidence interval for \
+         that median from the rounds' order statistics (distribution-free: it assumes nothing \
+         of the noise's shape). A target is met when the whole interval meets it, missed when \
+         none of it does, and *not resolved* when the rounds scatter across it: on a shared \
+         machine one run of a mode can differ from the next by more than ten points, and a \
+         one-point target then needs far more rounds than a run holds.\n",
         f(t, "/seconds"),
         f(t, "/rounds"),
         s(t, "/tcpdump_filter")

@@ -19,16 +19,43 @@ pub struct Row {
     pub ratio: String,
     pub target: String,
     /// None when the row has no target.
-    pub met: Option<bool>,
+    pub met: Option<Outcome>,
+}
+
+/// What a measurement says of its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Met,
+    Missed,
+    /// The rounds scatter across the target: the interval that holds the true figure with
+    /// 95 % confidence has values on both sides of it, so neither met nor missed is shown.
+    Unresolved,
+}
+
+impl From<bool> for Outcome {
+    fn from(met: bool) -> Self {
+        if met {
+            Outcome::Met
+        } else {
+            Outcome::Missed
+        }
+    }
+}
+
+impl Outcome {
+    /// The word in the tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Met => "met",
+            Outcome::Missed => "MISSED",
+            Outcome::Unresolved => "not resolved",
+        }
+    }
 }
 
 impl Row {
     fn result(&self) -> &'static str {
-        match self.met {
-            Some(true) => "met",
-            Some(false) => "MISSED",
-            None => "",
-        }
+        self.met.map_or("", Outcome::label)
     }
 }
 
@@ -125,7 +152,7 @@ fn analyze_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         baseline: format!("tshark -Y syn {} packets", rate(theirs)),
         ratio: times(ours / theirs),
         target: "faster than tshark".into(),
-        met: Some(ours > theirs),
+        met: Some((ours > theirs).into()),
     });
     Ok(())
 }
@@ -155,7 +182,7 @@ fn per_packet_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             } else {
                 (
                     format!("<= {}x empty", target::NON_SYN_RATIO),
-                    Some(v / noop <= target::NON_SYN_RATIO),
+                    Some((v / noop <= target::NON_SYN_RATIO).into()),
                 )
             };
             rows.push(Row {
@@ -212,7 +239,7 @@ fn per_packet_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
                 } else {
                     String::new()
                 },
-                met: with_target.then_some(v <= target::SYN_PATH_NS),
+                met: with_target.then_some((v <= target::SYN_PATH_NS).into()),
             });
         }
     }
@@ -233,6 +260,67 @@ const MODES: [(&str, &str); 5] = [
 
 fn points(x: f64) -> String {
     format!("{:+.1} points", x * 100.0)
+}
+
+/// The least number of paired rounds for which [`median_interval`] exists.
+const MIN_ROUNDS_FOR_INTERVAL: usize = 6;
+
+/// A distribution-free 95 % confidence interval for the median of `d`: the order statistics
+/// d(k) and d(n+1-k) of the sorted values, k the largest with P(Binomial(n, 1/2) < k) <=
+/// 2.5 %, which hold the true median between them with at least 95 % probability whatever
+/// the shape of the noise. None below [`MIN_ROUNDS_FOR_INTERVAL`] values.
+pub fn median_interval(d: &[f64]) -> Option<(f64, f64)> {
+    let n = d.len();
+    if n < MIN_ROUNDS_FOR_INTERVAL {
+        return None;
+    }
+    // P(X <= j) for X ~ Binomial(n, 1/2), summed term by term: C(n, j) / 2^n.
+    let mut term = 0.5f64.powi(i32::try_from(n).ok()?);
+    let mut below = 0.0;
+    let mut k = 0;
+    for j in 0..n {
+        below += term;
+        if below > 0.025 {
+            break;
+        }
+        k = j + 1;
+        term *= (n - j) as f64 / (j + 1) as f64;
+    }
+    if k == 0 {
+        return None;
+    }
+    let mut s = d.to_vec();
+    s.sort_by(f64::total_cmp);
+    Some((s[k - 1], s[n - k]))
+}
+
+/// A comparison in points against its target (the difference must be at least `at_least`):
+/// the median difference with its 95 % interval, met when the whole interval reaches the
+/// target, missed when none of it does, not resolved when the noise of the rounds leaves
+/// both possible.
+fn judge_points(d: &[f64], at_least: f64) -> (String, Outcome) {
+    let m = median(d);
+    match median_interval(d) {
+        Some((lo, hi)) => (
+            format!(
+                "{} (95 % interval {:+.1} … {:+.1})",
+                points(m),
+                lo * 100.0,
+                hi * 100.0
+            ),
+            if lo >= at_least {
+                Outcome::Met
+            } else if hi < at_least {
+                Outcome::Missed
+            } else {
+                Outcome::Unresolved
+            },
+        ),
+        None => (
+            format!("{} ({} rounds, no interval)", points(m), d.len()),
+            Outcome::Unresolved,
+        ),
+    }
 }
 
 fn traffic_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
@@ -270,7 +358,7 @@ fn traffic_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         // The comparisons in points: the median over the rounds of the difference of two
         // modes' ratios in the same round (paired, as the modes ran seconds apart), so that a
         // round when the whole machine was slower weighs on both sides of the difference.
-        let paired = |a: &str, b: &str| -> anyhow::Result<f64> {
+        let paired = |a: &str, b: &str| -> anyhow::Result<Vec<f64>> {
             let ratios = |mode: &str| -> anyhow::Result<Vec<f64>> {
                 arr(r, &format!("/traffic/{key}/{mode}/ratios"))?
                     .iter()
@@ -280,51 +368,45 @@ fn traffic_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
                     })
                     .collect()
             };
-            let d: Vec<f64> = ratios(a)?
+            Ok(ratios(a)?
                 .iter()
                 .zip(ratios(b)?)
                 .map(|(x, y)| x - y)
-                .collect();
-            Ok(median(&d))
+                .collect())
         };
-        let (vs_empty, vs_tcpdump) = (paired("netrace", "empty")?, paired("netrace", "tcpdump")?);
-        if key == "stream" {
+        let mut comparisons = vec![(
+            "the empty classifier",
+            format!("empty {}", pct(empty)),
+            paired("netrace", "empty")?,
+            if key == "stream" {
+                -target::THROUGHPUT_POINTS_BELOW_EMPTY
+            } else {
+                -target::CONN_POINTS_BELOW_EMPTY
+            },
+        )];
+        if key == "connections" {
+            comparisons.push((
+                "tcpdump",
+                format!("tcpdump {}", pct(tcpdump)),
+                paired("netrace", "tcpdump")?,
+                target::CONN_POINTS_ABOVE_TCPDUMP,
+            ));
+        }
+        for (against, baseline, d, at_least) in comparisons {
+            let (value, met) = judge_points(&d, at_least);
             rows.push(Row {
                 section,
-                figure: "netrace (default) against the empty classifier".into(),
-                value: points(vs_empty),
-                baseline: format!("empty {}", pct(empty)),
+                figure: format!("netrace (default) against {against}"),
+                value,
+                baseline,
                 ratio: pct(netrace),
-                target: format!(
-                    "within {:.0} point",
-                    target::THROUGHPUT_POINTS_BELOW_EMPTY * 100.0
-                ),
-                met: Some(vs_empty >= -target::THROUGHPUT_POINTS_BELOW_EMPTY),
-            });
-        } else {
-            rows.push(Row {
-                section,
-                figure: "netrace (default) against the empty classifier".into(),
-                value: points(vs_empty),
-                baseline: format!("empty {}", pct(empty)),
-                ratio: pct(netrace),
-                target: format!(
-                    "within {:.0} points",
-                    target::CONN_POINTS_BELOW_EMPTY * 100.0
-                ),
-                met: Some(vs_empty >= -target::CONN_POINTS_BELOW_EMPTY),
-            });
-            rows.push(Row {
-                section,
-                figure: "netrace (default) against tcpdump".into(),
-                value: points(vs_tcpdump),
-                baseline: format!("tcpdump {}", pct(tcpdump)),
-                ratio: pct(netrace),
-                target: format!(
-                    ">= {:.0} points above",
-                    target::CONN_POINTS_ABOVE_TCPDUMP * 100.0
-                ),
-                met: Some(vs_tcpdump >= target::CONN_POINTS_ABOVE_TCPDUMP),
+                target: if at_least < 0.0 {
+                    let p = -at_least * 100.0;
+                    format!("within {p:.0} point{}", if p == 1.0 { "" } else { "s" })
+                } else {
+                    format!(">= {:.0} points above", at_least * 100.0)
+                },
+                met: Some(met),
             });
         }
     }
@@ -357,7 +439,7 @@ fn cpu_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         ),
         ratio: "-".into(),
         target: format!("<= {:.0} %, nothing lost", target::CPU_PERCENT),
-        met: Some(p <= target::CPU_PERCENT && clean),
+        met: Some((p <= target::CPU_PERCENT && clean).into()),
     });
     Ok(())
 }
@@ -383,7 +465,7 @@ fn scale_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             } else {
                 String::new()
             },
-            met: million.then_some(total <= target::MILLION_BYTES),
+            met: million.then_some((total <= target::MILLION_BYTES).into()),
         });
         let find = num(l, "/find_s")?;
         let finder = l.get("finder").and_then(Value::as_str).unwrap_or("?");
@@ -401,7 +483,7 @@ fn scale_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             } else {
                 String::new()
             },
-            met: million.then_some(find <= target::FIND_EXPIRED_MILLION_S),
+            met: million.then_some((find <= target::FIND_EXPIRED_MILLION_S).into()),
         });
         rows.push(Row {
             section: S,
@@ -540,7 +622,7 @@ fn loss_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         baseline: "-".into(),
         ratio: "-".into(),
         target: "nothing silent".into(),
-        met: Some(all),
+        met: Some(all.into()),
     });
     Ok(())
 }
@@ -626,9 +708,42 @@ mod tests {
             baseline: "2".into(),
             ratio: "0.50x".into(),
             target: "t".into(),
-            met: Some(false),
+            met: Some(Outcome::Missed),
         }];
         assert!(markdown_table(&rows).contains("| s | a\\|b | 1 | 2 | 0.50x | t | **MISSED** |"));
         assert!(terminal_table(&rows).lines().count() == 3);
+    }
+
+    /// The interval's order statistics match the binomial tables (n = 6: the extremes,
+    /// 96.9 %; n = 9: the 2nd and 8th, 96.1 %; n = 20: the 6th and 15th, 95.9 %).
+    #[test]
+    fn median_interval_order_statistics() {
+        let d = |n: usize| (1..=n).map(|i| i as f64).collect::<Vec<_>>();
+        assert_eq!(median_interval(&d(5)), None);
+        assert_eq!(median_interval(&d(6)), Some((1.0, 6.0)));
+        assert_eq!(median_interval(&d(9)), Some((2.0, 8.0)));
+        assert_eq!(median_interval(&d(20)), Some((6.0, 15.0)));
+    }
+
+    #[test]
+    fn points_are_judged_by_their_interval() {
+        let rounds = |v: &[f64]| v.iter().map(|x| x / 100.0).collect::<Vec<_>>();
+        let (_, o) = judge_points(
+            &rounds(&[-0.5, -0.2, 0.0, 0.1, 0.3, 0.4, 0.6, 0.8, 1.0]),
+            -0.01,
+        );
+        assert_eq!(o, Outcome::Met);
+        let (_, o) = judge_points(
+            &rounds(&[-9.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.5]),
+            -0.01,
+        );
+        assert_eq!(o, Outcome::Missed);
+        let (v, o) = judge_points(
+            &rounds(&[-12.5, -9.4, -5.1, -3.2, -3.0, -1.8, -0.3, 7.5, 10.9]),
+            -0.01,
+        );
+        assert_eq!(o, Outcome::Unresolved);
+        assert_eq!(v, "-3.0 points (95 % interval -9.4 … +7.5)");
+        assert_eq!(judge_points(&[0.1], 0.05).1, Outcome::Unresolved);
     }
 }
