@@ -187,6 +187,7 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
     per_packet(&mut d, r)?;
     xmit(&mut d, r)?;
     traffic(&mut d, r)?;
+    cpu_share(&mut d, r)?;
     cpu(&mut d, r)?;
     scale(&mut d, r)?;
     loss(&mut d, r)?;
@@ -458,6 +459,69 @@ fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
          dropped*: netrace's `drops.events_lost` + `drops.pending_map_full`; tcpdump's \
          `packets dropped by kernel`.\n"
     )?;
+    Ok(())
+}
+
+/// netrace's share of the busy CPU under the loads of the rate runs.
+fn cpu_share(d: &mut String, r: &Value) -> anyhow::Result<()> {
+    let c = &r["traffic"]["cpu_share"];
+    if c.is_null() {
+        return Ok(());
+    }
+    writeln!(
+        d,
+        "### netrace's share of the CPU under the same loads
+"
+    )?;
+    writeln!(
+        d,
+        "The rates above scatter from run to run by more than the one- and two-point targets, \
+         whatever the number of rounds a run can afford; the CPU time netrace takes does not. \
+         Each round attaches the empty classifier (its holder keeping the kernel's run-time \
+         statistics on, `BPF_ENABLE_STATS`) and `netrace watch` in its default mode to the \
+         client's interface at once, then runs the load of the rate runs for {} s ({} round(s) \
+         per load). Around the load it reads from /proc the `run_time_ns` of every BPF program \
+         each process holds (fdinfo), netrace's on-CPU time (schedstat) and the machine's busy \
+         CPU time (`/proc/stat`: user, nice, system, irq, softirq; idle and time stolen by the \
+         hypervisor left out). netrace's cost beyond the floor is its programs' run time minus \
+         the empty classifier's (on the same packets, so that the two clock reads the \
+         statistics add to every run cancel) plus its process's CPU time; over the busy CPU \
+         time it is the share of the load's rate netrace costs when the load is CPU-bound, as \
+         it is here. What netrace's memory costs other code (the network stack's cache and TLB \
+         misses) is not in these accounts; that part shows only in the rates above, and was \
+         the reason the pending table has a small near region.\n",
+        f(c, "/seconds"),
+        f(c, "/rounds"),
+    )?;
+    writeln!(
+        d,
+        "| load | round | done | busy CPU | empty classifier: runs, time | netrace's programs: runs, time | netrace's process | netrace's share | netrace lost, dropped |"
+    )?;
+    writeln!(d, "|---|---|---|---|---|---|---|---|---|")?;
+    for (key, label) in [("connections", "connections"), ("stream", "bulk stream")] {
+        for (i, x) in list(c, &format!("/{key}/runs")).iter().enumerate() {
+            let done = if key == "stream" {
+                format!("{:.2} GB", f(x, "/done") / 1e9)
+            } else {
+                format!("{} connections", f(x, "/done"))
+            };
+            writeln!(
+                d,
+                "| {label} | {} | {done} | {:.2} s | {}, {:.1} ms | {}, {:.1} ms | {:.1} ms | {:.2} % | {}, {} |",
+                i + 1,
+                f(x, "/busy_s"),
+                f(x, "/floor_runs"),
+                f(x, "/floor_ns") / 1e6,
+                f(x, "/netrace_runs"),
+                f(x, "/netrace_ns") / 1e6,
+                f(x, "/netrace_process_s") * 1e3,
+                f(x, "/share") * 100.0,
+                f(x, "/netrace_lost"),
+                f(x, "/netrace_dropped"),
+            )?;
+        }
+    }
+    writeln!(d)?;
     Ok(())
 }
 

@@ -24,6 +24,7 @@ mod analyze;
 mod doc;
 mod net;
 mod report;
+mod share;
 mod tracer;
 mod traffic;
 
@@ -311,6 +312,7 @@ fn traffic(bins: &Bins, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
         }
     }
     let cpu = cpu_at_rate(&net, bins, plan, scratch)?;
+    let cpu_share = share::run(&net, bins, plan, scratch)?;
     drop(net);
     let by_mode = |s: &[Series; N]| -> Value {
         Mode::ALL
@@ -329,6 +331,7 @@ fn traffic(bins: &Bins, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
         "stream": by_mode(&stream),
         "connections": by_mode(&conns),
         "cpu": cpu,
+        "cpu_share": cpu_share,
     }))
 }
 

@@ -123,7 +123,7 @@ fn cpu_of(pid: u32) -> f64 {
 /// On-CPU time of every thread of a process, in seconds, from the scheduler
 /// (`/proc/PID/task/*/schedstat`, first field: nanoseconds), finer than the clock ticks of
 /// [`cpu_of`]; threads that exited are no longer counted.
-fn sched_of(pid: u32) -> f64 {
+pub fn sched_of(pid: u32) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;
     };
@@ -149,6 +149,18 @@ fn rss_of(pid: u32) -> u64 {
 impl Tracer {
     /// Starts `mode` on the client's interface and waits until it is ready.
     pub fn start(mode: Mode, net: &BenchNet, bins: &Bins, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(mode, net, bins, dir, false)
+    }
+
+    /// As [`Tracer::start`]; with `stats`, the empty classifier's holder also keeps the
+    /// kernel's run-time statistics of every BPF program on while it runs.
+    pub fn start_with(
+        mode: Mode,
+        net: &BenchNet,
+        bins: &Bins,
+        dir: &Path,
+        stats: bool,
+    ) -> anyhow::Result<Self> {
         let tag = format!("{}-{}", mode.name(), net.client_if);
         let stdout = dir.join(format!("{tag}.out"));
         let mut t = Tracer {
@@ -172,6 +184,9 @@ impl Tracer {
                 cmd.arg(&bins.probe)
                     .args(["hold-noop", &net.client_if])
                     .arg(&ready);
+                if stats {
+                    cmd.arg("--stats");
+                }
             }
             Mode::Netrace | Mode::NetraceEvents => {
                 let _ = std::fs::remove_file(&ready);
@@ -254,6 +269,11 @@ impl Tracer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The tracer's process, once started (none for [`Mode::None`]).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Stops the tracer with SIGINT and reads what it reported.

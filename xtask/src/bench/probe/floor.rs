@@ -2,13 +2,18 @@
 //! object) attached to egress and ingress of an interface the way `netrace watch` attaches its
 //! programs (TCX, first in line), held until SIGINT or SIGTERM, then detached.
 //!
-//! `bench_probe hold-noop IFACE READY_FILE`, run inside the interface's namespace: the ready
-//! file appears once both are attached.
+//! `bench_probe hold-noop IFACE READY_FILE [--stats]`, run inside the interface's namespace:
+//! the ready file appears once both are attached. With `--stats` it also holds the kernel's
+//! run-time statistics of every BPF program on (`BPF_ENABLE_STATS`) until it stops: the
+//! statistics cost two clock reads per program run, so they are on only while held.
 
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
-use aya::programs::{tc::TcAttachOptions, LinkOrder, TcAttachType};
+use aya::{
+    programs::{tc::TcAttachOptions, LinkOrder, TcAttachType},
+    sys::{enable_stats, Stats},
+};
 use serde_json::{json, Value};
 
 use crate::kernel::{Kernel, NOOP};
@@ -31,8 +36,12 @@ fn block_signals() -> anyhow::Result<libc::sigset_t> {
     Ok(set)
 }
 
-pub fn run(iface: &str, ready: &Path) -> anyhow::Result<Value> {
+pub fn run(iface: &str, ready: &Path, stats: bool) -> anyhow::Result<Value> {
     let set = block_signals()?;
+    let _stats = stats
+        .then(|| enable_stats(Stats::RunTime))
+        .transpose()
+        .context("BPF_ENABLE_STATS")?;
     let mut k = Kernel::load(1024, 4096)?;
     let prog = k.att.program(NOOP)?;
     let mut links = Vec::new();
@@ -56,5 +65,5 @@ pub fn run(iface: &str, ready: &Path) -> anyhow::Result<Value> {
             .with_context(|| format!("detaching {NOOP} from {iface}"))?;
         detached += 1;
     }
-    Ok(json!({"iface": iface, "detached": detached, "signal": sig}))
+    Ok(json!({"iface": iface, "detached": detached, "signal": sig, "stats": stats}))
 }

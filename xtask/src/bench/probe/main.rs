@@ -4,8 +4,9 @@
 //! `cargo xtask` itself installs: xtask proper must build without it.
 //!
 //! `bench_probe per-packet|loss|xmit [--quick]`, `bench_probe scale N`: one JSON object on standard
-//! output; progress and errors on standard error. `bench_probe hold-noop IFACE READY_FILE`:
-//! the empty classifier on the interface until SIGINT (the traffic figures' floor). Needs root.
+//! output; progress and errors on standard error. `bench_probe hold-noop IFACE READY_FILE
+//! [--stats]`: the empty classifier on the interface until SIGINT (the traffic figures' floor),
+//! with the kernel's run-time statistics on while it holds it if asked. Needs root.
 
 mod floor;
 mod frames;
@@ -35,12 +36,16 @@ fn run() -> anyhow::Result<serde_json::Value> {
             scale::run(n)
         }
         Some("hold-noop") => match (args.get(1), args.get(2)) {
-            (Some(iface), Some(ready)) => floor::run(iface, std::path::Path::new(ready)),
-            _ => bail!("usage: bench_probe hold-noop IFACE READY_FILE"),
+            (Some(iface), Some(ready)) => floor::run(
+                iface,
+                std::path::Path::new(ready),
+                args.iter().any(|a| a == "--stats"),
+            ),
+            _ => bail!("usage: bench_probe hold-noop IFACE READY_FILE [--stats]"),
         },
         _ => bail!(
             "usage: bench_probe per-packet|loss|xmit [--quick] | scale N | hold-noop IFACE \
-             READY_FILE"
+             READY_FILE [--stats]"
         ),
     }
 }
