@@ -216,6 +216,9 @@ pub fn prog_name(id: u32) -> Option<String> {
 pub struct Held {
     /// Program ids.
     pub progs: BTreeSet<u32>,
+    /// Of those, the tracing programs (`BPF_PROG_TYPE_TRACING`: the sweep's iterator, which
+    /// a kernel may refuse; netrace then walks the map instead).
+    pub tracing: BTreeSet<u32>,
     /// Map ids.
     pub maps: BTreeSet<u32>,
     /// Link ids.
@@ -261,6 +264,9 @@ impl Held {
     }
 }
 
+/// `enum bpf_prog_type`'s value for tracing programs (iterators among them).
+const BPF_PROG_TYPE_TRACING: u32 = 26;
+
 /// The BPF programs, maps and links process `pid` has open, from `/proc/PID/fdinfo`.
 pub fn held_by(pid: u32) -> Result<Held> {
     let dir = format!("/proc/{pid}/fdinfo");
@@ -280,6 +286,9 @@ pub fn held_by(pid: u32) -> Result<Held> {
         }
         if let Some(id) = field("prog_id:") {
             held.progs.insert(id);
+            if field("prog_type:") == Some(BPF_PROG_TYPE_TRACING) {
+                held.tracing.insert(id);
+            }
         }
         if let Some(id) = field("map_id:") {
             held.maps.insert(id);

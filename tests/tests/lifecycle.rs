@@ -152,10 +152,13 @@ fn kill_9_leaves_nothing_behind() {
     let pinned_before = inspect::pinned();
     let w = start(&spec(&s, &dev));
     let held = held(&w);
+    // The iterator's link exists where the kernel loaded it (some refuse tracing programs:
+    // netrace then walks the map, and says so in its debug log).
     assert_eq!(
         held.links.len(),
-        3,
-        "two TCX links (auto mode on 6.6+) and the sweep's iterator over the IPv6 map: {held:?}"
+        2 + held.tracing.len(),
+        "two TCX links (auto mode on 6.6+) and the sweep's iterator over the IPv6 map if it \
+         loaded: {held:?}"
     );
     let during = snapshot(s.hub_ns(), &dev);
     assert_eq!(during.tcx_names(), ["netrace_ingress", "netrace_egress"]);

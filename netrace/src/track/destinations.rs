@@ -4,7 +4,12 @@
 //! firewall's edge from destinations that answer and compare inside and outside the range
 //! within each destination.
 
-use std::{collections::HashMap, fmt, net::IpAddr};
+use std::{fmt, net::IpAddr};
+
+// The cells are touched once per answered port on every read of the kernel's books: foldhash
+// is several times faster than SipHash on these small keys, and its per-process seed keeps
+// crafted collisions from being free (the cells are bounded besides).
+use foldhash::{HashMap, HashMapExt};
 
 use serde::Serialize;
 
@@ -227,7 +232,9 @@ impl Destinations {
 
     /// Per-port cells of the rows `include` accepts, merged: (port, back, lost) by port.
     pub fn ports(&self, include: impl Fn(Slot) -> bool) -> Vec<(u16, PortCell)> {
-        let mut merged: HashMap<u16, PortCell> = HashMap::new();
+        // Sized once: growing it rehashed every entry several times per verdict.
+        let mut merged: HashMap<u16, PortCell> =
+            HashMap::with_capacity(self.cells.len().min(usize::from(u16::MAX) + 1));
         for ((slot, port), c) in &self.cells {
             if include(*slot) {
                 let m = merged.entry(*port).or_default();
@@ -242,7 +249,7 @@ impl Destinations {
 
     /// Every row's (lost, came back) inside and outside `range`, in one pass over the cells.
     pub fn splits(&self, range: PortRange) -> HashMap<Slot, Split> {
-        let mut out: HashMap<Slot, Split> = HashMap::new();
+        let mut out: HashMap<Slot, Split> = HashMap::with_capacity(self.rows.len() + 1);
         for ((slot, port), c) in &self.cells {
             let s = out.entry(*slot).or_default();
             let side = if range.contains(*port) {

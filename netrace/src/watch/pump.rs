@@ -4,7 +4,7 @@
 //! the last interface ends the run.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     io::{self, Write},
     net::SocketAddr,
     time::{Duration, Instant},
@@ -65,7 +65,9 @@ const SWEEP_SPACED_MAX: Duration = Duration::from_secs(10);
 const DRAW: Duration = Duration::from_secs(1);
 /// How often the verdict so far is worked out for the metrics.
 const JUDGE: Duration = Duration::from_secs(5);
-/// ... and this long after the latest outcome, so a scrape after a burst sees all of it.
+/// ... and this long after the latest outcome once a sweep found nothing new, so a scrape
+/// after a burst sees all of it. (Answers counted in the kernel arrive with the sweeps, a
+/// burst each time: without the quiet sweep, steady traffic was judged after every sweep.)
 const JUDGE_SETTLED: Duration = Duration::from_millis(500);
 /// Rows of the "by destination" table (the rest are summed in an "other" row).
 pub const TOP_DESTINATIONS: usize = 10;
@@ -116,6 +118,8 @@ pub struct Pump {
     /// latest was recorded.
     unjudged: bool,
     last_outcome: Instant,
+    /// Whether the latest sweep brought no outcome (no lost, no answers from the books).
+    quiet_sweep: bool,
     pub lost: Vec<ConnRecord>,
     pub lost_not_listed: u64,
     pub decode_errors: u64,
@@ -129,8 +133,10 @@ pub struct Pump {
     live: render::live::Live,
     last_drawn: Instant,
     /// The kernel's answer books and round-trip histogram as last read, to take differences.
-    books_seen: HashMap<BookKey, Box<AnswerBook>>,
+    books_seen: foldhash::HashMap<BookKey, Box<AnswerBook>>,
     books_buf: Vec<(BookKey, AnswerBook)>,
+    /// What the last read of the books found new: (book, source port, count).
+    books_fresh: Vec<(BookKey, u16, u64)>,
     rtt_seen: Vec<u64>,
     /// The kernel's count of SYNs at the last pass over the pending maps, and of booked
     /// answers at the last read of the books: unchanged, there is nothing new to read.
@@ -170,6 +176,7 @@ impl Pump {
             known_ports: vec![0; 65536 / 64],
             unjudged: false,
             last_outcome: Instant::now(),
+            quiet_sweep: true,
             lost: Vec::new(),
             lost_not_listed: 0,
             decode_errors: 0,
@@ -181,8 +188,9 @@ impl Pump {
             outcomes: Vec::new(),
             live: render::live::Live::new(),
             last_drawn: Instant::now(),
-            books_seen: HashMap::new(),
+            books_seen: foldhash::HashMap::default(),
             books_buf: Vec::new(),
+            books_fresh: Vec::new(),
             rtt_seen: vec![0; RTT_SLOTS as usize],
             swept_syns: u64::MAX,
             read_booked: u64::MAX,
@@ -274,6 +282,7 @@ impl Pump {
                 self.read_books(&mut kernel.books);
                 self.read_booked = booked.unwrap_or(u64::MAX);
             }
+            self.quiet_sweep = self.outcomes.is_empty() && self.last_outcome < started;
             if let Some(c) = self.correlator.as_mut() {
                 c.prune(now);
             }
@@ -316,7 +325,7 @@ impl Pump {
             return Some(End::InterfacesGone);
         }
         if self.last_judged.elapsed() >= JUDGE
-            || (self.unjudged && self.last_outcome.elapsed() >= JUDGE_SETTLED)
+            || (self.unjudged && self.quiet_sweep && self.last_outcome.elapsed() >= JUDGE_SETTLED)
         {
             self.judge_for_metrics();
         }
@@ -468,9 +477,14 @@ impl Pump {
         if let Err(e) = books.walk_into(&mut buf) {
             log::debug!("reading the answer books: {e}");
         }
-        let mut fresh = Vec::new();
+        // The buffers are kept between reads: a busy node's read finds thousands of ports.
+        let mut fresh = std::mem::take(&mut self.books_fresh);
+        fresh.clear();
         for (k, b) in &buf {
             let seen = self.books_seen.entry(*k).or_default();
+            if seen.answered == b.answered {
+                continue;
+            }
             for (i, (now, before)) in b.answered.iter().zip(seen.answered.iter()).enumerate() {
                 let n = now.wrapping_sub(*before);
                 if n > 0 {
@@ -483,30 +497,38 @@ impl Pump {
         self.books_buf = buf;
         // The metrics by interface, destination and port bucket: one update per group, not
         // one per port (each costs label strings and a lookup).
-        let mut groups: HashMap<(u32, Destination, usize, bool), (u16, u64)> = HashMap::new();
-        for (k, port, n) in &fresh {
-            let key = FlowKey {
-                family: k.family,
-                dst_port: k.dst_port,
-                dst_addr: k.dst_addr,
-                ..FlowKey::default()
+        let mut groups: foldhash::HashMap<(u32, Destination, usize, bool), (u16, u64)> =
+            foldhash::HashMap::default();
+        // A book's ports are together in `fresh`: its destination is worked out once.
+        let mut book: Option<(BookKey, Destination)> = None;
+        for &(k, port, n) in &fresh {
+            let dst = match book {
+                Some((bk, d)) if bk == k => d,
+                _ => {
+                    let d = destination(&FlowKey {
+                        family: k.family,
+                        dst_port: k.dst_port,
+                        dst_addr: k.dst_addr,
+                        ..FlowKey::default()
+                    });
+                    book = Some((k, d));
+                    d
+                }
             };
-            let dst = destination(&key);
-            self.know(*port);
-            self.histogram.add_n(*port, OutcomeKind::Answered, *n);
-            self.destinations
-                .add_n(dst, *port, OutcomeKind::Answered, *n);
+            self.know(port);
+            self.histogram.add_n(port, OutcomeKind::Answered, n);
+            self.destinations.add_n(dst, port, OutcomeKind::Answered, n);
             let bucket = self
                 .histogram
                 .buckets
                 .iter()
-                .position(|b| b.range().contains(*port))
+                .position(|b| b.range().contains(port))
                 .unwrap_or(usize::MAX);
-            let inside = self.cfg.allowed.contains(*port);
+            let inside = self.cfg.allowed.contains(port);
             groups
                 .entry((k.ifindex, dst, bucket, inside))
-                .or_insert((*port, 0))
-                .1 += *n;
+                .or_insert((port, 0))
+                .1 += n;
         }
         for ((ifindex, dst, _, _), (port, n)) in groups {
             let name = self.interfaces.name(ifindex);
@@ -527,6 +549,7 @@ impl Pump {
             self.unjudged = true;
             self.last_outcome = Instant::now();
         }
+        self.books_fresh = fresh;
     }
 
     /// Reads every record waiting in the ring buffer into the tracker and the correlator;

@@ -436,9 +436,8 @@ fn share_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         let at = |p: &str| num(r, &format!("/traffic/cpu_share/{key}/{p}"));
         let (med, max) = (at("median_share")?, at("max_share")?);
         let runs = arr(r, &format!("/traffic/cpu_share/{key}/runs"))?;
-        let each = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<f64> {
-            runs.iter().filter_map(f).collect()
-        };
+        let each =
+            |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<f64> { runs.iter().filter_map(f).collect() };
         let floor = median(&each(&|v| v.get("floor_share")?.as_f64()));
         let per_conn = median(&each(&|v| {
             let ns = v.get("netrace_ns")?.as_f64()? - v.get("floor_ns")?.as_f64()?;

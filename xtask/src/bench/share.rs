@@ -32,7 +32,7 @@ use super::{
 
 /// Run time (ns) and runs of each BPF program a process holds a descriptor of, by program
 /// id (a program held twice counts once).
-fn programs_of(pid: u32) -> BTreeMap<u64, (u64, u64)> {
+fn programs_of(pid: u32) -> BTreeMap<u64, Prog> {
     let mut progs = BTreeMap::new();
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return progs;
@@ -49,23 +49,45 @@ fn programs_of(pid: u32) -> BTreeMap<u64, (u64, u64)> {
         if let (Some(id), Some(ns), Some(runs)) =
             (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
         {
-            progs.insert(id, (ns, runs));
+            let kind = info
+                .lines()
+                .find_map(|l| l.strip_prefix("prog_type:"))
+                .map_or(0, |v| v.trim().parse::<u32>().unwrap_or(0));
+            progs.insert(id, Prog { ns, runs, kind });
         }
     }
     progs
 }
 
-/// Summed run time and runs of the programs, the later snapshot minus the earlier one.
-fn delta(before: &BTreeMap<u64, (u64, u64)>, after: &BTreeMap<u64, (u64, u64)>) -> (u64, u64) {
+/// One program's accounts: run time, runs, and its type (the kernel's `bpf_prog_type`).
+#[derive(Clone, Copy, Default)]
+struct Prog {
+    ns: u64,
+    runs: u64,
+    kind: u32,
+}
+
+/// Each program's run time and runs between two snapshots, the programs that ran.
+fn each_delta(before: &BTreeMap<u64, Prog>, after: &BTreeMap<u64, Prog>) -> Vec<Prog> {
     after
         .iter()
-        .fold((0, 0), |(ns, runs), (id, (a_ns, a_runs))| {
-            let (b_ns, b_runs) = before.get(id).copied().unwrap_or((0, 0));
-            (
-                ns + a_ns.saturating_sub(b_ns),
-                runs + a_runs.saturating_sub(b_runs),
-            )
+        .map(|(id, a)| {
+            let b = before.get(id).copied().unwrap_or_default();
+            Prog {
+                ns: a.ns.saturating_sub(b.ns),
+                runs: a.runs.saturating_sub(b.runs),
+                kind: a.kind,
+            }
         })
+        .filter(|p| p.runs > 0)
+        .collect()
+}
+
+/// Summed run time and runs of the programs, the later snapshot minus the earlier one.
+fn delta(before: &BTreeMap<u64, Prog>, after: &BTreeMap<u64, Prog>) -> (u64, u64) {
+    each_delta(before, after)
+        .iter()
+        .fold((0, 0), |(ns, runs), p| (ns + p.ns, runs + p.runs))
 }
 
 /// The machine's busy CPU time in seconds: user, nice, system, irq and softirq of all CPUs.
@@ -92,8 +114,8 @@ fn busy_s() -> anyhow::Result<f64> {
 
 /// What one side of the load reads at one moment.
 struct Snapshot {
-    floor: BTreeMap<u64, (u64, u64)>,
-    netrace: BTreeMap<u64, (u64, u64)>,
+    floor: BTreeMap<u64, Prog>,
+    netrace: BTreeMap<u64, Prog>,
     netrace_cpu_s: f64,
     busy_s: f64,
 }
@@ -175,8 +197,18 @@ fn round(
         seen.lost,
         seen.dropped
     );
+    let programs: Vec<Value> = each_delta(&before.netrace, &after.netrace)
+        .iter()
+        .map(|p| json!({"type": p.kind, "runs": p.runs, "ns": p.ns}))
+        .collect();
+    let floor_programs: Vec<Value> = each_delta(&before.floor, &after.floor)
+        .iter()
+        .map(|p| json!({"type": p.kind, "runs": p.runs, "ns": p.ns}))
+        .collect();
     Ok(json!({
         "done": done,
+        "netrace_programs": programs,
+        "floor_programs": floor_programs,
         "busy_s": busy,
         "floor_ns": floor_ns, "floor_runs": floor_runs,
         "netrace_ns": nt_ns, "netrace_runs": nt_runs,
