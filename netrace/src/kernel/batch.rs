@@ -257,6 +257,38 @@ impl<K: Pod + Default, V: Pod + Default> Walk<K, V> {
     }
 }
 
+/// The first `n` entries of the per-CPU array of u64 behind `fd`, each summed over the
+/// `cpus` possible CPUs, in one system call (a lookup per entry was one call each, most of
+/// an idle run's time).
+pub fn per_cpu_sums(fd: BorrowedFd<'_>, n: usize, cpus: usize) -> io::Result<Vec<u64>> {
+    let mut keys = vec![0u32; n];
+    // Per key, one u64 per possible CPU (a u64 needs no padding to 8 bytes).
+    let mut values = vec![0u64; n * cpus];
+    let mut out_pos: u32 = 0;
+    let mut attr = BatchAttr {
+        out_batch: &mut out_pos as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: u32::try_from(n).map_err(|_| io::Error::other("too many entries"))?,
+        map_fd: fd.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        Ok(()) => {}
+        // The end of the array came first: `count` says how many were read.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => return Err(e),
+    }
+    let got = (attr.count as usize).min(n);
+    let mut sums = vec![0u64; n];
+    for (k, per_cpu) in keys[..got].iter().zip(values.chunks_exact(cpus.max(1))) {
+        if let Some(s) = sums.get_mut(*k as usize) {
+            *s = per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        }
+    }
+    Ok(sums)
+}
+
 /// Calls `f` on every entry of the hash map behind `fd`, in batches.
 pub fn walk<K: Pod + Default, V: Pod + Default>(
     fd: BorrowedFd<'_>,

@@ -16,7 +16,8 @@ use aya::{
 };
 use netrace_common::{
     AnswerBook, BookKey, Counter, ExpireCutoffs, ExpireSummary, Expired, FlowKey, KernelFilter,
-    PendingSlot, PendingSyn, SkbOffsets, TpOffsets, V6Key, XmitIface, FAMILY_V4, RTT_SLOTS,
+    PendingSlot, PendingSyn, SkbOffsets, TpOffsets, V6Key, XmitIface, COUNTER_SLOTS, FAMILY_V4,
+    RTT_SLOTS,
 };
 
 use super::{batch, table::TableV4};
@@ -478,6 +479,15 @@ impl Maps {
 impl CountersView<'_> {
     pub fn counter(&self, c: Counter) -> u64 {
         self.try_counter(c).unwrap_or(0)
+    }
+
+    /// Every counter at once (by `Counter as usize`), or `None` when they could not be read.
+    pub fn all(&self) -> Option<Vec<u64>> {
+        let cpus = aya::util::nr_cpus().ok()?;
+        let fd = aya::maps::IterableMap::map(self.counters).fd().as_fd();
+        batch::per_cpu_sums(fd, COUNTER_SLOTS as usize, cpus)
+            .map_err(|e| log::debug!("reading the counters: {e}"))
+            .ok()
     }
 
     /// The counter, or `None` when it could not be read.

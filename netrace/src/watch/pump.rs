@@ -51,8 +51,10 @@ const MAX_LISTED: usize = 100_000;
 const TICK: Duration = Duration::from_millis(250);
 /// The kernel wakes netrace only when a quarter of the ring buffer is full; below that,
 /// events are collected this often while they come, and with the tick when they do not (an
-/// idle node wakes netrace a few times a second, not twenty).
+/// idle node wakes netrace four times a second, not twenty).
 const DRAIN: Duration = Duration::from_millis(50);
+/// The drain timer when events stopped coming: the tick drains until they come again.
+const DRAIN_IDLE: Duration = Duration::from_secs(3600);
 /// The kernel map is walked at most this often (and at least every quarter of the SYN
 /// timeout): each walk visits every bucket of the map.
 const SWEEP_MAX: Duration = Duration::from_secs(1);
@@ -61,6 +63,8 @@ const SWEEP_SHARE: u32 = 50;
 /// ... but at least this often: the tracker's windows (repeat, late) assume sweeps well inside
 /// them.
 const SWEEP_SPACED_MAX: Duration = Duration::from_secs(10);
+/// How often the watched interfaces are looked up by name (to notice one that went away).
+const IFACE_CHECK: Duration = Duration::from_secs(1);
 /// How often the live progress line is redrawn.
 const DRAW: Duration = Duration::from_secs(1);
 /// How often the verdict so far is worked out for the metrics.
@@ -120,6 +124,9 @@ pub struct Pump {
     last_outcome: Instant,
     /// Whether the latest sweep brought no outcome (no lost, no answers from the books).
     quiet_sweep: bool,
+    last_iface_check: Instant,
+    /// Records the tick's own drain found (events coming again: the drain timer restarts).
+    tick_drained: usize,
     pub lost: Vec<ConnRecord>,
     pub lost_not_listed: u64,
     pub decode_errors: u64,
@@ -177,6 +184,8 @@ impl Pump {
             unjudged: false,
             last_outcome: Instant::now(),
             quiet_sweep: true,
+            last_iface_check: Instant::now(),
+            tick_drained: 0,
             lost: Vec::new(),
             lost_not_listed: 0,
             decode_errors: 0,
@@ -230,7 +239,7 @@ impl Pump {
                 }
                 _ = sleep_until(next_drain) => {
                     let busy = self.drain(kernel.ring.get_mut()) > 0;
-                    next_drain = tokio::time::Instant::now() + if busy { DRAIN } else { TICK };
+                    next_drain = tokio::time::Instant::now() + if busy { DRAIN } else { DRAIN_IDLE };
                     if self.record().is_err() {
                         break End::BrokenPipe;
                     }
@@ -238,6 +247,9 @@ impl Pump {
                 _ = tick.tick() => {
                     if let Some(end) = self.tick(kernel) {
                         break end;
+                    }
+                    if self.tick_drained > 0 {
+                        next_drain = tokio::time::Instant::now() + DRAIN;
                     }
                 }
                 _ = signals.sigint.recv() => break End::Signal,
@@ -255,8 +267,13 @@ impl Pump {
         // Read what the kernel already reported before judging by the map: an entry answered
         // a moment ago is gone from the map while its event still waits in the ring, and the
         // sweep would count it twice (or as abandoned).
-        self.drain(kernel.ring.get_mut());
-        let ring_drops = kernel.counter(Counter::RingbufFull);
+        self.tick_drained = self.drain(kernel.ring.get_mut());
+        // Every counter in one system call, after the drain: a SYN or an answer counted after
+        // this read is looked at by the next sweep. A counter that cannot be read counts as
+        // changed.
+        let counts = kernel.all_counters();
+        let counter = |c: Counter| counts.as_ref().and_then(|v| v.get(c as usize).copied());
+        let ring_drops = counter(Counter::RingbufFull).unwrap_or(0);
         // A sweep visits every entry of the map in the kernel: with very many pending (a SYN
         // flood, a million lost in their late window) it is spaced out so that it never takes
         // more than 1/SWEEP_SHARE of the time; lost connections are then decided later.
@@ -267,17 +284,15 @@ impl Pump {
             let started = Instant::now();
             self.last_sweep = started;
             let now = monotonic_ns();
-            // Read before the pass: a SYN or an answer counted after this read is looked at
-            // by the next sweep. With nothing held and no SYN since the last pass, the maps
-            // are empty: an idle node costs no pass over their buckets. A counter that cannot
-            // be read counts as changed.
-            let syns = kernel.try_counter(Counter::SynSeen);
+            // With nothing held and no SYN since the last pass, the maps are empty: an idle
+            // node costs no pass over their buckets.
+            let syns = counter(Counter::SynSeen);
             if syns.is_none_or(|n| n != self.swept_syns) || !self.tracker.idle() {
                 self.tracker
                     .sweep(now, &mut kernel.pending, &mut self.outcomes);
                 self.swept_syns = syns.unwrap_or(u64::MAX);
             }
-            let booked = kernel.try_counter(Counter::AnsweredBooked);
+            let booked = counter(Counter::AnsweredBooked);
             if booked.is_none_or(|n| n != self.read_booked) {
                 self.read_books(&mut kernel.books);
                 self.read_booked = booked.unwrap_or(u64::MAX);
@@ -287,11 +302,10 @@ impl Pump {
                 c.prune(now);
             }
             self.sweep_cost = started.elapsed();
-            // With the sweep: a read of every counter is a system call each.
             self.metrics.kernel_counters(
                 loader::COUNTERS
                     .iter()
-                    .map(|(c, name)| (*name, kernel.counter(*c))),
+                    .map(|(c, name)| (*name, counter(*c).unwrap_or(0))),
                 self.tracker.pending() as u64,
             );
         } else {
@@ -304,7 +318,14 @@ impl Pump {
         if self.record().is_err() {
             return Some(End::BrokenPipe);
         }
-        for name in self.interfaces.check() {
+        // A name lookup per interface is a socket and an ioctl: once a second is soon enough.
+        let vanished = if self.last_iface_check.elapsed() >= IFACE_CHECK {
+            self.last_iface_check = Instant::now();
+            self.interfaces.check()
+        } else {
+            Vec::new()
+        };
+        for name in vanished {
             let msg = format!(
                 "interface {name} went away after {:.1} s; stopped watching it",
                 self.started.elapsed().as_secs_f64()

@@ -103,9 +103,10 @@ impl Kernel {
         Maps::counters_view(&self.counters, &self.syn_ports).counter(c)
     }
 
-    /// The counter, or `None` when it could not be read.
-    pub fn try_counter(&self, c: Counter) -> Option<u64> {
-        Maps::counters_view(&self.counters, &self.syn_ports).try_counter(c)
+    /// Every counter in one read (by `Counter as usize`), or `None` when they could not be
+    /// read.
+    pub fn all_counters(&self) -> Option<Vec<u64>> {
+        Maps::counters_view(&self.counters, &self.syn_ports).all()
     }
 
     /// Every kernel counter, by name.
