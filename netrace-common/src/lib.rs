@@ -580,10 +580,14 @@ pub enum Counter {
     /// SYN-ACKs with no pending entry for a 4-tuple whose book holds an answer: a server
     /// repeating the SYN-ACK of a connection counted in the books (not a sign of translation).
     SynAckRepeated = 18,
+    /// Of the SYNs counted in [`Counter::PendingMapFull`], those whose bucket's lock stayed
+    /// taken: its holder was held up (a virtual CPU preempted by its host), the map was not
+    /// full. Counted in both, so the sums of what was tracked hold either way.
+    TableBusy = 19,
 }
 
 /// Number of counters (size of the per-CPU counter array).
-pub const COUNTER_SLOTS: u32 = 19;
+pub const COUNTER_SLOTS: u32 = 20;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -28,6 +28,8 @@ pub enum Insert {
     Exists,
     /// The map is full.
     Full,
+    /// The entry's bucket stayed locked by someone held up: not tracked, as when full.
+    Busy,
 }
 
 /// What a SYN did to an existing entry.
@@ -241,15 +243,19 @@ pub fn on_syn<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
     let mut tries = 0;
     let touched = loop {
         tries += 1;
-        match table.insert_new(key, &fresh) {
+        let inserted = table.insert_new(key, &fresh);
+        match inserted {
             Insert::Inserted => {
                 if sink.sends_syns() {
                     sink.emit(EventKind::Syn, key, &fresh, now, 0, 0);
                 }
                 return;
             }
-            Insert::Full => {
+            Insert::Full | Insert::Busy => {
                 sink.count(Counter::PendingMapFull);
+                if let Insert::Busy = inserted {
+                    sink.count(Counter::TableBusy);
+                }
                 sink.note(Note::PendingMapFull {
                     src_port: key.src_port,
                 });

@@ -670,3 +670,39 @@ fn icmp_names() {
     assert_eq!(icmp_name(true, 3, 0), "hop limit exceeded in transit");
     assert_eq!(icmp_name(true, 4, 1), "parameter problem");
 }
+
+/// A pending table whose every bucket stays locked (its holder held up).
+struct LockedTable;
+
+impl crate::pairing::PendingTable for LockedTable {
+    fn modify<R, F: FnOnce(&mut crate::PendingSyn) -> R>(
+        &mut self,
+        _: &FlowKey,
+        _: F,
+    ) -> Option<R> {
+        None
+    }
+    fn get(&self, _: &FlowKey) -> Option<crate::PendingSyn> {
+        None
+    }
+    fn insert_new(&mut self, _: &FlowKey, _: &crate::PendingSyn) -> crate::pairing::Insert {
+        crate::pairing::Insert::Busy
+    }
+    fn remove(&mut self, _: &FlowKey) -> bool {
+        false
+    }
+}
+
+/// A SYN whose bucket stayed locked is untracked like one that found the map full (so the
+/// sums of what was tracked hold), and counted apart as well (a bigger map would not help).
+#[test]
+fn a_syn_meeting_a_locked_bucket_is_counted_untracked_and_busy() {
+    let mut sink = MemorySink::default();
+    let syn = wire::syn((LOCAL4, SPORT).into(), (REMOTE4, DPORT).into(), ISN);
+    let parsed = parse(syn.as_slice(), Ethernet, Egress).expect("a SYN");
+    on_packet(&mut LockedTable, &mut sink, None, &parsed);
+    assert_eq!(sink.counter(Counter::SynSeen), 1);
+    assert_eq!(sink.counter(Counter::PendingMapFull), 1);
+    assert_eq!(sink.counter(Counter::TableBusy), 1);
+    assert!(sink.take_events().is_empty());
+}

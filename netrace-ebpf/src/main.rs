@@ -150,11 +150,13 @@ impl PendingTable for KernelTable {
         let slot = value.to_slot();
         if key.family == FAMILY_V4 {
             let k = key.v4();
-            // A lock that stays taken counts as a full map (see netrace_common::table).
+            // A near lock that stays taken is told apart (the common case of a held-up holder:
+            // the SYNs in flight live there); one further on counts as full.
             return match table::Entry::of(&k).map(|mut b| b.insert_new(&k, &slot, false)) {
                 Some(Ok(true)) => Insert::Inserted,
                 Some(Ok(false)) => Insert::Exists,
-                Some(Err(())) | None => Insert::Full,
+                Some(Err(())) => Insert::Full,
+                None => Insert::Busy,
             };
         }
         match PENDING_V6.insert(key.v6(), slot, BPF_NOEXIST as u64) {

@@ -171,8 +171,11 @@ impl ConnRecord {
 pub struct Drops {
     /// Outcomes and SYNs the kernel could not hand over (ring buffer full).
     pub events_lost: u64,
-    /// SYNs not tracked because the pending map was full.
+    /// SYNs not tracked because the pending map was full, or their bucket stayed locked.
     pub pending_map_full: u64,
+    /// Of those, the ones whose bucket stayed locked (its holder was held up): not a sign of
+    /// too small a map.
+    pub table_busy: u64,
     /// Ring-buffer records that did not decode.
     pub decode_errors: u64,
     /// Connections whose every event was lost (ring buffer full), answered since their kernel

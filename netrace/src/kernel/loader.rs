@@ -436,7 +436,7 @@ pub fn load(
 }
 
 /// Every counter the kernel keeps, summed over CPUs, by name.
-pub const COUNTERS: [(Counter, &str); 19] = [
+pub const COUNTERS: [(Counter, &str); 20] = [
     (Counter::SynSeen, "syn_seen"),
     (Counter::SynRetransmit, "syn_retransmit"),
     (Counter::PendingMapFull, "pending_map_full"),
@@ -456,6 +456,7 @@ pub const COUNTERS: [(Counter, &str); 19] = [
     (Counter::AnsweredBooked, "answered_booked"),
     (Counter::BooksFull, "books_full"),
     (Counter::SynAckRepeated, "synack_repeated"),
+    (Counter::TableBusy, "table_busy"),
 ];
 
 /// Read-only access to the counters and the per-port SYN tally.

@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 
-use crate::report::Report;
+use crate::report::{Drops, Report};
 
 const BAR_WIDTH: usize = 30;
 
@@ -149,8 +149,10 @@ pub fn write(w: &mut impl Write, r: &Report, list_lost: bool) -> io::Result<()> 
         writeln!(
             w,
             "WARNING: netrace missed events: {} lost (ring buffer full, raise --ringbuf-kib), \
-             {} SYNs untracked (pending map full, raise --max-pending), {} undecodable",
-            d.events_lost, d.pending_map_full, d.decode_errors
+             {}, {} undecodable",
+            d.events_lost,
+            untracked(&d),
+            d.decode_errors
         )?;
     } else {
         writeln!(w, "nothing missed: 0 events lost, 0 SYNs untracked")?;
@@ -177,4 +179,47 @@ pub fn write(w: &mut impl Write, r: &Report, list_lost: bool) -> io::Result<()> 
         }
     }
     Ok(())
+}
+
+/// The untracked SYNs and what to do: a bigger map helps only those that found it full.
+fn untracked(d: &Drops) -> String {
+    let (all, busy) = (d.pending_map_full, d.table_busy.min(d.pending_map_full));
+    let full = all - busy;
+    match (full, busy) {
+        (_, 0) => format!("{all} SYNs untracked (pending map full, raise --max-pending)"),
+        (0, _) => format!(
+            "{all} SYNs untracked (their pending-table bucket stayed locked: its holder was held \
+             up, not a full map)"
+        ),
+        _ => format!(
+            "{all} SYNs untracked ({full} with the pending map full, raise --max-pending; {busy} \
+             with their bucket held up)"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drops(full: u64, busy: u64) -> Drops {
+        Drops {
+            pending_map_full: full,
+            table_busy: busy,
+            ..Drops::default()
+        }
+    }
+
+    /// "Raise --max-pending" only where SYNs found the map full.
+    #[test]
+    fn untracked_syns_get_the_fix_for_their_cause() {
+        assert!(untracked(&drops(5, 0)).contains("raise --max-pending"));
+        let busy = untracked(&drops(2, 2));
+        assert!(
+            !busy.contains("--max-pending") && busy.contains("held up"),
+            "{busy}"
+        );
+        let both = untracked(&drops(5, 2));
+        assert!(both.contains("3 with the pending map full") && both.contains("2 with"));
+    }
 }

@@ -29,6 +29,7 @@ pub fn report(pump: &mut Pump, kernel: &Kernel, node: NodePorts, pending_at_exit
     let drops = Drops {
         events_lost: kernel.counter(Counter::RingbufFull),
         pending_map_full: kernel.counter(Counter::PendingMapFull),
+        table_busy: kernel.counter(Counter::TableBusy),
         decode_errors: pump.decode_errors,
         answered_invisible: 0,
     };
