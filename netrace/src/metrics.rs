@@ -355,7 +355,8 @@ impl Metrics {
         let pending_map_full = Counter::default();
         registry.register(
             "netrace_pending_map_full",
-            "SYNs not tracked because the pending map was full (raise --max-pending)",
+            "SYNs not tracked because the pending map was full (raise --max-pending) or their \
+             bucket stayed locked (also the kernel event table_busy)",
             pending_map_full.clone(),
         );
         let kernel = Family::<EventLabels, Counter>::default();
