@@ -83,11 +83,19 @@ fn each_delta(before: &BTreeMap<u64, Prog>, after: &BTreeMap<u64, Prog>) -> Vec<
         .collect()
 }
 
-/// Summed run time and runs of the programs, the later snapshot minus the earlier one.
-fn delta(before: &BTreeMap<u64, Prog>, after: &BTreeMap<u64, Prog>) -> (u64, u64) {
-    each_delta(before, after)
+/// The programs' run time and runs, summed.
+fn total(progs: &[Prog]) -> (u64, u64) {
+    progs
         .iter()
         .fold((0, 0), |(ns, runs), p| (ns + p.ns, runs + p.runs))
+}
+
+/// The programs as the results list them.
+fn programs_json(progs: &[Prog]) -> Vec<Value> {
+    progs
+        .iter()
+        .map(|p| json!({"type": p.kind, "runs": p.runs, "ns": p.ns}))
+        .collect()
 }
 
 /// The machine's busy CPU time in seconds: user, nice, system, irq and softirq of all CPUs.
@@ -172,8 +180,10 @@ fn round(
     let floor_seen = floor.stop();
     let (done, after, seen) = (done?, after?, seen?);
     floor_seen?;
-    let (floor_ns, floor_runs) = delta(&before.floor, &after.floor);
-    let (nt_ns, nt_runs) = delta(&before.netrace, &after.netrace);
+    let floor_progs = each_delta(&before.floor, &after.floor);
+    let nt_progs = each_delta(&before.netrace, &after.netrace);
+    let (floor_ns, floor_runs) = total(&floor_progs);
+    let (nt_ns, nt_runs) = total(&nt_progs);
     if floor_runs == 0 || nt_runs == 0 {
         bail!(
             "no program runs were counted under the {} load (empty classifier {floor_runs}, \
@@ -197,18 +207,10 @@ fn round(
         seen.lost,
         seen.dropped
     );
-    let programs: Vec<Value> = each_delta(&before.netrace, &after.netrace)
-        .iter()
-        .map(|p| json!({"type": p.kind, "runs": p.runs, "ns": p.ns}))
-        .collect();
-    let floor_programs: Vec<Value> = each_delta(&before.floor, &after.floor)
-        .iter()
-        .map(|p| json!({"type": p.kind, "runs": p.runs, "ns": p.ns}))
-        .collect();
     Ok(json!({
         "done": done,
-        "netrace_programs": programs,
-        "floor_programs": floor_programs,
+        "netrace_programs": programs_json(&nt_progs),
+        "floor_programs": programs_json(&floor_progs),
         "busy_s": busy,
         "floor_ns": floor_ns, "floor_runs": floor_runs,
         "netrace_ns": nt_ns, "netrace_runs": nt_runs,
