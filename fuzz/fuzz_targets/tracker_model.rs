@@ -522,7 +522,7 @@ impl PendingMap for RacyMap<'_, '_, '_> {
         let r = match self.w.table.insert_new(key, value) {
             Insert::Inserted => PutBack::Done,
             Insert::Exists => PutBack::Taken,
-            Insert::Full => PutBack::Refused,
+            Insert::Full | Insert::Busy => PutBack::Refused,
         };
         self.w.unput = None;
         if let Some(i) = self.w.attempt_of(key, value.isn) {
