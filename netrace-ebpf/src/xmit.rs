@@ -62,6 +62,7 @@ fn field<T>(base: *const u8, off: u16) -> Option<T> {
 }
 
 #[raw_tracepoint(tracepoint = "net_dev_start_xmit")]
+#[inline(always)]
 pub fn netrace_xmit(ctx: RawTracePointContext) -> i32 {
     let _ = on_xmit(&ctx);
     0
