@@ -5,6 +5,7 @@
 //! user space reading a newer kernel object must never misread one kind as another.
 #![cfg_attr(not(test), no_std)]
 
+pub mod log;
 pub mod pairing;
 pub mod parse;
 #[cfg(test)]
@@ -573,7 +574,7 @@ pub enum Counter {
     SockEvents = 14,
     /// SYN-ACKs (past the destination filters) for a 4-tuple with no pending entry.
     SynAckUnmatched = 15,
-    /// Answered attempts counted in the answer books instead of sent as events.
+    /// Answered attempts counted in the kernel (answer log or books) instead of sent as events.
     AnsweredBooked = 16,
     /// Answered attempts sent as events because the answer books were full.
     BooksFull = 17,
@@ -584,10 +585,13 @@ pub enum Counter {
     /// taken: its holder was held up (a virtual CPU preempted by its host), the map was not
     /// full. Counted in both, so the sums of what was tracked hold either way.
     TableBusy = 19,
+    /// Of the answers counted in [`Counter::AnsweredBooked`], those written to the CPU's
+    /// answer log (`netrace_common::log`) rather than counted in a book.
+    AnsweredLogged = 20,
 }
 
 /// Number of counters (size of the per-CPU counter array).
-pub const COUNTER_SLOTS: u32 = 20;
+pub const COUNTER_SLOTS: u32 = 21;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -626,6 +630,12 @@ mod pod {
     unsafe impl aya::Pod for super::table::SlotsV4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::table::TableCmd {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::log::AnswerRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::log::PortLine {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::log::LogPos {}
 }
 
 #[cfg(test)]

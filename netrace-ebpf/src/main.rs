@@ -17,6 +17,7 @@ mod parse;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 mod expire;
+mod log;
 mod sock;
 mod table;
 mod xmit;
@@ -63,7 +64,8 @@ static PENDING_V6: HashMap<netrace_common::V6Key, PendingSlot> =
     HashMap::with_max_entries(DEFAULT_MAX_PENDING / 4, BPF_F_NO_PREALLOC);
 
 /// Answered attempts counted here instead of sent one by one, per interface, destination and
-/// source port (cumulative; user space reads the differences). Allocated as used.
+/// source port (cumulative; user space reads the differences): those the CPU's answer log
+/// (`log.rs`) had no room for. Allocated as used.
 #[map]
 static BOOKS: HashMap<BookKey, AnswerBook> =
     HashMap::with_max_entries(DEFAULT_MAX_BOOKS, BPF_F_NO_PREALLOC);
@@ -92,7 +94,8 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// SYN packets (first and retransmitted) by source port, an independent tally of what left.
+/// SYN packets (first and retransmitted) by source port, an independent tally of what left:
+/// those the CPU's port log (`log.rs`) had no room for; user space adds the logged ones.
 #[map]
 static SYN_PORTS: Array<u64> = Array::with_max_entries(PORT_SLOTS, 0);
 
@@ -229,12 +232,18 @@ fn book(key: &FlowKey, pending: &PendingSyn, now: u64) -> bool {
         let cell = (*page).answered.as_mut_ptr().add(port);
         atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(cell, 1);
     }
+    rtt(pending, now);
+    true
+}
+
+/// Counts an answer's round trip in the histogram.
+#[inline(always)]
+fn rtt(pending: &PendingSyn, now: u64) {
     if let Some(slot) = RTT.get_ptr_mut(rtt_slot(now.saturating_sub(pending.first_ns))) {
         // SAFETY: a valid slot of a per-CPU array: only this CPU writes it, and programs are
         // not preempted mid-update on the same CPU.
         unsafe { *slot += 1 };
     }
-    true
 }
 
 /// The ring buffer, counters and clock as the shared pairing rules see them, for a packet on
@@ -263,6 +272,9 @@ impl EventSink for KernelSink {
 
     #[inline(always)]
     fn syn_port(&mut self, port: u16) {
+        if log::port(port) {
+            return;
+        }
         if let Some(slot) = SYN_PORTS.get_ptr_mut(port as u32) {
             // SAFETY: a valid array slot shared by all CPUs, updated only through an atomic add.
             unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
@@ -304,7 +316,12 @@ impl EventSink for KernelSink {
         if sends(SEND_ANSWERS) {
             return false;
         }
-        if book(key, pending, now) {
+        if log::answer(key, pending.ifindex) {
+            count(Counter::AnsweredBooked);
+            count(Counter::AnsweredLogged);
+            rtt(pending, now);
+            true
+        } else if book(key, pending, now) {
             count(Counter::AnsweredBooked);
             true
         } else {

@@ -40,6 +40,13 @@ static TABLE_V4_SEED: u32 = 0;
 #[unsafe(no_mangle)]
 static TABLE_V4_TSO: u32 = 0;
 
+/// Whether a plain store publishes what was written before it (see `TABLE_V4_TSO`).
+#[inline(always)]
+pub(crate) fn tso() -> bool {
+    // SAFETY: a read-only global, set before load.
+    unsafe { core::ptr::read_volatile(&TABLE_V4_TSO) != 0 }
+}
+
 /// Takes a bucket's lock; `false` when it stayed taken.
 #[inline(always)]
 fn lock(b: *mut HeadV4) -> bool {
@@ -467,8 +474,7 @@ fn unlock(b: *mut HeadV4, tso: bool) {
 impl Drop for Locked {
     #[inline(always)]
     fn drop(&mut self) {
-        // SAFETY: a read-only global, set before load.
-        let tso = unsafe { core::ptr::read_volatile(&TABLE_V4_TSO) } != 0;
+        let tso = tso();
         let mut dist = SPILL;
         while dist > 0 {
             // Only those this program holds.

@@ -284,6 +284,7 @@ impl Report {
                 "syns_after_lost": self.tracker.syns_after_lost,
                 "lost_memory_overflow": self.tracker.lost_memory_overflow,
                 "repeated_syns": self.tracker.repeated_syns,
+                "repeated_synacks": self.tracker.repeated_synacks,
                 "sweep_races": self.tracker.sweep_races,
                 "put_back_refused": self.tracker.put_back_refused,
             },

@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use netrace::track::tracker::{PendingMap, PutBack};
 use netrace_common::{
-    Counter, EventKind, FlowKey, KernelFilter, BOOK_PORTS, FAMILY_V4, FAMILY_V6,
+    BookKey, Counter, EventKind, FlowKey, KernelFilter, BOOK_PORTS, FAMILY_V4, FAMILY_V6,
     MAX_IPV6_EXT_HEADERS, STATE_LOST,
 };
 use netrace_lab::wire::{
@@ -29,7 +29,7 @@ use netrace_lab::wire::{
     IPPROTO_ICMPV6, IPPROTO_NONE, IPPROTO_TCP, IPPROTO_UDP, IP_DF, IP_MF, TCP_ACK, TCP_CWR,
     TCP_ECE, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
 };
-use support::bpf::{key, Bpf, Event};
+use support::bpf::{key, pin_to_cpu, Bpf, Event};
 
 const LOCAL4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const REMOTE4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
@@ -1416,10 +1416,69 @@ fn bare_ip_programs_skip_what_is_not_a_syn() {
     bpf.assert_counters(&[(Counter::Truncated, 1)]);
 }
 
-/// As `watch` runs by default: a new SYN sends nothing, an answered SYN is counted in the
-/// kernel's answer book for its interface, destination and source port (and its round trip),
-/// and sends nothing either; refused, unreachable and a late answer (to an entry user space
-/// marked lost) are still events.
+/// A CPU whose logs are full (user space fell behind) counts in place, as the kernel did
+/// before the logs: the answer in its book, the SYN's port in the shared tally. Nothing is
+/// lost, and the kernel itself knows a repeated SYN-ACK of an answer in a book.
+#[test]
+fn a_full_log_falls_back_to_the_books() {
+    // One CPU, so that one CPU's logs fill.
+    pin_to_cpu(0);
+    let cpus = aya::util::nr_cpus().expect("the possible CPUs") as u32;
+    let slots = u16::try_from(netrace_common::log::log_slots(cpus)).unwrap();
+    each_family(|fam| {
+        let mut bpf = Bpf::load_books();
+        // Exactly as many as a log holds, then one more.
+        let base = 20_000;
+        for i in 0..=slots {
+            bpf.egress(&fam.syn(base + i, ISN));
+            bpf.ingress(&fam.answer(base + i, TCP_SYN | TCP_ACK, ISN + 1));
+        }
+        let n = u64::from(slots) + 1;
+        assert_eq!(bpf.events(), Vec::new(), "nothing sent");
+        assert_eq!(bpf.counter(Counter::AnsweredBooked), n);
+        assert_eq!(bpf.counter(Counter::AnsweredLogged), n - 1);
+        let mut books = Vec::new();
+        bpf.maps.books.walk_into(&mut books).unwrap();
+        let last = base + slots;
+        let in_books: Vec<(u16, u32)> = books
+            .iter()
+            .flat_map(|(bk, book)| {
+                book.answered
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(i, n)| ((usize::from(bk.port_group) * BOOK_PORTS + i) as u16, *n))
+            })
+            .collect();
+        assert_eq!(
+            in_books,
+            vec![(last, 1)],
+            "the answer the log had no room for"
+        );
+        let logged = bpf.answer_logs();
+        assert_eq!(logged.len(), usize::from(slots));
+        assert!(logged.iter().zip(base..).all(|(r, p)| r.src_port == p));
+        // The shared tally holds the last SYN's port, the logs the others: every port once.
+        assert_eq!(bpf.maps.syn_ports.get(&u32::from(last), 0).unwrap(), 1);
+        let tally = bpf.syn_ports();
+        assert_eq!(tally.len(), usize::from(slots) + 1);
+        assert!(tally.iter().all(|(_, n)| *n == 1));
+        // A repeat of the booked answer: the kernel knows it.
+        bpf.ingress(&fam.answer(last, TCP_SYN | TCP_ACK, ISN + 1));
+        assert_eq!(bpf.events(), Vec::new());
+        assert_eq!(bpf.counter(Counter::SynAckRepeated), 1);
+        // Read, the logs take records again.
+        bpf.egress(&fam.syn(base - 1, ISN));
+        bpf.ingress(&fam.answer(base - 1, TCP_SYN | TCP_ACK, ISN + 1));
+        assert_eq!(bpf.counter(Counter::AnsweredLogged), n);
+        assert_eq!(bpf.answer_logs().len(), 1);
+    });
+}
+
+/// As `watch` runs by default: a new SYN sends nothing, an answered SYN is appended to the
+/// CPU's answer log (its book, source port) for user space to count, its round trip counted
+/// in the kernel, and sends nothing either; refused, unreachable and a late answer (to an
+/// entry user space marked lost) are still events.
 #[test]
 fn books_count_answers_without_events() {
     each_family(|fam| {
@@ -1431,36 +1490,29 @@ fn books_count_answers_without_events() {
         bpf.ingress(&fam.answer(SPORT, TCP_SYN | TCP_ACK, ISN + 1));
         assert_eq!(bpf.events(), Vec::new(), "no event for a booked answer");
         assert_eq!(bpf.pending_all(), Vec::new());
+        let logged = bpf.answer_logs();
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        let r = logged[0];
+        assert_eq!(r.book, BookKey::of(&key, r.book.ifindex));
+        assert_eq!(r.src_port, SPORT);
         let mut books = Vec::new();
         bpf.maps.books.walk_into(&mut books).unwrap();
-        assert_eq!(books.len(), 1);
-        let (bk, book) = books[0];
-        assert_eq!(
-            (bk.family, bk.dst_addr, bk.dst_port),
-            (key.family, key.dst_addr, key.dst_port)
-        );
-        let port = usize::from(bk.port_group) * BOOK_PORTS;
-        let answered: Vec<(usize, u32)> = book
-            .answered
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(i, n)| (port + i, *n))
-            .collect();
-        assert_eq!(answered, vec![(usize::from(SPORT), 1)]);
+        assert_eq!(books, Vec::new(), "the log had room: no book");
         assert_eq!(bpf.maps.books.rtt().iter().sum::<u64>(), 1);
+        assert_eq!(bpf.syn_ports(), vec![(SPORT, 1)], "the SYN's port, logged");
         bpf.assert_counters(&[
             (Counter::SynSeen, 1),
             (Counter::SynAckMatched, 1),
             (Counter::AnsweredBooked, 1),
+            (Counter::AnsweredLogged, 1),
         ]);
 
-        // The server repeats the SYN-ACK (our ACK was lost): no entry, but the books hold the
-        // answer: a repeat, not a sign of translation.
+        // The server repeats the SYN-ACK (our ACK was lost): no entry, and no book holds the
+        // answer, so it goes to user space as unmatched; user space knows the answer from the
+        // log and counts a repeat (`tracker.repeated_synacks`), not a sign of translation.
         bpf.ingress(&fam.answer(SPORT, TCP_SYN | TCP_ACK, ISN + 1));
-        assert_eq!(bpf.events(), Vec::new(), "no event for a repeated SYN-ACK");
-        assert_eq!(bpf.counter(Counter::SynAckRepeated), 1);
-        assert_eq!(bpf.counter(Counter::SynAckUnmatched), 0);
+        one_event(&mut bpf, EventKind::UnmatchedSynAck);
+        assert_eq!(bpf.counter(Counter::SynAckUnmatched), 1);
         // One to a port nothing was answered on is unmatched, as with events.
         bpf.ingress(&fam.answer(SPORT + 7, TCP_SYN | TCP_ACK, ISN + 1));
         one_event(&mut bpf, EventKind::UnmatchedSynAck);

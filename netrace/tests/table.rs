@@ -18,7 +18,7 @@ use netrace::{
 };
 use netrace_common::{table, Counter, FlowKey, KernelFilter, STATE_LOST};
 use netrace_lab::wire::{answer, syn, TCP_ACK, TCP_SYN};
-use support::bpf::Bpf;
+use support::bpf::{pin_to_cpu, Bpf};
 
 const ISN: u32 = 9_000;
 /// Room for at least 64 entries: 16 far buckets of 8 slots, and 16 near ones.
@@ -175,25 +175,4 @@ fn concurrent_syns_and_answers_on_shared_buckets_lose_nothing() {
     );
     assert_eq!(bpf.pending_all(), Vec::new(), "nothing left behind");
     assert_eq!(bpf.maps.pending.v4.spilled(), 0, "spill counts left over");
-}
-
-/// Runs the calling thread on CPU `n` modulo the CPUs it may use.
-fn pin_to_cpu(n: usize) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read and write it.
-    unsafe {
-        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
-        assert_eq!(
-            libc::sched_getaffinity(0, std::mem::size_of_val(&allowed), &mut allowed),
-            0
-        );
-        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-            .filter(|c| libc::CPU_ISSET(*c, &allowed))
-            .collect();
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpus[n % cpus.len()], &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
-            0
-        );
-    }
 }

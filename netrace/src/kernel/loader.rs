@@ -15,12 +15,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use netrace_common::{
-    AnswerBook, BookKey, Counter, ExpireCutoffs, ExpireSummary, Expired, FlowKey, KernelFilter,
-    PendingSlot, PendingSyn, SkbOffsets, TpOffsets, V6Key, XmitIface, COUNTER_SLOTS, FAMILY_V4,
-    RTT_SLOTS,
+    log::PORT_LANES, AnswerBook, BookKey, Counter, ExpireCutoffs, ExpireSummary, Expired, FlowKey,
+    KernelFilter, PendingSlot, PendingSyn, SkbOffsets, TpOffsets, V6Key, XmitIface, COUNTER_SLOTS,
+    FAMILY_V4, RTT_SLOTS,
 };
 
-use super::{batch, table::TableV4};
+use super::{batch, logs::Logs, table::TableV4};
 use crate::track::tracker::{NotDue, PendingMap, PutBack, ScanPos};
 
 /// The kernel programs, compiled from `netrace-ebpf` by build.rs.
@@ -55,6 +55,8 @@ pub struct Maps {
     pub books: Books,
     pub counters: PerCpuArray<MapData, u64>,
     pub syn_ports: Array<MapData, u64>,
+    /// The per-CPU answer and port logs.
+    pub logs: Logs,
     /// Held only so the map outlives the programs that read it.
     pub filter: Array<MapData, KernelFilter>,
     /// Tracepoint field offsets, set before the tracepoint is attached.
@@ -349,16 +351,30 @@ pub fn load(
     let seed =
         std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8)
             as u32;
+    // The logs have a part per possible CPU (the CPU numbers the programs see).
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(_, e)| e)
+        .context("reading the possible CPUs")?;
+    let cpus_u32 = u32::try_from(cpus).context("too many CPUs")?;
+    let log_slots = netrace_common::log::log_slots(cpus_u32);
+    let log_records = cpus_u32
+        .checked_mul(log_slots)
+        .context("too many CPUs for the logs")?;
     let mut ebpf = EbpfLoader::new()
         .override_global(aya_log::LEVEL, &kernel_log, true)
         .override_global("TABLE_V4_MASK", &mask, true)
         .override_global("TABLE_V4_NEAR_MASK", &near_mask, true)
         .override_global("TABLE_V4_SEED", &seed, true)
         .override_global("TABLE_V4_TSO", &TABLE_V4_TSO, true)
+        .override_global("LOG_SLOTS", &log_slots, true)
         .map_max_entries("TABLE_V4", buckets)
         .map_max_entries("SLOTS_V4", buckets)
         .map_max_entries("PENDING_V6", max_pending_v6(max_pending))
         .map_max_entries("EVENTS", ringbuf_bytes)
+        .map_max_entries("ANSWER_LOG", log_records)
+        .map_max_entries("PORT_LOG", log_records / PORT_LANES as u32)
+        .map_max_entries("LOG_HEADS", cpus_u32)
+        .map_max_entries("LOG_TAILS", cpus_u32)
         .load(EBPF_OBJECT)
         .context("loading netrace's kernel programs")?;
     let ctl = {
@@ -380,6 +396,15 @@ pub fn load(
         _ => Err(anyhow!("the kernel object's {name} is not an array")),
     };
     let (heads, slots) = (array("TABLE_V4")?, array("SLOTS_V4")?);
+    let logs = Logs::new(
+        array("ANSWER_LOG")?,
+        array("PORT_LOG")?,
+        array("LOG_HEADS")?,
+        array("LOG_TAILS")?,
+        cpus,
+        log_slots as usize,
+    )
+    .context("mapping the per-CPU logs")?;
     let mut pending = Pending {
         v4: TableV4::new(heads, slots, ctl, buckets).context("mapping the IPv4 pending table")?,
         v6: HashMap::try_from(take("PENDING_V6")?)?,
@@ -396,6 +421,7 @@ pub fn load(
     };
     let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
     let syn_ports = Array::try_from(take("SYN_PORTS")?)?;
+
     let mut filter_map: Array<MapData, KernelFilter> = Array::try_from(take("FILTER")?)?;
     filter_map
         .set(0, filter, 0)
@@ -426,6 +452,7 @@ pub fn load(
             books,
             counters,
             syn_ports,
+            logs,
             filter: filter_map,
             tp_offsets,
             kernel_log,
@@ -436,7 +463,7 @@ pub fn load(
 }
 
 /// Every counter the kernel keeps, summed over CPUs, by name.
-pub const COUNTERS: [(Counter, &str); 20] = [
+pub const COUNTERS: [(Counter, &str); 21] = [
     (Counter::SynSeen, "syn_seen"),
     (Counter::SynRetransmit, "syn_retransmit"),
     (Counter::PendingMapFull, "pending_map_full"),
@@ -457,6 +484,7 @@ pub const COUNTERS: [(Counter, &str); 20] = [
     (Counter::BooksFull, "books_full"),
     (Counter::SynAckRepeated, "synack_repeated"),
     (Counter::TableBusy, "table_busy"),
+    (Counter::AnsweredLogged, "answered_logged"),
 ];
 
 /// Read-only access to the counters and the per-port SYN tally.
@@ -499,14 +527,15 @@ impl CountersView<'_> {
             .map(|v| v.iter().sum())
     }
 
-    /// SYN packets per source port, only the ports that saw any.
-    pub fn syn_ports(&self) -> Vec<(u16, u64)> {
+    /// SYN packets per source port, only the ports that saw any: the kernel's shared tally
+    /// plus `logged`, those read from the port logs (indexed by port).
+    pub fn syn_ports(&self, logged: &[u64]) -> Vec<(u16, u64)> {
         self.syn_ports
             .iter()
             .enumerate()
-            .filter_map(|(port, v)| match v {
-                Ok(n) if n > 0 => u16::try_from(port).ok().map(|p| (p, n)),
-                _ => None,
+            .filter_map(|(port, v)| {
+                let n = v.unwrap_or(0) + logged.get(port).copied().unwrap_or(0);
+                (n > 0).then_some(u16::try_from(port).ok()?).map(|p| (p, n))
             })
             .collect()
     }

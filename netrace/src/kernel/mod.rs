@@ -11,6 +11,8 @@ pub mod btf;
 pub mod egress_hook;
 pub mod events;
 pub mod loader;
+pub mod logs;
+mod mapped;
 pub mod mounts;
 pub mod netlink;
 pub mod table;

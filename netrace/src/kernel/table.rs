@@ -5,8 +5,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
-    ptr::NonNull,
+    os::fd::{AsFd as _, BorrowedFd},
 };
 
 use aya::{maps::MapData, programs::ProgramFd};
@@ -19,50 +18,8 @@ use netrace_common::{
     PendingSlot, V4Key,
 };
 
-use super::batch;
+use super::{batch, mapped::Mapped};
 use crate::track::tracker::PutBack;
-
-/// An array map mapped read-only into this process.
-struct Mapped<T> {
-    map: MapData,
-    base: NonNull<T>,
-    len: usize,
-}
-
-impl<T> Mapped<T> {
-    /// Maps `map`, an array of `n` values of `T` made with `BPF_F_MMAPABLE`.
-    fn new(map: MapData, n: usize) -> io::Result<Self> {
-        let len = n
-            .checked_mul(size_of::<T>())
-            .ok_or_else(|| io::Error::other("the table is too large to map"))?;
-        // SAFETY: a new shared, read-only mapping of the map's file descriptor, of the map's
-        // own size (the kernel refuses more); nothing else is at the address it returns.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base =
-            NonNull::new(p.cast::<T>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(Self { map, base, len })
-    }
-}
-
-impl<T> Drop for Mapped<T> {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, of this length, unmapped once; nothing borrows
-        // it past `self`.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-    }
-}
 
 // `used` reads a head's tags as one u64.
 const _: () = assert!(WAYS == 8 && std::mem::offset_of!(HeadV4, tags) % 8 == 0);
@@ -85,8 +42,8 @@ impl TableV4 {
     pub fn new(heads: MapData, slots: MapData, ctl: ProgramFd, buckets: u32) -> io::Result<Self> {
         let buckets = buckets as usize;
         Ok(Self {
-            heads: Mapped::new(heads, buckets)?,
-            slots: Mapped::new(slots, buckets)?,
+            heads: Mapped::new(heads, buckets, false)?,
+            slots: Mapped::new(slots, buckets, false)?,
             ctl,
             buckets,
         })

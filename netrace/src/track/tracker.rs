@@ -188,6 +188,10 @@ pub struct TrackerStats {
     pub translated_example: Option<(FlowKey, FlowKey)>,
     /// SYN-ACKs for 4-tuples never seen leaving that no pending SYN explains.
     pub unmatched_synacks: u64,
+    /// SYN-ACKs with no entry for a 4-tuple whose answer was counted in the kernel (as user
+    /// space reads its answer logs and books): the server repeating an answer, not a sign
+    /// of translation.
+    pub repeated_synacks: u64,
     /// Entries the sweep took that had changed since the walk (put back, decided later).
     pub sweep_races: u64,
     /// Waiting entries the sweep took by such a race and could not put back because the

@@ -31,6 +31,7 @@ use crate::{
         egress_hook::Hook,
         events::{addrs, Record},
         loader::{self, Books},
+        logs::Logs,
     },
     metrics::{self, Metrics},
     node::NodePorts,
@@ -75,6 +76,9 @@ const JUDGE: Duration = Duration::from_secs(5);
 const JUDGE_SETTLED: Duration = Duration::from_millis(500);
 /// Rows of the "by destination" table (the rest are summed in an "other" row).
 pub const TOP_DESTINATIONS: usize = 10;
+
+/// Books whose answered ports are remembered, to tell repeated SYN-ACKs (about 80 bytes each).
+const MAX_ANSWERED_BOOKS: usize = 1 << 16;
 
 /// Why the loop ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,13 +146,20 @@ pub struct Pump {
     /// The kernel's answer books and round-trip histogram as last read, to take differences.
     books_seen: foldhash::HashMap<BookKey, Box<AnswerBook>>,
     books_buf: Vec<(BookKey, AnswerBook)>,
-    /// What the last read of the books found new: (book, source port, count).
+    /// Per book, the source ports with an answer counted (a bit per port), so that a SYN-ACK
+    /// the server repeats is known as such (the kernel's books did this before the logs).
+    answered_ports: foldhash::HashMap<BookKey, [u64; BOOK_PORTS / 64]>,
+    /// Answers read and not yet counted, from the books or the logs: (book, source port,
+    /// count).
     books_fresh: Vec<(BookKey, u16, u64)>,
     rtt_seen: Vec<u64>,
-    /// The kernel's count of SYNs at the last pass over the pending maps, and of booked
-    /// answers at the last read of the books: unchanged, there is nothing new to read.
+    /// The kernel's count of SYNs at the last pass over the pending maps, and of answers
+    /// counted in the kernel at the last read of the round trips: unchanged, there is nothing
+    /// new to read.
     swept_syns: u64,
     read_booked: u64,
+    /// The answers counted in the books (not the logs) at the last read of the books.
+    read_in_books: u64,
     last_sweep: Instant,
     /// How long the last sweep took.
     sweep_cost: Duration,
@@ -200,9 +211,11 @@ impl Pump {
             books_seen: foldhash::HashMap::default(),
             books_buf: Vec::new(),
             books_fresh: Vec::new(),
+            answered_ports: foldhash::HashMap::default(),
             rtt_seen: vec![0; RTT_SLOTS as usize],
             swept_syns: u64::MAX,
             read_booked: u64::MAX,
+            read_in_books: u64::MAX,
             last_sweep: Instant::now(),
             sweep_cost: Duration::ZERO,
             node,
@@ -231,6 +244,9 @@ impl Pump {
             tokio::select! {
                 r = kernel.ring.readable_mut() => {
                     let mut guard = r.context("waiting on the ring buffer")?;
+                    // The logs first: a repeated SYN-ACK's event is known by the answer
+                    // before it (`was_answered`).
+                    self.drain_logs(&mut kernel.logs);
                     self.drain(guard.get_inner_mut());
                     guard.clear_ready();
                     if self.record().is_err() {
@@ -238,7 +254,7 @@ impl Pump {
                     }
                 }
                 _ = sleep_until(next_drain) => {
-                    let busy = self.drain(kernel.ring.get_mut()) > 0;
+                    let busy = self.drain_logs(&mut kernel.logs) + self.drain(kernel.ring.get_mut()) > 0;
                     next_drain = tokio::time::Instant::now() + if busy { DRAIN } else { DRAIN_IDLE };
                     if self.record().is_err() {
                         break End::BrokenPipe;
@@ -267,7 +283,7 @@ impl Pump {
         // Read what the kernel already reported before judging by the map: an entry answered
         // a moment ago is gone from the map while its event still waits in the ring, and the
         // sweep would count it twice (or as abandoned).
-        self.tick_drained = self.drain(kernel.ring.get_mut());
+        self.tick_drained = self.drain_logs(&mut kernel.logs) + self.drain(kernel.ring.get_mut());
         // Every counter in one system call, after the drain: a SYN or an answer counted after
         // this read is looked at by the next sweep. A counter that cannot be read counts as
         // changed.
@@ -292,9 +308,18 @@ impl Pump {
                     .sweep(now, &mut kernel.pending, &mut self.outcomes);
                 self.swept_syns = syns.unwrap_or(u64::MAX);
             }
+            // The books hold the answers the logs had no room for: read only when there are
+            // new ones (a walk of every book is a system call per chunk of them).
             let booked = counter(Counter::AnsweredBooked);
-            if booked.is_none_or(|n| n != self.read_booked) {
+            let in_books = booked
+                .zip(counter(Counter::AnsweredLogged))
+                .map(|(b, l)| b - l.min(b));
+            if in_books.is_none_or(|n| n != self.read_in_books) {
                 self.read_books(&mut kernel.books);
+                self.read_in_books = in_books.unwrap_or(u64::MAX);
+            }
+            if booked.is_none_or(|n| n != self.read_booked) {
+                self.read_rtt(&kernel.books);
                 self.read_booked = booked.unwrap_or(u64::MAX);
             }
             self.quiet_sweep = self.outcomes.is_empty() && self.last_outcome < started;
@@ -479,6 +504,7 @@ impl Pump {
     /// still waiting. Returns the number still waiting, and whether standard output still
     /// takes the records.
     pub fn finish(&mut self, kernel: &mut Kernel) -> (u64, io::Result<()>) {
+        self.drain_logs(&mut kernel.logs);
         self.drain(kernel.ring.get_mut());
         let pending_at_exit =
             self.tracker
@@ -488,11 +514,12 @@ impl Pump {
             self.know(port);
         }
         self.read_books(&mut kernel.books);
+        self.read_rtt(&kernel.books);
         (pending_at_exit, self.record())
     }
 
     /// Counts what the kernel booked since the last read: answered connections by interface,
-    /// destination and source port, and their round trips.
+    /// destination and source port.
     fn read_books(&mut self, books: &mut Books) {
         let mut buf = std::mem::take(&mut self.books_buf);
         if let Err(e) = books.walk_into(&mut buf) {
@@ -516,15 +543,40 @@ impl Pump {
             **seen = *b;
         }
         self.books_buf = buf;
+        self.books_fresh = fresh;
+        self.count_answers();
+    }
+
+    /// Reads the answers the CPUs' logs hold (and their SYN source ports); returns how many
+    /// records.
+    fn drain_logs(&mut self, logs: &mut Logs) -> usize {
+        let mut fresh = std::mem::take(&mut self.books_fresh);
+        fresh.clear();
+        let n = logs.drain(|r| fresh.push((r.book, r.src_port, 1)));
+        self.books_fresh = fresh;
+        if n > 0 {
+            self.count_answers();
+        }
+        n
+    }
+
+    /// Counts the answers in `books_fresh` (book, source port, how many): the histogram, the
+    /// destinations, the metrics.
+    fn count_answers(&mut self) {
+        let fresh = std::mem::take(&mut self.books_fresh);
         // The metrics by interface, destination and port bucket: one update per group, not
         // one per port (each costs label strings and a lookup).
         let mut groups: foldhash::HashMap<(u32, Destination, usize, bool), (u16, u64)> =
             foldhash::HashMap::default();
-        // A book's ports are together in `fresh`: its destination is worked out once.
+        // Answers to one destination mostly come together in `fresh` (a book's ports, or a
+        // run of log records): its destination is worked out once.
+        let same_dst = |a: &BookKey, b: &BookKey| {
+            (a.family, a.dst_port, a.dst_addr) == (b.family, b.dst_port, b.dst_addr)
+        };
         let mut book: Option<(BookKey, Destination)> = None;
         for &(k, port, n) in &fresh {
             let dst = match book {
-                Some((bk, d)) if bk == k => d,
+                Some((bk, d)) if same_dst(&bk, &k) => d,
                 _ => {
                     let d = destination(&FlowKey {
                         family: k.family,
@@ -537,6 +589,7 @@ impl Pump {
                 }
             };
             self.know(port);
+            self.mark_answered(&k, port);
             self.histogram.add_n(port, OutcomeKind::Answered, n);
             self.destinations.add_n(dst, port, OutcomeKind::Answered, n);
             let bucket = self
@@ -561,16 +614,39 @@ impl Pump {
                 n,
             );
         }
-        let rtt = books.rtt();
-        for (slot, (now, before)) in rtt.iter().zip(self.rtt_seen.iter()).enumerate() {
-            self.metrics.rtt_slot(slot, now.saturating_sub(*before));
-        }
-        self.rtt_seen = rtt;
         if !fresh.is_empty() {
             self.unjudged = true;
             self.last_outcome = Instant::now();
         }
         self.books_fresh = fresh;
+    }
+
+    /// Remembers that `port` of book `k` had an answer.
+    fn mark_answered(&mut self, k: &BookKey, port: u16) {
+        if self.answered_ports.len() >= MAX_ANSWERED_BOOKS && !self.answered_ports.contains_key(k) {
+            // As the kernel's books were, bounded: a repeat after this is counted unmatched.
+            self.answered_ports.clear();
+        }
+        let cell = BookKey::cell(port);
+        self.answered_ports.entry(*k).or_default()[cell / 64] |= 1 << (cell % 64);
+    }
+
+    /// Whether an answer to `key` (a SYN that left through `ifindex`) was counted.
+    fn was_answered(&self, key: &FlowKey, ifindex: u32) -> bool {
+        let cell = BookKey::cell(key.src_port);
+        self.answered_ports
+            .get(&BookKey::of(key, ifindex))
+            .is_some_and(|bits| bits[cell / 64] & (1 << (cell % 64)) != 0)
+    }
+
+    /// The round trips of the answers counted in the kernel since the last read, for the
+    /// metrics.
+    fn read_rtt(&mut self, books: &Books) {
+        let rtt = books.rtt();
+        for (slot, (now, before)) in rtt.iter().zip(self.rtt_seen.iter()).enumerate() {
+            self.metrics.rtt_slot(slot, now.saturating_sub(*before));
+        }
+        self.rtt_seen = rtt;
     }
 
     /// Reads every record waiting in the ring buffer into the tracker and the correlator;
@@ -580,6 +656,12 @@ impl Pump {
         while let Some(item) = ring.next() {
             n += 1;
             match Record::try_from(&*item) {
+                Ok(Record::Conn(ev))
+                    if ev.kind == EventKind::UnmatchedSynAck
+                        && self.was_answered(&ev.raw.key, ev.raw.ifindex) =>
+                {
+                    self.tracker.stats.repeated_synacks += 1;
+                }
                 Ok(Record::Conn(ev)) => {
                     if let Some(c) = self.correlator.as_mut() {
                         let (key, p) = (ev.raw.key, ev.raw.pending);

@@ -17,6 +17,7 @@ use crate::{
         attach::{Attachments, Via},
         egress_hook::{self, Hook},
         loader::{self, Books, Maps, Pending},
+        logs::Logs,
         mounts, tracefs,
     },
     metrics::{self, Metrics},
@@ -88,6 +89,7 @@ pub struct Kernel {
     pub ring: AsyncFd<RingBuf<MapData>>,
     pub pending: Pending,
     pub books: Books,
+    pub logs: Logs,
     counters: PerCpuArray<MapData, u64>,
     syn_ports: Array<MapData, u64>,
     /// Held only so the maps outlive the programs that read them.
@@ -117,9 +119,9 @@ impl Kernel {
             .collect()
     }
 
-    /// SYN packets per source port, only the ports that saw any.
+    /// SYN packets per source port, only the ports that saw any (read the logs first).
     pub fn syn_ports(&self) -> Vec<(u16, u64)> {
-        Maps::counters_view(&self.counters, &self.syn_ports).syn_ports()
+        Maps::counters_view(&self.counters, &self.syn_ports).syn_ports(self.logs.syn_ports())
     }
 }
 
@@ -145,6 +147,7 @@ pub fn attach(cfg: &WatchConfig, metrics: &Metrics) -> anyhow::Result<Attached> 
         books,
         counters,
         syn_ports,
+        logs,
         filter,
         mut tp_offsets,
         kernel_log,
@@ -197,6 +200,7 @@ pub fn attach(cfg: &WatchConfig, metrics: &Metrics) -> anyhow::Result<Attached> 
             ring,
             pending,
             books,
+            logs,
             counters,
             syn_ports,
             _filter: filter,

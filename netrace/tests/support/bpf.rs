@@ -15,7 +15,8 @@ use netrace::{
     },
 };
 use netrace_common::{
-    Counter, FlowKey, KernelFilter, PendingSyn, FAMILY_V4, FAMILY_V6, SEND_ANSWERS, SEND_SYNS,
+    log::AnswerRecord, Counter, FlowKey, KernelFilter, PendingSyn, FAMILY_V4, FAMILY_V6,
+    SEND_ANSWERS, SEND_SYNS,
 };
 
 /// `TC_ACT_UNSPEC`, the only verdict netrace's programs may return.
@@ -28,6 +29,8 @@ const RINGBUF_BYTES: u32 = 1 << 16;
 pub struct Bpf {
     attachments: Attachments,
     pub maps: Maps,
+    /// Answer records read from the logs (while tallying ports) and not yet asked for.
+    answers_logged: Vec<AnswerRecord>,
 }
 
 impl Bpf {
@@ -67,7 +70,11 @@ impl Bpf {
             .unwrap_or_else(|e| panic!("cannot load netrace's kernel object{hint}: {e:#}"));
         let attachments = Attachments::new(ebpf)
             .unwrap_or_else(|e| panic!("cannot load netrace's kernel programs{hint}: {e:#}"));
-        Self { attachments, maps }
+        Self {
+            attachments,
+            maps,
+            answers_logged: Vec::new(),
+        }
     }
 
     /// Runs `packet` through the egress classifier.
@@ -208,17 +215,35 @@ impl Bpf {
         assert_eq!(self.counters(), want, "kernel counters");
     }
 
-    /// SYN packets counted for source port `port`.
-    pub fn syn_port(&self, port: u16) -> u64 {
-        self.maps
-            .syn_ports
-            .get(&u32::from(port), 0)
-            .unwrap_or_else(|e| panic!("reading SYN_PORTS[{port}]: {e}"))
+    /// SYN packets counted for source port `port` (the port logs read first, as `watch` does,
+    /// plus the kernel's shared tally).
+    pub fn syn_port(&mut self, port: u16) -> u64 {
+        self.syn_ports()
+            .into_iter()
+            .find(|(p, _)| *p == port)
+            .map_or(0, |(_, n)| n)
     }
 
-    /// Every port with a non-zero SYN tally.
-    pub fn syn_ports(&self) -> Vec<(u16, u64)> {
-        Maps::counters_view(&self.maps.counters, &self.maps.syn_ports).syn_ports()
+    /// Every port with a non-zero SYN tally (the port logs read first).
+    pub fn syn_ports(&mut self) -> Vec<(u16, u64)> {
+        let read = self.read_answer_logs();
+        self.answers_logged.extend(read);
+        Maps::counters_view(&self.maps.counters, &self.maps.syn_ports)
+            .syn_ports(self.maps.logs.syn_ports())
+    }
+
+    /// The answers the CPUs' answer logs hold (read, so the next call returns only new ones;
+    /// the port logs are read into the tally at the same time).
+    pub fn answer_logs(&mut self) -> Vec<AnswerRecord> {
+        let mut all = std::mem::take(&mut self.answers_logged);
+        all.extend(self.read_answer_logs());
+        all
+    }
+
+    fn read_answer_logs(&mut self) -> Vec<AnswerRecord> {
+        let mut out = Vec::new();
+        self.maps.logs.drain(|r| out.push(*r));
+        out
     }
 
     pub fn pending(&mut self, key: &FlowKey) -> Option<PendingSyn> {
@@ -282,4 +307,25 @@ pub fn key(src: SocketAddr, dst: SocketAddr) -> FlowKey {
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs the calling thread on CPU `n` modulo the CPUs it may use.
+pub fn pin_to_cpu(n: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read and write it.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of_val(&allowed), &mut allowed),
+            0
+        );
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|c| libc::CPU_ISSET(*c, &allowed))
+            .collect();
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus[n % cpus.len()], &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0
+        );
+    }
 }

@@ -136,9 +136,11 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
     writeln!(
         d,
         "netrace is meant to run on every node all the time. Its default mode keeps the books \
-         in the kernel: no event per SYN, answered connections counted in the kernel's answer \
-         books and round-trip histogram, only lost, refused, unreachable and late ones sent \
-         one by one; user space finds the expired SYNs by reading the IPv4 pending table where \
+         in the kernel: no event per SYN, answered connections counted without an event (each \
+         CPU appends them, and every SYN's source port, to a log of its own that user space \
+         reads where it lies and counts; the kernel's answer books and per-port tally take \
+         what a full log has no room for) and in the kernel's round-trip histogram, only lost, \
+         refused, unreachable and late ones sent one by one; user space finds the expired SYNs by reading the IPv4 pending table where \
          it lies (mapped into its memory) and from the kernel's iterator over the IPv6 map (a \
          batched walk of that map where the iterator does not load). The targets:\n"
     )?;
@@ -268,13 +270,15 @@ fn per_packet(d: &mut String, r: &Value) -> anyhow::Result<()> {
          empty classifier is timed the same way on the same SYNs and the difference to its \
          repeated time is taken off. This runs twice on the same loaded object: in `netrace \
          watch`'s default mode (the kernel filter's `send` = 0: the new SYN is inserted without \
-         an event, the matched SYN-ACK deletes the entry and counts the answer in its answer \
-         book and the round-trip histogram; the targets apply here), then with `send = \
+         an event and its source port appended to the CPU's port log, the matched SYN-ACK \
+         deletes the entry, appends the answer to the CPU's answer log and counts its round \
+         trip; the logs are drained between calls, untimed, as `netrace watch` drains them; the \
+         targets apply here), then with `send = \
          SEND_SYNS | SEND_ANSWERS` (an event for each, as with attribution or per-connection \
          output; no target), so the cost of per-connection output is visible. The kernel's \
          counters prove the paths: every SYN new (`syn_seen` - `syn_retransmit`), every \
-         SYN-ACK matched (`synack_matched`), every answer booked (`answered_booked`) and no \
-         event in the default mode, two events per flow and nothing booked in the other; no \
+         SYN-ACK matched (`synack_matched`), every answer booked (`answered_booked`) through \
+         the answer log (`answered_logged`) and no event in the default mode, two events per flow and nothing booked in the other; no \
          ring drop, no map-full, no book-full.\n"
     )?;
     writeln!(
@@ -360,7 +364,7 @@ fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
          netrace attaches its own programs, and detached after the run: the floor any tc \
          program pays; *netrace (books)*: the release binary in its default, always-on mode, \
          `ip netns exec CLIENT netrace watch --iface VETH --output json --events lost \
-         --ready-file F` (the kernel counts answered connections in its books; only lost, \
+         --ready-file F` (answered connections counted without an event; only lost, \
          refused, unreachable and late ones are sent one by one); *netrace --events all*: the \
          same with `--events all`, an event per answered connection (what `--output json` \
          alone does); both started before the traffic (after their ready file appears) and \

@@ -201,7 +201,7 @@ fn per_packet_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     // the same way; take it off to compare with the repeated rows.
     let empty = empty_repeated.iter().sum::<f64>() / empty_repeated.len().max(1) as f64;
     for (single, mode, with_target) in [
-        ("single", "no event, answer booked", true),
+        ("single", "no event, answer logged", true),
         ("single_events", "per-connection events", false),
     ] {
         let base = format!("/per_packet/{single}");
@@ -210,7 +210,7 @@ fn per_packet_rows(r: &Value, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         }
         let timer = num(r, &format!("{base}/noop_ns"))? - empty;
         let (syn_what, answer_what) = if with_target {
-            ("insert, no event", "delete + answer book")
+            ("insert + port log, no event", "delete + answer log")
         } else {
             ("insert + SYN event", "delete + answer event")
         };

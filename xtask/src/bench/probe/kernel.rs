@@ -80,8 +80,10 @@ impl Kernel {
         Maps::counters_view(&self.maps.counters, &self.maps.syn_ports).counter(c)
     }
 
-    /// Empties the ring buffer; returns how many records it held.
+    /// Empties the ring buffer and the per-CPU logs (as `netrace watch` does every 50 ms
+    /// while busy); returns how many records the ring held.
     pub fn drain(&mut self) -> u64 {
+        self.maps.logs.drain(|_| ());
         let mut n = 0;
         while let Some(item) = self.maps.events.next() {
             drop(item);

@@ -2,8 +2,8 @@
 //! ten, their SYN-ACKs through the ingress program (`BPF_PROG_TEST_RUN`); every tenth stays
 //! unanswered, so that entries still pending take part in every account. In every run:
 //!
-//! - *books mode* (`netrace watch`'s default: no SYN events, answers counted in the kernel's
-//!   answer books): `answered_booked` + answered events received + `ringbuf_full` + entries
+//! - *books mode* (`netrace watch`'s default: no SYN events, answers counted in the kernel,
+//!   through the CPUs' answer logs or in the answer books): `answered_booked` + answered events received + `ringbuf_full` + entries
 //!   still pending + `pending_map_full` == new SYNs sent;
 //! - *events mode* (`SEND_SYNS | SEND_ANSWERS`, per-connection output): events received +
 //!   `ringbuf_full` == events the kernel had to send (a SYN event per tracked SYN, an event
@@ -284,8 +284,9 @@ fn map_full(n: u32) -> anyhow::Result<Value> {
 }
 
 /// Books mode with the answer books full (a server port per connection out of 4096, so
-/// thousands of books) and a 4 KiB ring drained only at the end: answers beyond the books are
-/// sent as events, most of them dropped.
+/// thousands of books) and a 4 KiB ring drained only at the end, the answer logs not at all:
+/// once the logs are full, answers go to the books, and beyond the books they are sent as
+/// events, most of them dropped.
 fn books_full(n: u32) -> anyhow::Result<Value> {
     let mut k = Kernel::load_with(MAX_PENDING, SMALL_RING, filter(0))?;
     let mut c = Conn::new();
@@ -330,7 +331,7 @@ fn paced(send: u32, ring: u32, rate: Option<f64>, secs: f64) -> anyhow::Result<(
     std::thread::sleep(Duration::from_millis(500));
     let before = Counters::of(&k);
     let Kernel { att, maps, .. } = &mut k;
-    let events = &mut maps.events;
+    let (events, logs) = (&mut maps.events, &mut maps.logs);
     let done = AtomicBool::new(false);
     let started = std::sync::Barrier::new(2);
     let mut c = Conn::new();
@@ -352,6 +353,7 @@ fn paced(send: u32, ring: u32, rate: Option<f64>, secs: f64) -> anyhow::Result<(
                     }
                     outcomes.clear();
                 }
+                logs.drain(|_| ());
                 if finished {
                     break;
                 }
