@@ -6,6 +6,9 @@
 //! - ICMP time exceeded: SYNs sent with a TTL that runs out at the firewall; the client's
 //!   connect fails (host unreachable), netrace reports *unreachable* with ICMP type 11 code 0
 //!   and the report names it.
+//! - A repeated SYN-ACK (the client's ACK dropped at the firewall): counted as a repeat of an
+//!   answered connection, exactly as many as the firewall forwarded, never as a sign of
+//!   translation.
 //!
 //! Needs root. `cargo test -p netrace-lab --test pairing`.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -175,6 +178,101 @@ fn icmp_time_exceeded_is_unreachable_and_named() {
     assert!(
         details.contains("20 time to live exceeded in transit (ICMP 11/0)"),
         "the report does not name the ICMP error: {details}"
+    );
+    lab.teardown().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// A server that repeats its SYN-ACK (the client's ACK never reached it): the repeat finds no
+/// pending entry, and with answers counted in the kernel (the default, `--events lost`) the
+/// kernel has no record of them; netrace knows it from the answers it read and counts a
+/// repeat, never a SYN-ACK for a connection it did not see leave (a sign of translation that
+/// would turn the verdict into "translation out of sight"). Ground truth: the firewall counts
+/// the SYN-ACKs it forwards.
+#[test]
+fn a_repeated_synack_is_a_repeat_not_translation() {
+    require_root();
+    let lab = Lab::new(
+        LabOptions::seed()
+            .snat_mode(SnatMode::None)
+            .firewall_min_port(0)
+            .ipv6(false),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let server = lab.server_addr(Family::V4);
+    let port = server.port().to_string();
+    // In the firewall: only the client's SYNs reach the server (its ACK, FIN or RST never
+    // does, so the server repeats its SYN-ACK: at 1 s, then 3 s), and the SYN-ACKs coming
+    // back are counted.
+    let fw = lab.firewall_ns();
+    let nft = |rule: &str| {
+        lab.exec(fw, &["nft", rule])
+            .unwrap_or_else(|e| panic!("nft {rule}: {e:#}"))
+    };
+    nft("add table inet nrt_repeat");
+    nft("add chain inet nrt_repeat relay { type filter hook forward priority -10; }");
+    nft(&format!(
+        "add rule inet nrt_repeat relay tcp dport {port} tcp flags & (syn | ack) != syn drop"
+    ));
+    nft(&format!(
+        "add rule inet nrt_repeat relay tcp sport {port} tcp flags & (syn | ack) == syn | ack counter"
+    ));
+    let bin = netrace_bin().unwrap_or_else(|e| panic!("{e:#}"));
+    let netrace = NetraceRun::start(&NetraceOptions::for_lab(&lab, bin).args(["--events", "lost"]))
+        .unwrap_or_else(|e| panic!("starting netrace: {e:#}"));
+    const N: usize = 20;
+    let attempts = lab
+        .client()
+        .tcp(server, N, &|_, _| {})
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        attempts.iter().all(|a| a.outcome == TcpOutcome::Connected),
+        "the client saw every SYN-ACK: {attempts:?}"
+    );
+    // Between the first repeat (1 s) and the second (3 s).
+    std::thread::sleep(Duration::from_secs(2));
+    let out = netrace.stop().unwrap_or_else(|e| panic!("{e:#}"));
+    let listed = lab
+        .exec(
+            fw,
+            &["nft", "-j", "list", "chain", "inet", "nrt_repeat", "relay"],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let ctx = out.describe();
+    let json: Value = serde_json::from_str(&listed).unwrap_or_else(|e| panic!("{e}: {listed}"));
+    let synacks = json["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.pointer("/rule/expr"))
+        .flat_map(|e| e.as_array().into_iter().flatten())
+        .find_map(|e| e.pointer("/counter/packets").and_then(Value::as_u64))
+        .unwrap_or_else(|| panic!("no SYN-ACK counter in {listed}"));
+    let repeats = synacks - N as u64;
+    assert!(
+        repeats >= N as u64,
+        "the server repeated every SYN-ACK ({synacks} SYN-ACKs)"
+    );
+    assert_eq!(total(&out, "answered"), Some(N as u64), "{ctx}");
+    assert_eq!(total(&out, "lost"), Some(0), "{ctx}");
+    let seen_repeats = out
+        .summary_at("/tracker/repeated_synacks")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        + out
+            .summary_at("/counters/synack_repeated")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+    assert_eq!(seen_repeats, repeats, "every repeat known as one\n{ctx}");
+    assert_eq!(
+        out.summary_at("/translation/unmatched_synacks")
+            .and_then(Value::as_u64),
+        Some(0),
+        "{ctx}"
+    );
+    assert_ne!(
+        out.summary_at("/verdict/kind").and_then(Value::as_str),
+        Some("translation_out_of_sight"),
+        "{ctx}"
     );
     lab.teardown().unwrap_or_else(|e| panic!("{e:#}"));
 }
