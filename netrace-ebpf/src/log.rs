@@ -33,9 +33,11 @@ static LOG_HEADS: Array<LogPos> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 static LOG_TAILS: Array<LogPos> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// This CPU's positions and the slots per log; `None` with the logs off.
+/// Where the next record of this CPU's log goes, the log picked by `pick` (its answers or its
+/// ports, out of a [`LogPos`]): the CPU, the records per log, the head, and where to publish
+/// the next head; `None` when that log is full or the logs are off.
 #[inline(always)]
-fn this_cpu() -> Option<(u32, u32, *mut LogPos, *const LogPos)> {
+fn next(pick: impl Fn(*mut LogPos) -> *mut u64) -> Option<(u32, u32, u64, *mut u64)> {
     // SAFETY: a read-only global, set before load.
     let slots = unsafe { core::ptr::read_volatile(&LOG_SLOTS) };
     if slots == 0 {
@@ -43,9 +45,16 @@ fn this_cpu() -> Option<(u32, u32, *mut LogPos, *const LogPos)> {
     }
     // SAFETY: a helper without arguments or side effects.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let head = LOG_HEADS.get_ptr_mut(cpu)?;
-    let tail = LOG_TAILS.get_ptr(cpu)?;
-    Some((cpu, slots, head, tail))
+    let head = pick(LOG_HEADS.get_ptr_mut(cpu)?);
+    let tail = pick(LOG_TAILS.get_ptr_mut(cpu)?);
+    // SAFETY: this CPU's positions, valid for the run; the head is written only by the program
+    // running on this CPU, the tail only by user space (a stale tail only makes the log look
+    // fuller).
+    let (h, t) = unsafe { (*head, core::ptr::read_volatile(tail)) };
+    if h.wrapping_sub(t) >= u64::from(slots) {
+        return None;
+    }
+    Some((cpu, slots, h, head))
 }
 
 /// Publishes a new head once the record below it is written.
@@ -67,20 +76,10 @@ fn publish(at: *mut u64, value: u64) {
 /// `false` when the log is full or off (the caller counts it in the book instead).
 #[inline(always)]
 pub(crate) fn answer(key: &FlowKey, ifindex: u32) -> bool {
-    let Some((cpu, slots, head, tail)) = this_cpu() else {
+    // SAFETY (the projection): a valid value of the map; nothing is read through it here.
+    let Some((cpu, slots, h, head)) = next(|p| unsafe { &raw mut (*p).answers }) else {
         return false;
     };
-    // SAFETY: this CPU's positions, valid for the run; the head is written only here, the
-    // tail only by user space (a stale tail only makes the log look fuller).
-    let (h, t) = unsafe {
-        (
-            (*head).answers,
-            core::ptr::read_volatile(&raw const (*tail).answers),
-        )
-    };
-    if h.wrapping_sub(t) >= u64::from(slots) {
-        return false;
-    }
     let at = cpu.wrapping_mul(slots).wrapping_add(h as u32 & (slots - 1));
     let Some(rec) = ANSWER_LOG.get_ptr_mut(at) else {
         return false;
@@ -93,8 +92,8 @@ pub(crate) fn answer(key: &FlowKey, ifindex: u32) -> bool {
             src_port: key.src_port,
             _pad: 0,
         };
-        publish(&raw mut (*head).answers, h + 1);
     }
+    publish(head, h + 1);
     true
 }
 
@@ -102,19 +101,10 @@ pub(crate) fn answer(key: &FlowKey, ifindex: u32) -> bool {
 /// (the caller counts it in the shared tally instead).
 #[inline(always)]
 pub(crate) fn port(port: u16) -> bool {
-    let Some((cpu, slots, head, tail)) = this_cpu() else {
+    // SAFETY (the projection): as in `answer`.
+    let Some((cpu, slots, h, head)) = next(|p| unsafe { &raw mut (*p).ports }) else {
         return false;
     };
-    // SAFETY: as in `answer`.
-    let (h, t) = unsafe {
-        (
-            (*head).ports,
-            core::ptr::read_volatile(&raw const (*tail).ports),
-        )
-    };
-    if h.wrapping_sub(t) >= u64::from(slots) {
-        return false;
-    }
     let lines = slots / PORT_LANES as u32;
     let at = cpu
         .wrapping_mul(lines)
@@ -123,9 +113,7 @@ pub(crate) fn port(port: u16) -> bool {
         return false;
     };
     // SAFETY: as in `answer`; the lane is below PORT_LANES.
-    unsafe {
-        (*line).ports[h as usize % PORT_LANES] = port;
-        publish(&raw mut (*head).ports, h + 1);
-    }
+    unsafe { (*line).ports[h as usize % PORT_LANES] = port };
+    publish(head, h + 1);
     true
 }

@@ -36,6 +36,17 @@ fn start(lab: &Lab) -> NetraceRun {
         .unwrap_or_else(|e| panic!("starting netrace: {e:#}"))
 }
 
+/// The seed's lab without translation and with every port let back in, IPv4 only.
+fn open_lab() -> Lab {
+    Lab::new(
+        LabOptions::seed()
+            .snat_mode(SnatMode::None)
+            .firewall_min_port(0)
+            .ipv6(false),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 fn total(out: &NetraceOutput, k: &str) -> Option<u64> {
     out.summary_at(&format!("/totals/{k}"))
         .and_then(Value::as_u64)
@@ -116,13 +127,7 @@ fn tcp_fast_open_is_answered() {
 #[test]
 fn icmp_time_exceeded_is_unreachable_and_named() {
     require_root();
-    let lab = Lab::new(
-        LabOptions::seed()
-            .snat_mode(SnatMode::None)
-            .firewall_min_port(0)
-            .ipv6(false),
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let lab = open_lab();
     // One ICMP error per SYN: no per-destination rate limit at the firewall.
     lab.exec(
         lab.firewall_ns(),
@@ -191,13 +196,7 @@ fn icmp_time_exceeded_is_unreachable_and_named() {
 #[test]
 fn a_repeated_synack_is_a_repeat_not_translation() {
     require_root();
-    let lab = Lab::new(
-        LabOptions::seed()
-            .snat_mode(SnatMode::None)
-            .firewall_min_port(0)
-            .ipv6(false),
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let lab = open_lab();
     let server = lab.server_addr(Family::V4);
     let port = server.port().to_string();
     // In the firewall: only the client's SYNs reach the server (its ACK, FIN or RST never
