@@ -76,7 +76,7 @@ fn publish(at: *mut u64, value: u64) {
 /// `false` when the log is full or off (the caller counts it in the book instead).
 #[inline(always)]
 pub(crate) fn answer(key: &FlowKey, ifindex: u32) -> bool {
-    // SAFETY (the projection): a valid value of the map; nothing is read through it here.
+    // SAFETY: only a place projection of a valid value of the map; nothing is read here.
     let Some((cpu, slots, h, head)) = next(|p| unsafe { &raw mut (*p).answers }) else {
         return false;
     };
@@ -101,7 +101,7 @@ pub(crate) fn answer(key: &FlowKey, ifindex: u32) -> bool {
 /// (the caller counts it in the shared tally instead).
 #[inline(always)]
 pub(crate) fn port(port: u16) -> bool {
-    // SAFETY (the projection): as in `answer`.
+    // SAFETY: as in `answer`.
     let Some((cpu, slots, h, head)) = next(|p| unsafe { &raw mut (*p).ports }) else {
         return false;
     };
