@@ -227,8 +227,9 @@ fn a_repeated_synack_is_a_repeat_not_translation() {
         attempts.iter().all(|a| a.outcome == TcpOutcome::Connected),
         "the client saw every SYN-ACK: {attempts:?}"
     );
-    // Between the first repeat (1 s) and the second (3 s).
-    std::thread::sleep(Duration::from_secs(2));
+    // After the first repeat (1 s), well before the second (3 s), so that netrace has
+    // stopped and the counter is read before it.
+    std::thread::sleep(Duration::from_millis(1500));
     let out = netrace.stop().unwrap_or_else(|e| panic!("{e:#}"));
     let listed = lab
         .exec(
