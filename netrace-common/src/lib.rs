@@ -581,9 +581,9 @@ pub enum Counter {
     /// SYN-ACKs with no pending entry for a 4-tuple whose book holds an answer: a server
     /// repeating the SYN-ACK of a connection counted in the books (not a sign of translation).
     SynAckRepeated = 18,
-    /// Of the SYNs counted in [`Counter::PendingMapFull`], those whose bucket's lock stayed
-    /// taken: its holder was held up (a virtual CPU preempted by its host), the map was not
-    /// full. Counted in both, so the sums of what was tracked hold either way.
+    /// Of the SYNs counted in [`Counter::PendingMapFull`], those for which a lock of a bucket
+    /// they needed stayed taken: its holder was held up (a virtual CPU preempted by its host),
+    /// the map was not shown full. Counted in both, so the sums of what was tracked hold either way.
     TableBusy = 19,
     /// Of the answers counted in [`Counter::AnsweredBooked`], those written to the CPU's
     /// answer log (`netrace_common::log`) rather than counted in a book.

@@ -28,7 +28,7 @@ pub enum Insert {
     Exists,
     /// The map is full.
     Full,
-    /// The entry's bucket stayed locked by someone held up: not tracked, as when full.
+    /// A bucket the entry needed stayed locked by someone held up: not tracked, as when full.
     Busy,
 }
 

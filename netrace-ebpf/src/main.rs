@@ -153,13 +153,12 @@ impl PendingTable for KernelTable {
         let slot = value.to_slot();
         if key.family == FAMILY_V4 {
             let k = key.v4();
-            // A near lock that stays taken is told apart (the common case of a held-up holder:
-            // the SYNs in flight live there); one further on counts as full.
+            // A lock that stays taken (its holder held up) is told apart from a full table.
             return match table::Entry::of(&k).map(|mut b| b.insert_new(&k, &slot, false)) {
                 Some(Ok(true)) => Insert::Inserted,
                 Some(Ok(false)) => Insert::Exists,
-                Some(Err(())) => Insert::Full,
-                None => Insert::Busy,
+                Some(Err(table::Refused::Full)) => Insert::Full,
+                Some(Err(table::Refused::Busy)) | None => Insert::Busy,
             };
         }
         match PENDING_V6.insert(key.v6(), slot, BPF_NOEXIST as u64) {

@@ -281,13 +281,13 @@ impl Locked {
     }
 
     /// Stores `slot` for `key` (which has no entry) in the first free slot of its bucket or
-    /// the next ones in reach: `Err(())` no free slot (or a lock that stayed taken).
+    /// the next ones in reach; refused when none is free, or a lock stayed taken.
     #[inline(always)]
-    fn place(&mut self, key: &V4Key, slot: &PendingSlot) -> Result<(), ()> {
+    fn place(&mut self, key: &V4Key, slot: &PendingSlot) -> Result<(), Refused> {
         let mut dist = 0;
         while dist <= SPILL && dist <= self.region.reach {
             if dist == 1 && !self.neighbours() {
-                return Err(());
+                return Err(Refused::Busy);
             }
             if let (Some(b), Some(s)) = (self.bucket(dist), self.slots(dist)) {
                 let mut way = 0;
@@ -308,8 +308,18 @@ impl Locked {
             }
             dist += 1;
         }
-        Err(())
+        Err(Refused::Full)
     }
+}
+
+/// Why an insert stored nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Every slot the key may use is taken.
+    Full,
+    /// A lock the insert needed stayed taken (its holder was held up): the table may have
+    /// had room.
+    Busy,
 }
 
 /// Where a key's entry was found.
@@ -425,32 +435,45 @@ impl Entry {
     }
 
     /// Stores `slot` for `key`: in the near region, else in the far one (`far_first`: the
-    /// other way round). `Ok(true)` stored, `Ok(false)` the key has an entry, `Err(())` no free
-    /// slot (or a lock that stayed taken).
+    /// other way round). `Ok(true)` stored, `Ok(false)` the key has an entry; refused `Busy`
+    /// when a lock it needed stayed taken, else `Full`.
     #[inline(always)]
     pub(crate) fn insert_new(
         &mut self,
         key: &V4Key,
         slot: &PendingSlot,
         far_first: bool,
-    ) -> Result<bool, ()> {
-        if self.locate(key)?.is_some() {
+    ) -> Result<bool, Refused> {
+        if self.locate(key).map_err(|()| Refused::Busy)?.is_some() {
             return Ok(false);
         }
-        if !far_first && self.near.place(key, slot).is_ok() {
-            return Ok(true);
-        }
-        let own = self.near.own;
-        if let Some(f) = self.far() {
-            if f.place(key, slot).is_ok() {
-                far(own, true);
-                return Ok(true);
+        let mut refused = Refused::Full;
+        if !far_first {
+            match self.near.place(key, slot) {
+                Ok(()) => return Ok(true),
+                Err(r) => refused = r,
             }
         }
-        if far_first && self.near.place(key, slot).is_ok() {
-            return Ok(true);
+        let own = self.near.own;
+        match self.far() {
+            Some(f) => match f.place(key, slot) {
+                Ok(()) => {
+                    far(own, true);
+                    return Ok(true);
+                }
+                Err(Refused::Busy) => refused = Refused::Busy,
+                Err(Refused::Full) => {}
+            },
+            None => refused = Refused::Busy,
         }
-        Err(())
+        if far_first {
+            match self.near.place(key, slot) {
+                Ok(()) => return Ok(true),
+                Err(Refused::Busy) => refused = Refused::Busy,
+                Err(Refused::Full) => {}
+            }
+        }
+        Err(refused)
     }
 }
 
@@ -510,7 +533,8 @@ pub fn netrace_table_ctl(ctx: TcContext) -> i32 {
             TABLE_PUT_BACK => match b.insert_new(&cmd.key, &cmd.slot, true) {
                 Ok(true) => TABLE_DONE,
                 Ok(false) => TABLE_PRESENT_OR_ABSENT,
-                Err(()) => TABLE_FULL,
+                Err(Refused::Full) => TABLE_FULL,
+                Err(Refused::Busy) => TABLE_BUSY,
             },
             _ => 0,
         },
