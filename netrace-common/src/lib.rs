@@ -583,7 +583,8 @@ pub enum Counter {
     SynAckRepeated = 18,
     /// Of the SYNs counted in [`Counter::PendingMapFull`], those for which a lock of a bucket
     /// they needed stayed taken: its holder was held up (a virtual CPU preempted by its host),
-    /// the map was not shown full. Counted in both, so the sums of what was tracked hold either way.
+    /// the map was not shown full. Counted in both, so the sums of what was tracked hold
+    /// either way.
     TableBusy = 19,
     /// Of the answers counted in [`Counter::AnsweredBooked`], those written to the CPU's
     /// answer log (`netrace_common::log`) rather than counted in a book.

@@ -209,8 +209,8 @@ fn sends(flag: u32) -> bool {
 /// Counts an answered attempt in its book; `false` when the book could not be created (the
 /// books are full): the caller sends the event instead, so nothing is lost.
 #[inline(always)]
-fn book(key: &FlowKey, pending: &PendingSyn, now: u64) -> bool {
-    let bk = BookKey::of(key, pending.ifindex);
+fn book(key: &FlowKey, ifindex: u32) -> bool {
+    let bk = BookKey::of(key, ifindex);
     let mut page = BOOKS.get_ptr_mut(bk);
     if page.is_none() {
         let Some(zero) = ZERO_BOOK.get(0) else {
@@ -231,18 +231,7 @@ fn book(key: &FlowKey, pending: &PendingSyn, now: u64) -> bool {
         let cell = (*page).answered.as_mut_ptr().add(port);
         atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(cell, 1);
     }
-    rtt(pending, now);
     true
-}
-
-/// Counts an answer's round trip in the histogram.
-#[inline(always)]
-fn rtt(pending: &PendingSyn, now: u64) {
-    if let Some(slot) = RTT.get_ptr_mut(rtt_slot(now.saturating_sub(pending.first_ns))) {
-        // SAFETY: a valid slot of a per-CPU array: only this CPU writes it, and programs are
-        // not preempted mid-update on the same CPU.
-        unsafe { *slot += 1 };
-    }
 }
 
 /// The ring buffer, counters and clock as the shared pairing rules see them, for a packet on
@@ -315,18 +304,22 @@ impl EventSink for KernelSink {
         if sends(SEND_ANSWERS) {
             return false;
         }
-        if log::answer(key, pending.ifindex) {
-            count(Counter::AnsweredBooked);
-            count(Counter::AnsweredLogged);
-            rtt(pending, now);
-            true
-        } else if book(key, pending, now) {
-            count(Counter::AnsweredBooked);
-            true
-        } else {
+        // The CPU's answer log, else (a full log) the book.
+        let logged = log::answer(key, pending.ifindex);
+        if !logged && !book(key, pending.ifindex) {
             count(Counter::BooksFull);
-            false
+            return false;
         }
+        count(Counter::AnsweredBooked);
+        if logged {
+            count(Counter::AnsweredLogged);
+        }
+        if let Some(slot) = RTT.get_ptr_mut(rtt_slot(now.saturating_sub(pending.first_ns))) {
+            // SAFETY: a valid slot of a per-CPU array: only this CPU writes it, and programs
+            // are not preempted mid-update on the same CPU.
+            unsafe { *slot += 1 };
+        }
+        true
     }
 
     #[inline(always)]

@@ -421,7 +421,6 @@ pub fn load(
     };
     let counters = PerCpuArray::try_from(take("COUNTERS")?)?;
     let syn_ports = Array::try_from(take("SYN_PORTS")?)?;
-
     let mut filter_map: Array<MapData, KernelFilter> = Array::try_from(take("FILTER")?)?;
     filter_map
         .set(0, filter, 0)
@@ -535,7 +534,8 @@ impl CountersView<'_> {
             .enumerate()
             .filter_map(|(port, v)| {
                 let n = v.unwrap_or(0) + logged.get(port).copied().unwrap_or(0);
-                (n > 0).then_some(u16::try_from(port).ok()?).map(|p| (p, n))
+                let port = u16::try_from(port).ok()?;
+                (n > 0).then_some((port, n))
             })
             .collect()
     }

@@ -140,8 +140,8 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
          CPU appends them, and every SYN's source port, to a log of its own that user space \
          reads where it lies and counts; the kernel's answer books and per-port tally take \
          what a full log has no room for) and in the kernel's round-trip histogram, only lost, \
-         refused, unreachable and late ones sent one by one; user space finds the expired SYNs by reading the IPv4 pending table where \
-         it lies (mapped into its memory) and from the kernel's iterator over the IPv6 map (a \
+         refused, unreachable and late ones sent one by one; user space finds the expired SYNs \
+         by reading the IPv4 pending table where it lies (mapped into its memory) and from the kernel's iterator over the IPv6 map (a \
          batched walk of that map where the iterator does not load). The targets:\n"
     )?;
     let target_rows: Vec<&Row> = rows.iter().filter(|r| r.met.is_some()).collect();
@@ -278,8 +278,8 @@ fn per_packet(d: &mut String, r: &Value) -> anyhow::Result<()> {
          output; no target), so the cost of per-connection output is visible. The kernel's \
          counters prove the paths: every SYN new (`syn_seen` - `syn_retransmit`), every \
          SYN-ACK matched (`synack_matched`), every answer booked (`answered_booked`) through \
-         the answer log (`answered_logged`) and no event in the default mode, two events per flow and nothing booked in the other; no \
-         ring drop, no map-full, no book-full.\n"
+         the answer log (`answered_logged`) and no event in the default mode, two events per \
+         flow and nothing booked in the other; no ring drop, no map-full, no book-full.\n"
     )?;
     writeln!(
         d,

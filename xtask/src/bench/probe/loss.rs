@@ -3,8 +3,9 @@
 //! unanswered, so that entries still pending take part in every account. In every run:
 //!
 //! - *books mode* (`netrace watch`'s default: no SYN events, answers counted in the kernel,
-//!   through the CPUs' answer logs or in the answer books): `answered_booked` + answered events received + `ringbuf_full` + entries
-//!   still pending + `pending_map_full` == new SYNs sent;
+//!   through the CPUs' answer logs or in the answer books): `answered_booked` + answered
+//!   events received + `ringbuf_full` + entries still pending + `pending_map_full` == new
+//!   SYNs sent;
 //! - *events mode* (`SEND_SYNS | SEND_ANSWERS`, per-connection output): events received +
 //!   `ringbuf_full` == events the kernel had to send (a SYN event per tracked SYN, an event
 //!   per answer).
