@@ -6,16 +6,15 @@
 
 use std::{fmt, net::IpAddr};
 
-// The cells are touched once per answered port on every read of the kernel's books: foldhash
-// is several times faster than SipHash on these small keys, and its per-process seed keeps
-// crafted collisions from being free (the cells are bounded besides).
+// foldhash is several times faster than SipHash on these small keys, and its per-process seed
+// keeps crafted collisions from being free (the maps are bounded besides).
 use foldhash::{HashMap, HashMapExt};
 
 use serde::Serialize;
 
 use crate::{
     ports::PortRange,
-    track::{stats::Counts, tracker::OutcomeKind},
+    track::{port_cells::PortCells, stats::Counts, tracker::OutcomeKind},
 };
 
 /// Where a connection went.
@@ -66,8 +65,9 @@ pub struct Split {
 pub type Slot = u16;
 pub const OTHER: Slot = Slot::MAX;
 
-/// Default bounds: 1024 destinations with their own row; 262 144 (row, port) cells, about
-/// 4 MiB at most.
+/// Default bounds: 1024 destinations with their own row; 262 144 sparse (row, port) cells,
+/// about 4 MiB, and up to four busy rows with an array of every port, 512 KiB each
+/// (`PortCells`): about 6 MiB at most.
 pub const MAX_DESTINATIONS: usize = 1024;
 pub const MAX_CELLS: usize = 1 << 18;
 
@@ -78,9 +78,8 @@ pub struct Destinations {
     other: Counts,
     /// Destinations that found no free row (counted once per attempt).
     pub other_attempts: u64,
-    cells: HashMap<(Slot, u16), PortCell>,
+    cells: PortCells,
     max_destinations: usize,
-    max_cells: usize,
     /// Outcomes not kept per port because the cells were full (still in the counts).
     pub cells_overflow: u64,
 }
@@ -114,14 +113,14 @@ impl Destinations {
             rows: Vec::new(),
             other: Counts::default(),
             other_attempts: 0,
-            cells: HashMap::new(),
+            cells: PortCells::new(max_cells),
             max_destinations: max_destinations.min(usize::from(OTHER)),
-            max_cells,
             cells_overflow: 0,
         }
     }
 
-    fn slot(&mut self, d: Destination) -> Slot {
+    /// The row of `d`, made if there is room (else the "other" row's slot).
+    pub fn slot(&mut self, d: Destination) -> Slot {
         if let Some(s) = self.index.get(&d) {
             return *s;
         }
@@ -141,10 +140,16 @@ impl Destinations {
 
     /// Records `n` outcomes of one kind from `src_port` to `d`.
     pub fn add_n(&mut self, d: Destination, src_port: u16, kind: OutcomeKind, n: u64) {
+        let slot = self.slot(d);
+        self.add_n_at(slot, src_port, kind, n);
+    }
+
+    /// As [`Destinations::add_n`], to the row [`Destinations::slot`] gave (for a run of
+    /// outcomes to one destination: its row is looked up once).
+    pub fn add_n_at(&mut self, slot: Slot, src_port: u16, kind: OutcomeKind, n: u64) {
         if n == 0 {
             return;
         }
-        let slot = self.slot(d);
         match self.rows.get_mut(usize::from(slot)) {
             Some((_, c)) => c.add_n(kind, n),
             None => {
@@ -167,14 +172,9 @@ impl Destinations {
         if kind == OutcomeKind::Unreachable {
             return;
         }
-        let full = self.cells.len() >= self.max_cells;
-        let cell = match self.cells.get_mut(&(slot, port)) {
-            Some(c) => c,
-            None if full => {
-                self.cells_overflow += n;
-                return;
-            }
-            None => self.cells.entry((slot, port)).or_default(),
+        let Some(cell) = self.cells.get_or_make(slot, port) else {
+            self.cells_overflow += n;
+            return;
         };
         let m = u32::try_from(n).unwrap_or(u32::MAX);
         match kind {
@@ -234,10 +234,10 @@ impl Destinations {
     pub fn ports(&self, include: impl Fn(Slot) -> bool) -> Vec<(u16, PortCell)> {
         // Sized once: growing it rehashed every entry several times per verdict.
         let mut merged: HashMap<u16, PortCell> =
-            HashMap::with_capacity(self.cells.len().min(usize::from(u16::MAX) + 1));
-        for ((slot, port), c) in &self.cells {
-            if include(*slot) {
-                let m = merged.entry(*port).or_default();
+            HashMap::with_capacity(self.cells.len_hint().min(usize::from(u16::MAX) + 1));
+        for (slot, port, c) in self.cells.iter() {
+            if include(slot) {
+                let m = merged.entry(port).or_default();
                 m.back += c.back;
                 m.lost += c.lost;
             }
@@ -250,9 +250,9 @@ impl Destinations {
     /// Every row's (lost, came back) inside and outside `range`, in one pass over the cells.
     pub fn splits(&self, range: PortRange) -> HashMap<Slot, Split> {
         let mut out: HashMap<Slot, Split> = HashMap::with_capacity(self.rows.len() + 1);
-        for ((slot, port), c) in &self.cells {
-            let s = out.entry(*slot).or_default();
-            let side = if range.contains(*port) {
+        for (slot, port, c) in self.cells.iter() {
+            let s = out.entry(slot).or_default();
+            let side = if range.contains(port) {
                 &mut s.inside
             } else {
                 &mut s.outside
@@ -308,8 +308,8 @@ mod tests {
             counted.add_n(dst, port, kind, n);
         }
         let cells = |t: &Destinations| {
-            let mut c: Vec<_> = t.cells.iter().map(|(k, v)| (*k, *v)).collect();
-            c.sort_by_key(|(k, _)| *k);
+            let mut c: Vec<_> = t.cells.iter().collect();
+            c.sort_by_key(|(s, p, _)| (*s, *p));
             c
         };
         assert_eq!(one.rows, counted.rows);

@@ -6,5 +6,6 @@
 pub mod correlate;
 pub mod destinations;
 pub mod natmode;
+pub mod port_cells;
 pub mod stats;
 pub mod tracker;

@@ -7,6 +7,7 @@
 //! - `interfaces`: the attached and vanished interfaces;
 //! - `finish`: the verdict, the report and the exit status.
 
+mod answered;
 pub mod config;
 mod finish;
 mod interfaces;

@@ -20,7 +20,12 @@ use tokio::{
     time::{interval, sleep_until, MissedTickBehavior},
 };
 
-use super::{config::WatchConfig, interfaces::Interfaces, setup::Kernel};
+use super::{
+    answered::{Answered, Dest},
+    config::WatchConfig,
+    interfaces::Interfaces,
+    setup::Kernel,
+};
 use crate::{
     judge::{
         advice,
@@ -41,7 +46,7 @@ use crate::{
     track::natmode::{self, NatReport},
     track::{
         correlate::Correlator,
-        destinations::{Destination, Destinations},
+        destinations::{Destination, Destinations, Slot},
         stats::Histogram,
         tracker::{Outcome, OutcomeKind, Tracker},
     },
@@ -76,9 +81,6 @@ const JUDGE: Duration = Duration::from_secs(5);
 const JUDGE_SETTLED: Duration = Duration::from_millis(500);
 /// Rows of the "by destination" table (the rest are summed in an "other" row).
 pub const TOP_DESTINATIONS: usize = 10;
-
-/// Books whose answered ports are remembered, to tell repeated SYN-ACKs (about 80 bytes each).
-const MAX_ANSWERED_BOOKS: usize = 1 << 16;
 
 /// Why the loop ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,9 +148,9 @@ pub struct Pump {
     /// The kernel's answer books and round-trip histogram as last read, to take differences.
     books_seen: foldhash::HashMap<BookKey, Box<AnswerBook>>,
     books_buf: Vec<(BookKey, AnswerBook)>,
-    /// Per book, the source ports with an answer counted (a bit per port), so that a SYN-ACK
-    /// the server repeats is known as such (the kernel's books did this before the logs).
-    answered_ports: foldhash::HashMap<BookKey, [u64; BOOK_PORTS / 64]>,
+    /// The source ports with an answer counted, so that a SYN-ACK the server repeats is
+    /// known as such.
+    answered: Answered,
     /// Answers read and not yet counted, from the books or the logs: (book, source port,
     /// count).
     books_fresh: Vec<(BookKey, u16, u64)>,
@@ -211,7 +213,7 @@ impl Pump {
             books_seen: foldhash::HashMap::default(),
             books_buf: Vec::new(),
             books_fresh: Vec::new(),
-            answered_ports: foldhash::HashMap::default(),
+            answered: Answered::default(),
             rtt_seen: vec![0; RTT_SLOTS as usize],
             swept_syns: u64::MAX,
             read_booked: u64::MAX,
@@ -245,7 +247,7 @@ impl Pump {
                 r = kernel.ring.readable_mut() => {
                     let mut guard = r.context("waiting on the ring buffer")?;
                     // The logs first: a repeated SYN-ACK's event is known by the answer
-                    // before it (`was_answered`).
+                    // before it (`Answered::contains`).
                     self.drain_logs(&mut kernel.logs);
                     self.drain(guard.get_inner_mut());
                     guard.clear_ready();
@@ -564,19 +566,23 @@ impl Pump {
     /// destinations, the metrics.
     fn count_answers(&mut self) {
         let fresh = std::mem::take(&mut self.books_fresh);
-        // The metrics by interface, destination and port bucket: one update per group, not
-        // one per port (each costs label strings and a lookup).
-        let mut groups: foldhash::HashMap<(u32, Destination, usize, bool), (u16, u64)> =
-            foldhash::HashMap::default();
-        // Answers to one destination mostly come together in `fresh` (a book's ports, or a
-        // run of log records): its destination is worked out once.
-        let same_dst = |a: &BookKey, b: &BookKey| {
-            (a.family, a.dst_port, a.dst_addr) == (b.family, b.dst_port, b.dst_addr)
+        // The metrics by interface, destination, port bucket and side of the range: one
+        // update per group, not one per port (each costs label strings and a lookup). Answers
+        // to one destination mostly come together in `fresh` (a book's ports, or a run of log
+        // records): its destination and its groups are looked up once per run, not per answer
+        // (a hash per answer was a good part of this process's CPU at high rates).
+        let width = 2 * (self.histogram.buckets.len() + 1);
+        let mut groups: foldhash::HashMap<(u32, Destination), usize> = foldhash::HashMap::default();
+        // Per destination, `width` groups: (a port of the group, how many).
+        let mut counts: Vec<(u16, u64)> = Vec::new();
+        let same_run = |a: &BookKey, b: &BookKey| {
+            (a.ifindex, a.family, a.dst_port, a.dst_addr)
+                == (b.ifindex, b.family, b.dst_port, b.dst_addr)
         };
-        let mut book: Option<(BookKey, Destination)> = None;
+        let mut run: Option<(BookKey, usize, Slot, Dest)> = None;
         for &(k, port, n) in &fresh {
-            let dst = match book {
-                Some((bk, d)) if same_dst(&bk, &k) => d,
+            let (base, row, marks) = match run {
+                Some((bk, base, row, marks)) if same_run(&bk, &k) => (base, row, marks),
                 _ => {
                     let d = destination(&FlowKey {
                         family: k.family,
@@ -584,59 +590,54 @@ impl Pump {
                         dst_addr: k.dst_addr,
                         ..FlowKey::default()
                     });
-                    book = Some((k, d));
-                    d
+                    let base = *groups.entry((k.ifindex, d)).or_insert_with(|| {
+                        counts.resize(counts.len() + width, (0, 0));
+                        counts.len() - width
+                    });
+                    let row = self.destinations.slot(d);
+                    let marks = self.answered.dest(&k);
+                    run = Some((k, base, row, marks));
+                    (base, row, marks)
                 }
             };
             self.know(port);
-            self.mark_answered(&k, port);
+            self.answered.mark(marks, port);
             self.histogram.add_n(port, OutcomeKind::Answered, n);
-            self.destinations.add_n(dst, port, OutcomeKind::Answered, n);
+            self.destinations
+                .add_n_at(row, port, OutcomeKind::Answered, n);
             let bucket = self
                 .histogram
                 .buckets
                 .iter()
                 .position(|b| b.range().contains(port))
-                .unwrap_or(usize::MAX);
-            let inside = self.cfg.allowed.contains(port);
-            groups
-                .entry((k.ifindex, dst, bucket, inside))
-                .or_insert((port, 0))
-                .1 += n;
+                .unwrap_or(width / 2 - 1);
+            let inside = usize::from(self.cfg.allowed.contains(port));
+            if let Some(g) = counts.get_mut(base + 2 * bucket + inside) {
+                if g.1 == 0 {
+                    g.0 = port;
+                }
+                g.1 += n;
+            }
         }
-        for ((ifindex, dst, _, _), (port, n)) in groups {
+        for ((ifindex, dst), base) in groups {
             let name = self.interfaces.name(ifindex);
-            self.metrics.outcomes(
-                &name,
-                OutcomeKind::Answered,
-                port,
-                SocketAddr::new(dst.addr, dst.port),
-                n,
-            );
+            for &(port, n) in counts.get(base..base + width).unwrap_or_default() {
+                if n > 0 {
+                    self.metrics.outcomes(
+                        &name,
+                        OutcomeKind::Answered,
+                        port,
+                        SocketAddr::new(dst.addr, dst.port),
+                        n,
+                    );
+                }
+            }
         }
         if !fresh.is_empty() {
             self.unjudged = true;
             self.last_outcome = Instant::now();
         }
         self.books_fresh = fresh;
-    }
-
-    /// Remembers that `port` of book `k` had an answer.
-    fn mark_answered(&mut self, k: &BookKey, port: u16) {
-        if self.answered_ports.len() >= MAX_ANSWERED_BOOKS && !self.answered_ports.contains_key(k) {
-            // As the kernel's books were, bounded: a repeat after this is counted unmatched.
-            self.answered_ports.clear();
-        }
-        let cell = BookKey::cell(port);
-        self.answered_ports.entry(*k).or_default()[cell / 64] |= 1 << (cell % 64);
-    }
-
-    /// Whether an answer to `key` (a SYN that left through `ifindex`) was counted.
-    fn was_answered(&self, key: &FlowKey, ifindex: u32) -> bool {
-        let cell = BookKey::cell(key.src_port);
-        self.answered_ports
-            .get(&BookKey::of(key, ifindex))
-            .is_some_and(|bits| bits[cell / 64] & (1 << (cell % 64)) != 0)
     }
 
     /// The round trips of the answers counted in the kernel since the last read, for the
@@ -658,7 +659,7 @@ impl Pump {
             match Record::try_from(&*item) {
                 Ok(Record::Conn(ev))
                     if ev.kind == EventKind::UnmatchedSynAck
-                        && self.was_answered(&ev.raw.key, ev.raw.ifindex) =>
+                        && self.answered.contains(&ev.raw.key, ev.raw.ifindex) =>
                 {
                     self.tracker.stats.repeated_synacks += 1;
                 }
