@@ -128,8 +128,9 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
     writeln!(
         d,
         "netrace is measured as a release build. The machine may be shared with other work: \
-         the traffic figures alternate their five modes round by round and compare each run \
-         with the no-tracer run of its own round; the load average shows how busy it was.\n"
+         the traffic figures visit their five modes in turn, pass after pass, and compare each \
+         slice with the no-tracer slice of its own pass; the load average shows how busy it \
+         was.\n"
     )?;
 
     writeln!(d, "## Targets (issue 16)\n")?;
@@ -169,8 +170,8 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
     let (missed, unresolved) = (with(Outcome::Missed), with(Outcome::Unresolved));
     writeln!(
         d,
-        "\nTargets are reported, not asserted: {} met, {} missed, {} not resolved (the rounds' \
-         95 % interval lies on both sides of the target).",
+        "\nTargets are reported, not asserted: {} met, {} missed, {} not resolved (the 95 % \
+         interval over the rounds or passes lies on both sides of the target).",
         with(Outcome::Met).len(),
         missed.len(),
         unresolved.len()
@@ -352,78 +353,104 @@ fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
     writeln!(d, "## 2. Throughput and 3. connection rate\n")?;
     writeln!(
         d,
-        "Two network namespaces (`nrb*`) joined by a veth pair, 198.19.77.1 ↔ 198.19.77.2. \
-         Client and server are threads of the bench process that entered their namespace. \
-         Each run lasts {} s; {} round(s) of five modes, each round starting one mode further than the last, median \
-         per mode; a \
-         mode's ratio to no tracer is the median of its per-round ratios, each run against the \
-         no-tracer run of the same round, seconds apart, so that other work on the machine at \
-         the time weighs on both. The modes: *none*; *empty classifier*: netrace's \
-         `netrace_noop` from the same object, attached by the bench probe (`bench_probe \
-         hold-noop`) to egress and ingress of the client's veth with TCX, first in line, as \
-         netrace attaches its own programs, and detached after the run: the floor any tc \
-         program pays; *netrace (books)*: the release binary in its default, always-on mode, \
-         `ip netns exec CLIENT netrace watch --iface VETH --output json --events lost \
-         --ready-file F` (answered connections counted without an event; only lost, \
-         refused, unreachable and late ones are sent one by one); *netrace --events all*: the \
-         same with `--events all`, an event per answered connection (what `--output json` \
-         alone does); both started before the traffic (after their ready file appears) and \
-         stopped with SIGINT after it; *tcpdump*: `tcpdump -i VETH -w FILE '{}'`, the same SYN \
-         / SYN-ACK selection, to a file. Throughput: one TCP stream writing 128 KiB buffers, \
-         bits received per second at the server; the writer is pinned to CPU 0 and the reader \
-         to CPU 1, so that the scheduler's placement does not vary from run to run. Connection \
-         rate: two client threads connect and close as fast as they can, one server thread \
-         accepts and closes; the rate is the connections done within the run's window over \
-         the window; the client closes with a RST (`SO_LINGER` 0), so that no \
-         TIME_WAIT state piles up over millions of connections (a SYN meeting an old \
-         TIME_WAIT is answered only after a 1 s retransmission; *slow* counts connects over \
-         100 ms). The targets compare netrace's ratio with the empty classifier's and \
-         tcpdump's of the same run, in points: the median over the rounds of the difference \
-         between the two modes' ratios in the same round (paired, so that a round when the \
-         whole machine was slower weighs on both sides), with a 95 % confidence interval for \
-         that median from the rounds' order statistics (distribution-free: it assumes nothing \
-         of the noise's shape). A target is met when the whole interval meets it, missed when \
-         none of it does, and *not resolved* when the rounds scatter across it: on a shared \
-         machine one run of a mode can differ from the next by more than ten points, and a \
-         one-point target then needs far more rounds than a run holds.\n",
+        "Side by side: five pairs of network namespaces (`nrb*`), each joined by a veth pair \
+         (198.19.77.1 ↔ 198.19.77.2 inside each pair), one pair per mode, its tracer watching \
+         the client's veth. Every tracer is started before the first pass (once it is ready) \
+         and stopped with SIGINT after the last, so all five run throughout; the load visits \
+         the pairs in turn, {} s on each, one pass after another, each pass starting one mode \
+         further than the last; {} passes. Client and server are threads of the bench \
+         process that entered their pair's namespaces. A mode's ratio to no tracer is the \
+         median of its per-pass ratios, each slice against the no-tracer slice of the same \
+         pass, a second or two apart, so that other work on the machine at the time weighs on \
+         both. Why side by side: a tracer started and stopped around each run costs a second \
+         or two of the machine per run, so a run of the bench could hold nine rounds of five \
+         seconds, and on a shared machine one five-second run of a mode differs from the next \
+         by more than ten points; with the tracers in place, a pass of all five modes takes a \
+         few seconds. A tracer idles while the load is on another pair (netrace in its default \
+         mode reads its logs every 50 ms while they fill, less often when they do not; its \
+         sweep runs every second whatever the load); each connection-rate slice ends with a \
+         {} s pause, so that what a tracer does with the slice's connections falls in that \
+         slice or the pause, not in the next mode's. The modes: *none*; *empty classifier*: \
+         netrace's `netrace_noop` from the same object, attached by the bench probe \
+         (`bench_probe hold-noop`) to egress and ingress of the client's veth with TCX, first \
+         in line, as netrace attaches its own programs: the floor any tc program pays; \
+         *netrace (books)*: the release binary in its default, always-on mode, `ip netns exec \
+         CLIENT netrace watch --iface VETH --output json --events lost --ready-file F` \
+         (answered connections counted without an event; only lost, refused, unreachable and \
+         late ones are sent one by one); *netrace --events all*: the same with `--events \
+         all`, an event per answered connection (what `--output json` alone does); \
+         *tcpdump*: `tcpdump -i VETH -w FILE '{}'`, the same SYN / SYN-ACK selection, to a \
+         file. Throughput: one TCP stream writing 128 KiB buffers, bits received per second \
+         at the server; the writer is pinned to CPU 0 and the reader to CPU 1, so that the \
+         scheduler's placement does not vary from run to run. Connection rate: two client \
+         threads connect and close as fast as they can, one server thread accepts and closes; \
+         the rate is the connections done within the slice over the slice; the client closes \
+         with a RST (`SO_LINGER` 0), so that no TIME_WAIT state piles up over millions of \
+         connections (a SYN meeting an old TIME_WAIT is answered only after a 1 s \
+         retransmission; *slow* counts connects over 100 ms). The targets compare netrace's \
+         ratio with the empty classifier's and tcpdump's of the same run, in points: the \
+         median over the passes of the difference between the two modes' ratios in the same \
+         pass (paired, so that a pass when the whole machine was slower weighs on both sides), \
+         with a 95 % confidence interval for that median from the passes' order statistics \
+         (distribution-free: it assumes nothing of the noise's shape). A target is met when \
+         the whole interval meets it, missed when none of it does, and *not resolved* when \
+         the passes scatter across it.\n",
         f(t, "/seconds"),
         f(t, "/rounds"),
+        f(t, "/settle_seconds"),
         s(t, "/tcpdump_filter")
     )?;
-    writeln!(
-        d,
-        "| run | mode | throughput | tracer CPU | tracer RSS | load (1 min) |"
-    )?;
-    writeln!(d, "|---|---|---|---|---|---|")?;
-    for (mode, label) in MODES {
-        let runs = list(t, &format!("/stream/{mode}/runs"));
-        let details = list(t, &format!("/stream/{mode}/details"));
-        for (i, (v, x)) in runs.iter().zip(details).enumerate() {
-            writeln!(
-                d,
-                "| {} | {label} | {:.2} Gbit/s | {} | {} | {:.2} |",
-                i + 1,
-                v.as_f64().unwrap_or(f64::NAN) / 1e9,
-                cpu_time(x),
-                rss(x),
-                f(x, "/load1_after"),
-            )?;
-        }
-    }
-    summary_line(d, t, "stream", &|x| format!("{:.2} Gbit/s", x / 1e9))?;
-    writeln!(d, "\n| run | mode | connections/s | connections | errors | slow | tracer saw | tracer dropped | tracer CPU | tracer RSS | load (1 min) |")?;
-    writeln!(d, "|---|---|---|---|---|---|---|---|---|---|---|")?;
-    for (mode, label) in MODES {
-        let runs = list(t, &format!("/connections/{mode}/runs"));
-        let details = list(t, &format!("/connections/{mode}/details"));
-        for (i, (v, x)) in runs.iter().zip(details).enumerate() {
+    for (key, what, fmt) in [
+        (
+            "stream",
+            "throughput",
+            &(|x: f64| format!("{:.2} Gbit/s", x / 1e9)) as &dyn Fn(f64) -> String,
+        ),
+        ("connections", "connections/s", &|x: f64| rate(x)),
+    ] {
+        writeln!(
+            d,
+            "\n| mode | {what}: median | lowest | highest | ratio to none (median of passes) | \
+             middle half of the ratios | tracer saw | tracer dropped | tracer CPU | tracer RSS \
+             | load (1 min) after |"
+        )?;
+        writeln!(d, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for (mode, label) in MODES {
+            let runs: Vec<f64> = list(t, &format!("/{key}/{mode}/runs"))
+                .iter()
+                .filter_map(Value::as_f64)
+                .collect();
+            let mut ratios: Vec<f64> = list(t, &format!("/{key}/{mode}/ratios"))
+                .iter()
+                .filter_map(Value::as_f64)
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            let quart = |q: usize| {
+                ratios
+                    .get(ratios.len() * q / 4)
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            };
+            let lo = runs.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = runs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let x = t
+                .pointer(&format!("/{key}/{mode}/tracer"))
+                .unwrap_or(&Value::Null);
+            let made: f64 = list(t, &format!("/{key}/{mode}/details"))
+                .iter()
+                .filter_map(|v| v.pointer("/connections").and_then(Value::as_f64))
+                .sum();
             let seen = match mode {
-                "netrace" | "netrace_events" => format!(
-                    "{} answered, {} lost ({} SYNs)",
+                "netrace" | "netrace_events" if key == "connections" => format!(
+                    "{} answered of {} connections, {} lost ({} SYNs)",
                     f(x, "/seen"),
+                    made,
                     f(x, "/lost"),
                     f(x, "/matched")
                 ),
+                "netrace" | "netrace_events" => {
+                    format!("{} answered, {} lost", f(x, "/seen"), f(x, "/lost"))
+                }
                 "tcpdump" => format!(
                     "{} packets (filter matched {})",
                     f(x, "/seen"),
@@ -433,12 +460,14 @@ fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
             };
             writeln!(
                 d,
-                "| {} | {label} | {} | {} | {} | {} | {seen} | {} | {} | {} | {:.2} |",
-                i + 1,
-                rate(v.as_f64().unwrap_or(f64::NAN)),
-                f(x, "/connections"),
-                f(x, "/errors"),
-                f(x, "/slow_connects"),
+                "| {label} | {} | {} | {} | {:.1} % | {:.1} … {:.1} % | {seen} | {} | {} | {} | \
+                 {} |",
+                fmt(f(t, &format!("/{key}/{mode}/median"))),
+                fmt(lo),
+                fmt(hi),
+                f(t, &format!("/{key}/{mode}/ratio")) * 100.0,
+                quart(1) * 100.0,
+                quart(3) * 100.0,
                 if matches!(mode, "none" | "empty") {
                     "-".to_string()
                 } else {
@@ -446,22 +475,40 @@ fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
                 },
                 cpu_time(x),
                 rss(x),
-                f(x, "/load1_after"),
+                match x.pointer("/load1_after").and_then(Value::as_f64) {
+                    Some(l) => format!("{l:.2}"),
+                    None => "-".into(),
+                },
             )?;
         }
     }
-    summary_line(d, t, "connections", &rate)?;
+    let conn_runs = |mode: &str| -> (f64, f64, f64) {
+        let details = list(t, &format!("/connections/{mode}/details"));
+        let sum = |p: &str| -> f64 {
+            details
+                .iter()
+                .filter_map(|v| v.pointer(p).and_then(Value::as_f64))
+                .sum()
+        };
+        (sum("/connections"), sum("/errors"), sum("/slow_connects"))
+    };
+    let (c, e, slow) = MODES
+        .iter()
+        .map(|(m, _)| conn_runs(m))
+        .fold((0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
     writeln!(
         d,
-        "\n*tracer CPU*: user + system time of the tracer process from ready to stop (2 CPUs, \
+        "\nConnections in all slices: {c}, errors {e}, slow {slow}. *middle half*: the \
+         ratios' quartiles over the passes (how far one slice scatters). *tracer CPU*: user + \
+         system time of the tracer process from ready to stop, over all passes (2 CPUs, \
          shared with client and server; for the empty classifier, the idle process holding \
-         it). *load*: the machine's 1-minute load average after the run (other work on the \
-         machine shows here). *tracer saw*: netrace's `totals.answered` (it should equal the \
-         connections) and `totals.lost` + `totals.abandoned`, and its kernel's `syn_seen`; \
-         tcpdump's `packets captured` (a SYN and a SYN-ACK per connection) and `packets \
-         received by filter` (the difference was still unread when it stopped). *tracer \
-         dropped*: netrace's `drops.events_lost` + `drops.pending_map_full`; tcpdump's \
-         `packets dropped by kernel`.\n"
+         it). *load*: the machine's 1-minute load average when the tracers stopped. *tracer \
+         saw*: netrace's `totals.answered` (it should equal the connections made on its pair, \
+         warm-up excluded, as it started after it) and `totals.lost` + `totals.abandoned`, \
+         and its kernel's `syn_seen`; tcpdump's `packets captured` (a SYN and a SYN-ACK per \
+         connection) and `packets received by filter` (the difference was still unread when \
+         it stopped). *tracer dropped*: netrace's `drops.events_lost` + \
+         `drops.pending_map_full`; tcpdump's `packets dropped by kernel`.\n"
     )?;
     Ok(())
 }
@@ -479,8 +526,8 @@ fn cpu_share(d: &mut String, r: &Value) -> anyhow::Result<()> {
     )?;
     writeln!(
         d,
-        "The rates above scatter from run to run by more than the one- and two-point targets, \
-         whatever the number of rounds a run can afford; the CPU time netrace takes does not. \
+        "The rates above scatter from slice to slice, and only many passes narrow their \
+         interval; the CPU time netrace takes does not scatter so. \
          Each round attaches the empty classifier (its holder keeping the kernel's run-time \
          statistics on, `BPF_ENABLE_STATS`) and `netrace watch` in its default mode to the \
          client's interface at once, then runs the load of the rate runs for {} s ({} round(s) \
@@ -581,25 +628,6 @@ fn cpu(d: &mut String, r: &Value) -> anyhow::Result<()> {
 }
 
 /// Median and best run per mode, under a table of runs.
-fn summary_line(
-    d: &mut String,
-    t: &Value,
-    key: &str,
-    fmt: &dyn Fn(f64) -> String,
-) -> anyhow::Result<()> {
-    let mut parts = Vec::new();
-    for (mode, label) in MODES {
-        parts.push(format!(
-            "{label} {} (best {}, ratio {:.1} %)",
-            fmt(f(t, &format!("/{key}/{mode}/median"))),
-            fmt(f(t, &format!("/{key}/{mode}/best"))),
-            f(t, &format!("/{key}/{mode}/ratio")) * 100.0
-        ));
-    }
-    writeln!(d, "\nMedians: {}.", parts.join(", "))?;
-    Ok(())
-}
-
 /// The tracer's CPU time from ready to stop.
 fn cpu_time(x: &Value) -> String {
     match x.pointer("/tracer_rss_bytes").and_then(Value::as_f64) {

@@ -38,10 +38,11 @@ use tracer::{Bins, Mode, Tracer};
 /// How long and how often; `--quick` keeps the whole run short.
 struct Plan {
     quick: bool,
-    /// Seconds per traffic run.
+    /// Seconds per run of the CPU-share rounds.
     secs: f64,
-    /// Rounds of every [`Mode`] per traffic figure.
-    rounds: usize,
+    /// Seconds of one mode's slice of a side-by-side pass, and how many passes.
+    slice_secs: f64,
+    passes: usize,
     scale_levels: &'static [u32],
     /// Seconds of the paced run netrace's CPU is measured over.
     cpu_secs: f64,
@@ -56,7 +57,8 @@ impl Plan {
             Self {
                 quick,
                 secs: 2.0,
-                rounds: 1,
+                slice_secs: 0.5,
+                passes: 8,
                 scale_levels: &[10_000, 100_000, 1_000_000],
                 cpu_secs: 5.0,
             }
@@ -64,7 +66,8 @@ impl Plan {
             Self {
                 quick,
                 secs: 5.0,
-                rounds: 9,
+                slice_secs: 0.5,
+                passes: 90,
                 scale_levels: &[10_000, 100_000, 1_000_000],
                 cpu_secs: 20.0,
             }
@@ -217,16 +220,18 @@ pub(crate) fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Measurements of one mode over the rounds.
+/// Measurements of one mode over the passes.
 #[derive(Default)]
 struct Series {
     values: Vec<f64>,
     extra: Vec<Value>,
+    /// What the mode's tracer reported when it stopped, after every pass.
+    tracer: Value,
 }
 
-/// A mode's runs, with its ratio to no tracer: the median of the per-round ratios, each run
-/// against the no-tracer run of the same round, seconds apart, so that whatever else loads
-/// the machine at the time weighs on both.
+/// A mode's runs, with its ratio to no tracer: the median of the per-pass ratios, each run
+/// against the no-tracer run of the same pass, a second or two apart, so that whatever else
+/// loads the machine at the time weighs on both.
 fn series_json(s: &Series, none: &Series) -> Value {
     let best = s.values.iter().copied().fold(f64::NAN, f64::max);
     let ratios: Vec<f64> = s
@@ -242,79 +247,62 @@ fn series_json(s: &Series, none: &Series) -> Value {
         "ratios": ratios,
         "runs": s.values,
         "details": s.extra,
+        "tracer": s.tracer,
     })
 }
 
-/// Throughput and connection rate, rounds alternating every [`Mode`]; then netrace's CPU at
-/// a paced [`CPU_RATE`].
+/// Throughput and connection rate, side by side: every [`Mode`] watches a namespace pair of
+/// its own, all started before the first pass and stopped after the last, and the load
+/// visits the pairs in turn, a short slice each, one pass after another (the order rotating
+/// by one each pass). The load leaves each slice to settle before the next
+/// ([`traffic::SETTLE`]), so that a tracer's work on what it saw (netrace drains its logs
+/// every 50 ms) falls in its own slice or the pause, not in the next mode's. Then netrace's
+/// CPU at a paced [`CPU_RATE`] and its share of the busy CPU.
+///
+/// Why side by side: a tracer started and stopped around every run costs a second or two of
+/// the machine's time per run, so a run could afford nine rounds of five seconds, and one
+/// five-second run of a mode on this kind of shared machine differs from the next by more
+/// than ten points; with every tracer in place, a pass of all the modes takes a few seconds
+/// and a run holds ninety of them, each mode compared with the no-tracer slice of its own
+/// pass.
 fn traffic(bins: &Bins, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
-    let net = net::BenchNet::new()?;
-    eprintln!(
-        "bench: namespaces {} and {}, veth {} <-> {}",
-        net.client_ns, net.server_ns, net.client_if, net.server_if
-    );
-    // Warm-up: neighbours resolved, code paths and caches warm; not recorded.
-    traffic::stream(&net, 0.5)?;
-    traffic::connections(&net, 0.5, None)?;
-
     const N: usize = Mode::ALL.len();
-    let mut stream: [Series; N] = Default::default();
-    for round in 0..plan.rounds {
-        for (i, mode) in rotated(round) {
-            let t = Tracer::start(mode, &net, bins, scratch)?;
-            let bps = traffic::stream(&net, plan.secs);
-            let seen = t.stop()?;
-            let bps = bps?;
-            eprintln!(
-                "bench: stream round {}/{} {:<14} {:.2} Gbit/s",
-                round + 1,
-                plan.rounds,
-                mode.name(),
-                bps / 1e9
-            );
-            stream[i].values.push(bps);
-            stream[i].extra.push(json!({
-                "seen": seen.count, "matched": seen.matched, "dropped": seen.dropped,
-                "lost": seen.lost,
-                "tracer_rss_bytes": seen.rss_bytes, "tracer_cpu_s": seen.cpu_s,
-                "load1_after": doc::load1(),
-            }));
-        }
+    let mut nets = Vec::with_capacity(N);
+    for _ in 0..N {
+        nets.push(net::BenchNet::new()?);
     }
-    let mut conns: [Series; N] = Default::default();
-    for round in 0..plan.rounds {
-        for (i, mode) in rotated(round) {
-            let t = Tracer::start(mode, &net, bins, scratch)?;
-            let c = traffic::connections(&net, plan.secs, None);
-            let seen = t.stop()?;
-            let c = c?;
-            eprintln!(
-                "bench: connections round {}/{} {:<14} {} ({} connections, {} errors, {} slower \
-                 than 100 ms; tracer saw {})",
-                round + 1,
-                plan.rounds,
-                mode.name(),
-                report::rate(c.per_second),
-                c.connections,
-                c.errors,
-                c.slow,
-                seen.count
-            );
-            conns[i].values.push(c.per_second);
-            conns[i].extra.push(json!({
+    for (net, mode) in nets.iter().zip(Mode::ALL) {
+        eprintln!(
+            "bench: {:<14} namespaces {} and {}, veth {} <-> {}",
+            mode.name(),
+            net.client_ns,
+            net.server_ns,
+            net.client_if,
+            net.server_if
+        );
+        // Warm-up: neighbours resolved, code paths and caches warm; not recorded.
+        traffic::stream(net, 0.2)?;
+        traffic::connections(net, 0.2, None)?;
+    }
+    let stream = side_by_side(&nets, bins, plan, scratch, "stream", |net| {
+        let bps = traffic::stream(net, plan.slice_secs)?;
+        Ok((bps, json!({})))
+    })?;
+    let conns = side_by_side(&nets, bins, plan, scratch, "connections", |net| {
+        let c = traffic::connections(net, plan.slice_secs, None)?;
+        Ok((
+            c.per_second,
+            json!({
                 "connections": c.connections, "errors": c.errors, "accepted": c.accepted,
                 "slow_connects": c.slow,
-                "seen": seen.count, "matched": seen.matched, "dropped": seen.dropped,
-                "lost": seen.lost,
-                "tracer_rss_bytes": seen.rss_bytes, "tracer_cpu_s": seen.cpu_s,
-                "load1_after": doc::load1(),
-            }));
-        }
-    }
-    let cpu = cpu_at_rate(&net, bins, plan, scratch)?;
-    let cpu_share = share::run(&net, bins, plan, scratch)?;
-    drop(net);
-    let by_mode = |s: &[Series; N]| -> Value {
+            }),
+        ))
+    })?;
+    let net = &nets[0];
+    let cpu = cpu_at_rate(net, bins, plan, scratch)?;
+    let cpu_share = share::run(net, bins, plan, scratch)?;
+    drop(nets);
+    let by_mode = |s: &[Series]| -> Value {
         Mode::ALL
             .iter()
             .zip(s.iter())
@@ -323,8 +311,10 @@ fn traffic(bins: &Bins, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
             .into()
     };
     Ok(json!({
-        "seconds": plan.secs,
-        "rounds": plan.rounds,
+        "method": "side_by_side",
+        "seconds": plan.slice_secs,
+        "rounds": plan.passes,
+        "settle_seconds": traffic::SETTLE.as_secs_f64(),
         "quick": plan.quick,
         "modes": Mode::ALL.iter().map(|m| m.name()).collect::<Vec<_>>(),
         "tcpdump_filter": tracer::TCPDUMP_FILTER,
@@ -335,11 +325,76 @@ fn traffic(bins: &Bins, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
     }))
 }
 
-/// The modes with their index, starting one further each round, so that no mode always runs
+/// Starts every mode's tracer on its own pair, runs `load` on each pair in turn for
+/// `plan.passes` passes, stops the tracers; returns each mode's runs (and what its tracer
+/// reported).
+fn side_by_side(
+    nets: &[net::BenchNet],
+    bins: &Bins,
+    plan: &Plan,
+    scratch: &Path,
+    what: &str,
+    load: impl Fn(&net::BenchNet) -> anyhow::Result<(f64, Value)>,
+) -> anyhow::Result<Vec<Series>> {
+    let mut tracers = Vec::with_capacity(nets.len());
+    for (net, mode) in nets.iter().zip(Mode::ALL) {
+        tracers.push(Tracer::start(mode, net, bins, scratch)?);
+    }
+    let mut series: Vec<Series> = Mode::ALL.iter().map(|_| Series::default()).collect();
+    let mut failed = None;
+    'passes: for pass in 0..plan.passes {
+        for (i, mode) in rotated(pass) {
+            match load(&nets[i]) {
+                Ok((v, extra)) => {
+                    series[i].values.push(v);
+                    series[i].extra.push(extra);
+                }
+                Err(e) => {
+                    failed = Some(e.context(format!("{what}, pass {}, {}", pass + 1, mode.name())));
+                    break 'passes;
+                }
+            }
+        }
+        if (pass + 1) % 10 == 0 || pass + 1 == plan.passes {
+            let last = |i: usize| series[i].values.last().copied().unwrap_or(f64::NAN);
+            eprintln!(
+                "bench: {what} pass {}/{}: {}",
+                pass + 1,
+                plan.passes,
+                Mode::ALL
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| format!("{} {:.3}", m.name(), last(i) / last(0)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    // Every tracer is stopped, also after a failed pass.
+    for (i, t) in tracers.into_iter().enumerate() {
+        match t.stop() {
+            Ok(seen) => {
+                series[i].tracer = json!({
+                    "seen": seen.count, "matched": seen.matched, "dropped": seen.dropped,
+                    "lost": seen.lost, "tracer_rss_bytes": seen.rss_bytes,
+                    "tracer_cpu_s": seen.cpu_s, "tracer_wall_s": seen.wall_s,
+                    "load1_after": doc::load1(),
+                });
+            }
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(series),
+    }
+}
+
+/// The modes with their index, starting one further each pass, so that no mode always runs
 /// first or right after another one.
-fn rotated(round: usize) -> impl Iterator<Item = (usize, Mode)> {
+fn rotated(pass: usize) -> impl Iterator<Item = (usize, Mode)> {
     (0..Mode::ALL.len()).map(move |k| {
-        let i = (k + round) % Mode::ALL.len();
+        let i = (k + pass) % Mode::ALL.len();
         (i, Mode::ALL[i])
     })
 }

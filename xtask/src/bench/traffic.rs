@@ -156,6 +156,11 @@ pub struct ConnRate {
 
 pub const SLOW_CONNECT: Duration = Duration::from_millis(100);
 
+/// The pause after a connection-rate run: the last handshakes reach the accept queue, and a
+/// tracer reads what the run left it (netrace drains its logs every 50 ms when busy) before
+/// the next run, on another pair, begins.
+pub const SETTLE: Duration = Duration::from_millis(200);
+
 /// Closes with a RST instead of a FIN (`SO_LINGER` 0): no TIME_WAIT on either side, so
 /// millions of connections over the rounds neither run out of ports nor meet an old
 /// connection's TIME_WAIT (whose SYN would be answered late, after a 1 s retransmission).
@@ -267,8 +272,9 @@ pub fn connections(net: &BenchNet, secs: f64, rate: Option<f64>) -> anyhow::Resu
             Err(e) => first_err = first_err.or(Some(e)),
         }
     }
-    // Let the last handshakes reach the accept queue, then stop the server.
-    std::thread::sleep(Duration::from_millis(200));
+    // Let the last handshakes reach the accept queue, and the tracer read what it was told,
+    // then stop the server.
+    std::thread::sleep(SETTLE);
     stop.store(true, Ordering::Relaxed);
     let accepted = join(server, "connection server")?;
     if let Some(e) = first_err {
