@@ -388,6 +388,38 @@ pub enum EventKind {
     /// pairs it by (remote address, remote port, ISN) with a SYN seen under another source
     /// (translated after netrace saw it), or counts it as a sign of translation out of sight.
     UnmatchedSynAck = 9,
+    /// An answer (SYN-ACK, RST or ICMP error) whose pending entry could not be looked at: the
+    /// lock of a bucket that may hold it stayed taken (its holder held up, a virtual CPU
+    /// preempted by its host). User space takes the entry itself and pairs it by the same
+    /// rules, so that the attempt is not decided lost for want of a lock. `key` is oriented as
+    /// for a SYN; `pending.isn` is the answer's raw acknowledgement number (for an ICMP error,
+    /// the quoted sequence number); `pending.syns` the answer's [`answer_code`]; `icmp_type`
+    /// and `icmp_code` as for [`EventKind::Unreachable`].
+    BusyAnswer = 10,
+}
+
+/// An [`Answer`] as carried by an [`EventKind::BusyAnswer`] event (`pending.syns`).
+#[inline(always)]
+pub const fn answer_code(answer: parse::Answer) -> u32 {
+    match answer {
+        parse::Answer::SynAck => 1,
+        parse::Answer::Rst => 2,
+        parse::Answer::Unreachable { .. } => 3,
+    }
+}
+
+/// The [`Answer`] of an [`EventKind::BusyAnswer`] event; `None` for a code this build does not
+/// know.
+pub const fn answer_of(code: u32, icmp_type: u8, icmp_code: u8) -> Option<parse::Answer> {
+    match code {
+        1 => Some(parse::Answer::SynAck),
+        2 => Some(parse::Answer::Rst),
+        3 => Some(parse::Answer::Unreachable {
+            icmp_type,
+            code: icmp_code,
+        }),
+        _ => None,
+    }
 }
 
 impl EventKind {
@@ -403,6 +435,7 @@ impl EventKind {
             7 => Some(Self::SockConnect),
             8 => Some(Self::SockLeftSynSent),
             9 => Some(Self::UnmatchedSynAck),
+            10 => Some(Self::BusyAnswer),
             _ => None,
         }
     }
@@ -589,10 +622,13 @@ pub enum Counter {
     /// Of the answers counted in [`Counter::AnsweredBooked`], those written to the CPU's
     /// answer log (`netrace_common::log`) rather than counted in a book.
     AnsweredLogged = 20,
+    /// Answers whose pending entry could not be looked at because a bucket's lock stayed
+    /// taken: each sent as an [`EventKind::BusyAnswer`] for user space to pair.
+    AnswerBusy = 21,
 }
 
 /// Number of counters (size of the per-CPU counter array).
-pub const COUNTER_SLOTS: u32 = 21;
+pub const COUNTER_SLOTS: u32 = 22;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -709,6 +745,7 @@ mod tests {
             EventKind::SockConnect,
             EventKind::SockLeftSynSent,
             EventKind::UnmatchedSynAck,
+            EventKind::BusyAnswer,
         ] {
             assert_eq!(EventKind::from_u32(k as u32), Some(k));
         }

@@ -90,6 +90,8 @@ pub enum Take {
     Taken(PendingSyn),
     /// Accepted, then removed by someone else before this could (who reports it).
     Gone,
+    /// Whether there is an entry is not known: a lock it needed stayed taken.
+    Busy,
 }
 
 /// A SYN or answer the rules left aside (already counted), with the values worth a debug line.
@@ -127,6 +129,10 @@ pub trait EventSink {
     /// egress hook changed the SYN's source); others ignore it.
     #[inline(always)]
     fn unmatched(&mut self, _key: &FlowKey, _ack: u32, _answer: Answer) {}
+    /// An answer whose entry could not be looked at ([`Take::Busy`]): reported
+    /// ([`EventKind::BusyAnswer`]) for user space to pair, never taken as unmatched.
+    #[inline(always)]
+    fn busy(&mut self, _key: &FlowKey, _ack: u32, _answer: Answer) {}
     /// Whether every new pending entry is reported ([`EventKind::Syn`]); the kernel sends
     /// them only when user space pairs SYNs one by one (attribution).
     #[inline(always)]
@@ -196,6 +202,18 @@ pub fn acknowledges(pending: &PendingSyn, ack: u32, answer: Answer) -> bool {
             let next = pending.isn.wrapping_add(1);
             ack == next || ack == next.wrapping_add(pending.data_len as u32)
         }
+    }
+}
+
+/// What an [`EventKind::BusyAnswer`] event carries for an answer at `now` on `ifindex`: its
+/// `pending` (the raw acknowledgement and the answer's code) and ICMP type and code.
+#[inline(always)]
+pub fn busy_event(now: u64, ack: u32, answer: Answer, ifindex: u32) -> (PendingSyn, u8, u8) {
+    let mut seen = PendingSyn::first(now, ack, ifindex);
+    seen.syns = crate::answer_code(answer);
+    match answer {
+        Answer::Unreachable { icmp_type, code } => (seen, icmp_type, code),
+        _ => (seen, 0, 0),
     }
 }
 
@@ -327,6 +345,11 @@ pub fn on_answer<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
             return;
         }
         Take::Gone => return,
+        Take::Busy => {
+            sink.count(Counter::AnswerBusy);
+            sink.busy(key, ack, answer);
+            return;
+        }
     };
     let now = sink.now();
     let (kind, counter) = resolution(answer);
@@ -393,7 +416,7 @@ mod memory {
 
     use std::{collections::HashMap, vec::Vec};
 
-    use super::{EventSink, Insert, PendingTable};
+    use super::{busy_event, EventSink, Insert, PendingTable};
     use crate::parse::Answer;
     use crate::{BookKey, Counter, EventKind, FlowKey, OutcomeEvent, PendingSyn, COUNTER_SLOTS};
 
@@ -529,6 +552,11 @@ mod memory {
                 let seen = PendingSyn::first(now, ack.wrapping_sub(1), self.ifindex);
                 self.emit(EventKind::UnmatchedSynAck, key, &seen, now, 0, 0);
             }
+        }
+        fn busy(&mut self, key: &FlowKey, ack: u32, answer: Answer) {
+            let now = self.now;
+            let (seen, icmp_type, icmp_code) = busy_event(now, ack, answer, self.ifindex);
+            self.emit(EventKind::BusyAnswer, key, &seen, now, icmp_type, icmp_code);
         }
         fn book_answer(&mut self, key: &FlowKey, pending: &PendingSyn, now: u64) -> bool {
             match self.books.as_mut() {

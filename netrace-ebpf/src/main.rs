@@ -37,7 +37,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use netrace_common::{
     pairing::{
-        on_packet, on_pod_syn, take_if_in_two_steps, EventSink, Insert, Note, PendingTable, Take,
+        busy_event, on_packet, on_pod_syn, take_if_in_two_steps, EventSink, Insert, Note,
+        PendingTable, Take,
     },
     parse::{Answer, Direction, Link, Parsed},
     rtt_slot, AnswerBook, BookKey, Counter, EventKind, FlowKey, KernelFilter, OutcomeEvent,
@@ -175,15 +176,17 @@ impl PendingTable for KernelTable {
             return take_if_in_two_steps(self, key, accept);
         }
         let k = key.v4();
-        // A lock that stays taken reads as no entry: the answer is then counted and sent as
-        // unmatched (see netrace_common::table), never dropped unseen.
+        // A lock that stays taken is told apart from no entry: the answer is then sent for
+        // user space to pair (`EventKind::BusyAnswer`); as unmatched, its attempt would be
+        // decided lost.
         let Some(mut b) = table::Entry::of(&k) else {
-            return Take::Absent;
+            return Take::Busy;
         };
         match b.take_if(&k, |s| accept(&s.to_pending())) {
-            None => Take::Absent,
-            Some(Ok(s)) => Take::Taken(s.to_pending()),
-            Some(Err(s)) => Take::Kept(s.to_pending()),
+            Err(_) => Take::Busy,
+            Ok(None) => Take::Absent,
+            Ok(Some(Ok(s))) => Take::Taken(s.to_pending()),
+            Ok(Some(Err(s))) => Take::Kept(s.to_pending()),
         }
     }
 
@@ -194,7 +197,7 @@ impl PendingTable for KernelTable {
             let Some(mut b) = table::Entry::of(&k) else {
                 return false;
             };
-            return b.remove(&k).is_some();
+            return matches!(b.remove(&k), Ok(Some(_)));
         }
         PENDING_V6.remove(key.v6()).is_ok()
     }
@@ -333,6 +336,21 @@ impl EventSink for KernelSink {
         icmp_code: u8,
     ) {
         emit(self.ifindex, kind, key, pending, now, icmp_type, icmp_code);
+    }
+
+    #[inline(always)]
+    fn busy(&mut self, key: &FlowKey, ack: u32, answer: Answer) {
+        let now = self.now();
+        let (seen, icmp_type, icmp_code) = busy_event(now, ack, answer, self.ifindex);
+        emit(
+            self.ifindex,
+            EventKind::BusyAnswer,
+            key,
+            &seen,
+            now,
+            icmp_type,
+            icmp_code,
+        );
     }
 
     /// A SYN-ACK for a 4-tuple never seen leaving: reported with the ISN it acknowledges, so

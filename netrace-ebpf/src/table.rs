@@ -407,31 +407,36 @@ impl Entry {
         }
     }
 
-    /// Removes the entry for `key` if `accept` takes it: `Ok` the entry removed, `Err` the
-    /// entry left in place; `None` when there is none (or a bucket that may hold it could not
-    /// be locked). One look-up for both.
+    /// Removes the entry for `key` if `accept` takes it: `Ok(Some(Ok))` the entry removed,
+    /// `Ok(Some(Err))` the entry left in place, `Ok(None)` no entry; `Err` when a bucket that
+    /// may hold it could not be locked. One look-up for both.
     #[inline(always)]
     pub(crate) fn take_if<F: FnOnce(&PendingSlot) -> bool>(
         &mut self,
         key: &V4Key,
         accept: F,
-    ) -> Option<Result<PendingSlot, PendingSlot>> {
-        let found = self.locate(key).ok()??;
+    ) -> Result<Option<Result<PendingSlot, PendingSlot>>, Refused> {
+        let Some(found) = self.locate(key).map_err(|()| Refused::Busy)? else {
+            return Ok(None);
+        };
         if !found.far {
-            return self.near.take_at(found.at, accept);
+            return Ok(self.near.take_at(found.at, accept));
         }
         let own = self.near.own;
-        let r = self.far.as_mut()?.take_at(found.at, accept)?;
-        if r.is_ok() {
+        let Some(far_bucket) = self.far.as_mut() else {
+            return Err(Refused::Busy);
+        };
+        let r = far_bucket.take_at(found.at, accept);
+        if let Some(Ok(_)) = r {
             far(own, false);
         }
-        Some(r)
+        Ok(r)
     }
 
-    /// Removes the entry for `key` and returns it.
+    /// Removes the entry for `key` and returns it (`Ok(None)`: there is none).
     #[inline(always)]
-    pub(crate) fn remove(&mut self, key: &V4Key) -> Option<PendingSlot> {
-        self.take_if(key, |_| true)?.ok()
+    pub(crate) fn remove(&mut self, key: &V4Key) -> Result<Option<PendingSlot>, Refused> {
+        Ok(self.take_if(key, |_| true)?.and_then(Result::ok))
     }
 
     /// Stores `slot` for `key`: in the near region, else in the far one (`far_first`: the
@@ -522,11 +527,12 @@ pub fn netrace_table_ctl(ctx: TcContext) -> i32 {
         None => TABLE_BUSY,
         Some(mut b) => match cmd.op {
             TABLE_TAKE => match b.remove(&cmd.key) {
-                Some(s) => {
+                Ok(Some(s)) => {
                     cmd.slot = s;
                     TABLE_DONE
                 }
-                None => TABLE_PRESENT_OR_ABSENT,
+                Ok(None) => TABLE_PRESENT_OR_ABSENT,
+                Err(_) => TABLE_BUSY,
             },
             // Decided lost, kept for the late window: in the far region, out of the way of
             // the SYNs in flight.

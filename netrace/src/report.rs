@@ -285,6 +285,8 @@ impl Report {
                 "lost_memory_overflow": self.tracker.lost_memory_overflow,
                 "repeated_syns": self.tracker.repeated_syns,
                 "repeated_synacks": self.tracker.repeated_synacks,
+                "busy_paired": self.tracker.busy_paired,
+                "busy_unpaired": self.tracker.busy_unpaired,
                 "sweep_races": self.tracker.sweep_races,
                 "put_back_refused": self.tracker.put_back_refused,
             },

@@ -17,7 +17,7 @@ use netrace::{
     track::tracker::{PendingMap as _, PutBack},
 };
 use netrace_common::{table, Counter, FlowKey, KernelFilter, STATE_LOST};
-use netrace_lab::wire::{answer, syn, TCP_ACK, TCP_SYN};
+use netrace_lab::wire::{answer, syn, TCP_ACK, TCP_RST, TCP_SYN};
 use support::bpf::{pin_to_cpu, Bpf};
 
 const ISN: u32 = 9_000;
@@ -150,11 +150,14 @@ fn concurrent_syns_and_answers_on_shared_buckets_lose_nothing() {
     // A lock that stays taken (a CPU stopped by the hypervisor while holding it, or a test run
     // preempted by another test's process: test runs are preemptible) refuses a SYN or leaves
     // an answer unmatched, its entry then met again by the next round's SYN as a
-    // retransmission: counted, and rare, but in bursts (every try of the other CPU fails while
+    // retransmission (the answer is counted busy and sent for user space to pair, which
+    // this test, with no user space, does not): counted, and rare, but in bursts (every try of the other CPU fails while
     // the holder is stopped; 0.12 % was seen with other tests running). A lock never released
     // fails nearly all of them.
     let refused = bpf.counter(Counter::PendingMapFull);
-    let unmatched = bpf.counter(Counter::SynAckUnmatched) + bpf.counter(Counter::SynAckRepeated);
+    let unmatched = bpf.counter(Counter::SynAckUnmatched)
+        + bpf.counter(Counter::SynAckRepeated)
+        + bpf.counter(Counter::AnswerBusy);
     let retransmits = bpf.counter(Counter::SynRetransmit);
     assert!(retransmits <= unmatched, "{retransmits} retransmissions");
     assert!(
@@ -175,4 +178,81 @@ fn concurrent_syns_and_answers_on_shared_buckets_lose_nothing() {
     );
     assert_eq!(bpf.pending_all(), Vec::new(), "nothing left behind");
     assert_eq!(bpf.maps.pending.v4.spilled(), 0, "spill counts left over");
+}
+
+/// Every bucket's lock held, as by CPUs held up inside a program (a virtual CPU preempted by
+/// its host): a SYN-ACK, a RST and an ICMP error cannot look for their entries. Each is
+/// counted and sent as a busy answer with what user space needs to pair it (the raw
+/// acknowledgement, the kind of answer); none is taken as unmatched, and every entry stays for
+/// user space to take once the locks are free.
+#[test]
+fn answers_that_meet_a_held_lock_are_sent_for_user_space_to_pair() {
+    let mut bpf = Bpf::load_sized(KernelFilter::default(), MAX_PENDING);
+    let tuples: Vec<_> = (0..3).map(tuple).collect();
+    for (from, to) in &tuples {
+        bpf.egress(&syn(*from, *to, ISN));
+    }
+    assert_eq!(bpf.pending_all().len(), 3);
+    let buckets = bpf.maps.pending.v4.buckets();
+    let len = buckets * std::mem::size_of::<table::HeadV4>();
+    // SAFETY: a new shared writable mapping of the heads' map, of its own size; unmapped
+    // below, and only its lock words are touched, with atomic operations.
+    let heads = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&bpf.maps.pending.v4.heads_fd()),
+            0,
+        )
+    };
+    assert_ne!(heads, libc::MAP_FAILED);
+    let words = |f: &dyn Fn(&std::sync::atomic::AtomicU64)| {
+        for b in 0..buckets {
+            // SAFETY: inside the mapping; each head starts with its aligned lock word.
+            let w = unsafe {
+                std::sync::atomic::AtomicU64::from_ptr(heads.cast::<table::HeadV4>().add(b).cast())
+            };
+            f(w);
+        }
+    };
+    words(&|w| {
+        w.fetch_or(table::LOCKED, std::sync::atomic::Ordering::SeqCst);
+    });
+
+    let answers = [
+        (tuples[0], ISN + 1, TCP_SYN | TCP_ACK, 1u32),
+        (tuples[1], ISN + 1, TCP_RST | TCP_ACK, 2),
+    ];
+    for ((from, to), ack, flags, _) in answers {
+        bpf.ingress(&answer(from, to, flags, ack));
+    }
+    let (from, to) = tuples[2];
+    assert!(
+        bpf.maps
+            .pending
+            .v4
+            .take(&support::bpf::key(from, to).v4())
+            .is_err(),
+        "user space's take meets the lock too"
+    );
+    words(&|w| {
+        w.fetch_and(!table::LOCKED, std::sync::atomic::Ordering::SeqCst);
+    });
+    // SAFETY: the mapping made above, of this length, unmapped once.
+    unsafe { libc::munmap(heads, len) };
+
+    assert_eq!(bpf.counter(Counter::AnswerBusy), 2);
+    assert_eq!(bpf.counter(Counter::SynAckUnmatched), 0);
+    assert_eq!(bpf.counter(Counter::SynAckMatched), 0);
+    let events = bpf.events();
+    assert_eq!(events.len(), 2, "{events:?}");
+    for (ev, ((from, to), ack, _, code)) in events.iter().zip(answers) {
+        assert_eq!(ev.kind, netrace_common::EventKind::BusyAnswer);
+        assert_eq!(ev.raw.key, support::bpf::key(from, to));
+        assert_eq!((ev.raw.pending.isn, ev.raw.pending.syns), (ack, code));
+    }
+    // Every entry is still there, for user space to take.
+    assert_eq!(bpf.pending_all().len(), 3);
 }

@@ -462,7 +462,7 @@ pub fn load(
 }
 
 /// Every counter the kernel keeps, summed over CPUs, by name.
-pub const COUNTERS: [(Counter, &str); 21] = [
+pub const COUNTERS: [(Counter, &str); 22] = [
     (Counter::SynSeen, "syn_seen"),
     (Counter::SynRetransmit, "syn_retransmit"),
     (Counter::PendingMapFull, "pending_map_full"),
@@ -484,6 +484,7 @@ pub const COUNTERS: [(Counter, &str); 21] = [
     (Counter::SynAckRepeated, "synack_repeated"),
     (Counter::TableBusy, "table_busy"),
     (Counter::AnsweredLogged, "answered_logged"),
+    (Counter::AnswerBusy, "answer_busy"),
 ];
 
 /// Read-only access to the counters and the per-port SYN tally.

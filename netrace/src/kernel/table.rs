@@ -50,6 +50,14 @@ impl TableV4 {
     }
 
     /// How many buckets the table has.
+    /// The heads' map: a test holds a bucket's lock through a writable mapping of it, as a
+    /// CPU held up inside a program would.
+    #[doc(hidden)]
+    pub fn heads_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.heads.map.fd().as_fd()
+    }
+
     pub fn buckets(&self) -> usize {
         self.buckets
     }

@@ -9,7 +9,12 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use netrace_common::{EventKind, ExpireCutoffs, FlowKey, PendingSyn, STATE_LOST, STATE_WAITING};
+use netrace_common::{
+    answer_of,
+    pairing::{acknowledges, resolution},
+    parse::Answer,
+    EventKind, ExpireCutoffs, FlowKey, OutcomeEvent, PendingSyn, STATE_LOST, STATE_WAITING,
+};
 
 use crate::kernel::events::Event;
 
@@ -192,6 +197,12 @@ pub struct TrackerStats {
     /// space reads its answer logs and books): the server repeating an answer, not a sign
     /// of translation.
     pub repeated_synacks: u64,
+    /// Answers whose entry the kernel could not look at (a bucket's lock stayed taken) that
+    /// the sweep paired by taking the entry itself.
+    pub busy_paired: u64,
+    /// Such answers that could not be kept for the sweep (too many at once, or an answer
+    /// this build does not know): their attempts may be decided lost.
+    pub busy_unpaired: u64,
     /// Entries the sweep took that had changed since the walk (put back, decided later).
     pub sweep_races: u64,
     /// Waiting entries the sweep took by such a race and could not put back because the
@@ -243,6 +254,10 @@ pub struct Tracker {
     /// Answers to 4-tuples with no entry, with the ISN they answer and when: paired at the
     /// next sweep with a waiting entry of the same remote address, port and ISN.
     unmatched: Vec<(FlowKey, u32, u64)>,
+    /// Answers whose entry the kernel could not look at (a bucket's lock stayed taken): the
+    /// key, the raw acknowledgement, the answer and when, paired at the next sweep (before it
+    /// decides anything lost) by taking the entry here.
+    busy: Vec<(FlowKey, u32, Answer, u64, u32)>,
     /// Lost attempts answered late by a SYN-ACK that found no entry (the sweep held it): their
     /// entry, put back marked lost after that, stays until the end of its late window; the
     /// ISN and that end, so that an answer that finds it then is a repeat, not late again.
@@ -272,6 +287,7 @@ impl Tracker {
             decided_order: VecDeque::new(),
             by_isn: HashMap::new(),
             unmatched: Vec::new(),
+            busy: Vec::new(),
             answered_late: HashMap::new(),
             lost_memory: HashMap::new(),
             lost_order: VecDeque::new(),
@@ -366,6 +382,7 @@ impl Tracker {
             && self.decided.is_empty()
             && self.by_isn.is_empty()
             && self.unmatched.is_empty()
+            && self.busy.is_empty()
             && self.answered_late.is_empty()
             && self.lost_memory.is_empty()
     }
@@ -451,6 +468,17 @@ impl Tracker {
                 });
             }
             EventKind::UnmatchedSynAck => self.on_unmatched_synack(ev, out),
+            EventKind::BusyAnswer => {
+                let answer = answer_of(p.syns, ev.raw.icmp_type, ev.raw.icmp_code);
+                match answer {
+                    Some(a) if self.busy.len() < MAX_UNMATCHED => {
+                        self.busy
+                            .push((key, p.isn, a, ev.raw.ts_ns, ev.raw.ifindex));
+                    }
+                    // Counted: the attempt may be decided lost for want of its answer.
+                    _ => self.stats.busy_unpaired += 1,
+                }
+            }
             // Not connection state: the correlator's business.
             EventKind::PodSyn | EventKind::SockConnect | EventKind::SockLeftSynSent => {}
         }
@@ -550,6 +578,46 @@ impl Tracker {
         taken
     }
 
+    /// Pairs the answers whose entry the kernel could not look at: takes the entry and applies
+    /// the kernel's rules to it, as if the answer had found it then. An entry the answer does
+    /// not acknowledge goes back; a SYN-ACK without its entry is then an unmatched one (a
+    /// translated answer, or a repeat).
+    fn pair_busy(&mut self, map: &mut impl PendingMap, out: &mut Vec<Outcome>) {
+        for (key, ack, answer, ts, ifindex) in std::mem::take(&mut self.busy) {
+            let (icmp_type, icmp_code) = match answer {
+                Answer::Unreachable { icmp_type, code } => (icmp_type, code),
+                _ => (0, 0),
+            };
+            let event = |kind: EventKind, pending: PendingSyn| Event {
+                kind,
+                raw: OutcomeEvent {
+                    kind: kind as u32,
+                    ifindex,
+                    key,
+                    pending,
+                    ts_ns: ts,
+                    icmp_type,
+                    icmp_code,
+                    ..OutcomeEvent::default()
+                },
+            };
+            let taken = map.take(&key);
+            match taken {
+                Some(p) if acknowledges(&p, ack, answer) => {
+                    self.stats.busy_paired += 1;
+                    self.on_event(&event(resolution(answer).0, p), out);
+                    continue;
+                }
+                Some(p) => self.put_back_other(key, p, map, out, 0),
+                None => {}
+            }
+            if answer == Answer::SynAck {
+                let seen = PendingSyn::first(ts, ack.wrapping_sub(1), ifindex);
+                self.on_unmatched_synack(&event(EventKind::UnmatchedSynAck, seen), out);
+            }
+        }
+    }
+
     /// Forgets an attempt still waiting for its answer, without an outcome: it was not a
     /// connection of the watched side after all (`analyze`: a SYN seen before its SNAT twin on
     /// the uplink, which is the connection the report counts). `false` when no waiting attempt
@@ -580,6 +648,7 @@ impl Tracker {
         out: &mut Vec<Outcome>,
         full: bool,
     ) {
+        self.pair_busy(map, out);
         self.answered_late.retain(|_, (_, until)| *until > now_ns);
         // Entries that may be the SYNs of answers that came back to another 4-tuple: left for
         // the pairing after the walk.
@@ -968,6 +1037,96 @@ mod tests {
         icmp_type: 3,
         code: 1,
     };
+
+    /// The map as the kernel sees it while a bucket's lock stays taken: an answer cannot
+    /// look for its entry.
+    struct Locked<'a>(&'a mut HashMap<FlowKey, PendingSyn>);
+
+    impl pairing::PendingTable for Locked<'_> {
+        fn modify<R, F: FnOnce(&mut PendingSyn) -> R>(&mut self, key: &FlowKey, f: F) -> Option<R> {
+            self.0.get_mut(key).map(f)
+        }
+        fn get(&self, key: &FlowKey) -> Option<PendingSyn> {
+            self.0.get(key).copied()
+        }
+        fn insert_new(&mut self, _key: &FlowKey, _value: &PendingSyn) -> pairing::Insert {
+            pairing::Insert::Busy
+        }
+        fn remove(&mut self, _key: &FlowKey) -> bool {
+            false
+        }
+        fn take_if<F: FnOnce(&PendingSyn) -> bool>(
+            &mut self,
+            _key: &FlowKey,
+            _accept: F,
+        ) -> pairing::Take {
+            pairing::Take::Busy
+        }
+    }
+
+    /// An answer that met its bucket locked is paired by the next sweep, before it decides
+    /// anything lost: a SYN-ACK is an answer, a RST a refusal, an ICMP error unreachable, in
+    /// both modes; one that acknowledges another ISN leaves the entry to be decided lost, and
+    /// is then an unmatched SYN-ACK.
+    #[test]
+    fn an_answer_that_met_a_locked_bucket_is_paired_by_the_sweep() {
+        for books in [false, true] {
+            for (answer, kind) in [
+                (Answer::SynAck, OutcomeKind::Answered),
+                (Answer::Rst, OutcomeKind::Refused),
+                (UNREACHABLE, OutcomeKind::Unreachable),
+            ] {
+                let mut l = Lab::new(Tracker::new(3 * S, 60 * S), books);
+                let a = key(40000);
+                l.syn(S, a, 7);
+                let ack = match answer {
+                    Answer::Unreachable { .. } => 7,
+                    _ => 8,
+                };
+                l.sink.now = S + 500;
+                pairing::on_packet(
+                    &mut Locked(&mut l.map.0),
+                    &mut l.sink,
+                    None,
+                    &Parsed::Answer {
+                        key: a,
+                        ack,
+                        answer,
+                    },
+                );
+                assert_eq!(
+                    l.sink.counters[netrace_common::Counter::AnswerBusy as usize],
+                    1
+                );
+                l.pump();
+                assert!(l.out.is_empty(), "nothing decided before the sweep");
+                // Past the SYN timeout: without the pairing, the entry would be lost.
+                l.sweep(5 * S);
+                assert_eq!(l.kinds(), [kind], "{answer:?}, books {books}");
+                assert_eq!(l.out[0].rtt_ns, Some(500));
+                assert_eq!((l.t.stats.busy_paired, l.t.pending()), (1, 0));
+                l.finish_is(6 * S, 0);
+            }
+            let mut l = Lab::new(Tracker::new(3 * S, 60 * S), books);
+            let a = key(40000);
+            l.syn(S, a, 7);
+            l.sink.now = S + 500;
+            pairing::on_packet(
+                &mut Locked(&mut l.map.0),
+                &mut l.sink,
+                None,
+                &Parsed::Answer {
+                    key: a,
+                    ack: 100,
+                    answer: Answer::SynAck,
+                },
+            );
+            l.sweep(5 * S);
+            assert_eq!(l.kinds(), [OutcomeKind::Lost]);
+            assert_eq!(l.t.stats.busy_paired, 0);
+            assert_eq!(l.t.stats.unmatched_synacks, 1);
+        }
+    }
 
     #[test]
     fn answered_lost_late() {
