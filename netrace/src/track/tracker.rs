@@ -1015,6 +1015,13 @@ mod tests {
             self.packet(ns, Parsed::Answer { key, ack, answer });
         }
 
+        /// An answer while its bucket's lock stays taken (see [`Locked`]).
+        fn answer_locked(&mut self, ns: u64, key: FlowKey, ack: u32, answer: Answer) {
+            self.sink.now = ns;
+            let parsed = Parsed::Answer { key, ack, answer };
+            pairing::on_packet(&mut Locked(&mut self.map.0), &mut self.sink, None, &parsed);
+        }
+
         fn sweep(&mut self, ns: u64) {
             self.pump();
             self.t.sweep(ns, &mut self.map, &mut self.out);
@@ -1083,17 +1090,7 @@ mod tests {
                     Answer::Unreachable { .. } => 7,
                     _ => 8,
                 };
-                l.sink.now = S + 500;
-                pairing::on_packet(
-                    &mut Locked(&mut l.map.0),
-                    &mut l.sink,
-                    None,
-                    &Parsed::Answer {
-                        key: a,
-                        ack,
-                        answer,
-                    },
-                );
+                l.answer_locked(S + 500, a, ack, answer);
                 assert_eq!(
                     l.sink.counters[netrace_common::Counter::AnswerBusy as usize],
                     1
@@ -1110,17 +1107,7 @@ mod tests {
             let mut l = Lab::new(Tracker::new(3 * S, 60 * S), books);
             let a = key(40000);
             l.syn(S, a, 7);
-            l.sink.now = S + 500;
-            pairing::on_packet(
-                &mut Locked(&mut l.map.0),
-                &mut l.sink,
-                None,
-                &Parsed::Answer {
-                    key: a,
-                    ack: 100,
-                    answer: Answer::SynAck,
-                },
-            );
+            l.answer_locked(S + 500, a, 100, Answer::SynAck);
             l.sweep(5 * S);
             assert_eq!(l.kinds(), [OutcomeKind::Lost]);
             assert_eq!(l.t.stats.busy_paired, 0);
