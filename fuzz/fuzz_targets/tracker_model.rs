@@ -4,7 +4,9 @@
 //!   bounded size, with a sink that keeps the answer books (bounded too: a full book sends an
 //!   event instead) and sends no SYN events, as `watch` runs by default, or sends every SYN and
 //!   every answer, as per-connection output does; its events go through a ring buffer of
-//!   bounded size that drops (and counts) what does not fit;
+//!   bounded size that drops (and counts) what does not fit; an answer may meet its bucket's
+//!   lock taken (`Take::Busy`), and is then sent for the sweep to pair before it decides
+//!   anything;
 //! - user space: draining the ring, sweeping the kernel map (at least once per SYN timeout)
 //!   and finishing as `watch/pump.rs` does, over a pending map that finds its due entries
 //!   itself (as the mapped IPv4 table and the kernel's IPv6 iterator do) or is walked in
@@ -44,7 +46,8 @@ use netrace::{
     },
 };
 use netrace_common::{
-    pairing::{self, EventSink, Insert, MemorySink, MemoryTable, Note, PendingTable},
+    answer_of,
+    pairing::{self, EventSink, Insert, MemorySink, MemoryTable, Note, PendingTable, Take},
     parse::{Answer, Parsed},
     Counter, EventKind, ExpireCutoffs, FlowKey, OutcomeEvent, PendingSyn, FAMILY_V4, FAMILY_V6,
     STATE_LOST, STATE_WAITING,
@@ -65,6 +68,28 @@ fn key(n: u8) -> FlowKey {
         src_port: 1000 + u16::from(n),
         dst_port: 443,
         ..Default::default()
+    }
+}
+
+/// The pending map while every bucket's lock stays taken: an answer cannot look for its
+/// entry (`Take::Busy`). Only answers are delivered through it.
+struct Locked;
+
+impl PendingTable for Locked {
+    fn modify<R, F: FnOnce(&mut PendingSyn) -> R>(&mut self, _key: &FlowKey, _f: F) -> Option<R> {
+        None
+    }
+    fn get(&self, _key: &FlowKey) -> Option<PendingSyn> {
+        None
+    }
+    fn insert_new(&mut self, _key: &FlowKey, _value: &PendingSyn) -> Insert {
+        Insert::Busy
+    }
+    fn remove(&mut self, _key: &FlowKey) -> bool {
+        false
+    }
+    fn take_if<F: FnOnce(&PendingSyn) -> bool>(&mut self, _key: &FlowKey, _accept: F) -> Take {
+        Take::Busy
     }
 }
 
@@ -93,6 +118,9 @@ impl EventSink for KernelSink {
     }
     fn unmatched(&mut self, key: &FlowKey, ack: u32, answer: Answer) {
         self.inner.unmatched(key, ack, answer);
+    }
+    fn busy(&mut self, key: &FlowKey, ack: u32, answer: Answer) {
+        self.inner.busy(key, ack, answer);
     }
     fn sends_syns(&self) -> bool {
         self.inner.sends_syns()
@@ -202,6 +230,9 @@ struct World {
     unput: Option<(FlowKey, usize, Fate, bool)>,
     /// The entry user space holds between a take and its put-back.
     held: Option<(FlowKey, PendingSyn)>,
+    /// The answers that met their bucket locked, as the tracker received them (in order):
+    /// key, attempt, the answer's time. The sweep takes their entries first.
+    busy: VecDeque<(FlowKey, usize, u64)>,
     trace: bool,
 }
 
@@ -214,13 +245,27 @@ enum Packet {
     Retransmit(u8),
     /// The server answers the current attempt on 4-tuple n.
     Answer(u8, Answer),
+    /// The same, while the lock of the entry's bucket stays taken (its holder held up): the
+    /// kernel cannot look, and sends the answer for user space to pair.
+    LockedAnswer(u8, Answer),
     /// A SYN-ACK to 4-tuple n that answers no attempt.
     Stray(u8),
 }
 
 fn packet(u: &mut Unstructured) -> Packet {
     let n = u.int_in_range(0..=KEYS - 1).unwrap_or(0);
-    match u.int_in_range(0..=7u8).unwrap_or(0) {
+    match u.int_in_range(0..=8u8).unwrap_or(0) {
+        8 => Packet::LockedAnswer(
+            n,
+            match u.int_in_range(0..=2u8).unwrap_or(0) {
+                0 => Answer::SynAck,
+                1 => Answer::Rst,
+                _ => Answer::Unreachable {
+                    icmp_type: 3,
+                    code: 1,
+                },
+            },
+        ),
         0 | 1 => Packet::NewSyn(n),
         2 => Packet::Retransmit(n),
         3 => Packet::Answer(n, Answer::Rst),
@@ -251,6 +296,11 @@ impl World {
     fn deliver(&mut self, parsed: &Parsed) {
         self.sink.inner.now = self.now;
         pairing::on_packet(&mut self.table, &mut self.sink, None, parsed);
+        self.queue_events();
+    }
+
+    /// Moves what the kernel sent into the ring buffer (what does not fit is dropped, counted).
+    fn queue_events(&mut self) {
         for ev in self.sink.inner.take_events() {
             if self.ring.len() >= self.ring_cap {
                 self.ring_drops += 1;
@@ -378,6 +428,31 @@ impl World {
                     answer,
                 });
             }
+            Packet::LockedAnswer(n, answer) => {
+                let Some(i) = self.live(n) else { return };
+                let k = key(n);
+                let isn = self.attempts[i].isn;
+                let answer = *self.attempts[i].answer.get_or_insert(answer);
+                let ack = match answer {
+                    Answer::Unreachable { .. } => isn,
+                    _ => isn.wrapping_add(1),
+                };
+                // The client has its answer; the attempt's fate is decided when user space
+                // takes the entry (`RacyMap::take`).
+                self.attempts[i].done = true;
+                self.sink.inner.now = self.now;
+                pairing::on_packet(
+                    &mut Locked,
+                    &mut self.sink,
+                    None,
+                    &Parsed::Answer {
+                        key: k,
+                        ack,
+                        answer,
+                    },
+                );
+                self.queue_events();
+            }
             Packet::Stray(n) => {
                 let isn = self.next_stray;
                 self.next_stray = self.next_stray.wrapping_add(1);
@@ -434,12 +509,72 @@ impl RacyMap<'_, '_, '_> {
                 Packet::NewSyn(n)
                 | Packet::Retransmit(n)
                 | Packet::Answer(n, _)
+                | Packet::LockedAnswer(n, _)
                 | Packet::Stray(n) => n,
             };
             let budget = &mut self.w.races[usize::from(n)];
             if *budget > 0 {
                 *budget -= 1;
                 self.w.packet(p);
+            }
+        }
+    }
+}
+
+impl RacyMap<'_, '_, '_> {
+    /// The sweep's first takes: one per answer that met its bucket locked, in order. An entry
+    /// of the answered attempt is resolved by that answer, as the kernel would have resolved
+    /// it (late if it was reported lost); another attempt's entry goes back.
+    fn take_for_busy(&mut self, key: &FlowKey) -> Option<PendingSyn> {
+        self.w.held = None;
+        let (bk, i, at) = self
+            .w
+            .busy
+            .pop_front()
+            .expect("a busy answer for each take");
+        assert_eq!(bk, *key, "the sweep pairs the busy answers in order");
+        self.maybe_race();
+        let p = self.w.table.map.remove(key);
+        let a = &mut self.w.attempts[i];
+        let answer = a.answer.expect("a busy answer is an answer");
+        match p {
+            Some(p) if p.isn == a.isn => {
+                let (kind, _) = pairing::resolution(answer);
+                a.fate = match (a.fate, p.state) {
+                    (Fate::Waiting, STATE_WAITING) => {
+                        let rtt = at - p.first_ns;
+                        if rtt < SYN_TIMEOUT {
+                            a.in_time = Some(kind);
+                        }
+                        Fate::Answered {
+                            kind,
+                            rtt: Some(rtt),
+                        }
+                    }
+                    (Fate::Lost, _) => Fate::LostLate,
+                    (f, _) => f,
+                };
+                if self.w.trace {
+                    eprintln!(
+                        "  {} busy answer takes {} isn {}: {:?}",
+                        self.w.now, key.src_port, p.isn, a.fate
+                    );
+                }
+                Some(p)
+            }
+            other => {
+                // A SYN-ACK without its entry: unmatched, late for an attempt reported lost.
+                if answer == Answer::SynAck && a.fate == Fate::Lost {
+                    a.fate = Fate::LostLate;
+                }
+                // Another attempt's entry goes back unchanged. Packets in that moment are not
+                // modelled: a retransmission and then an answer there would see the attempt
+                // reported abandoned and booked (three packets on one 4-tuple within the
+                // microseconds of a take; see docs/reliability.md, Limits).
+                if let Some(p) = other {
+                    self.w.held = Some((*key, p));
+                }
+                other
             }
         }
     }
@@ -514,6 +649,9 @@ impl PendingMap for RacyMap<'_, '_, '_> {
             self.maybe_race();
         }
         p
+    }
+    fn take_for_answer(&mut self, key: &FlowKey) -> Option<PendingSyn> {
+        self.take_for_busy(key)
     }
     fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> PutBack {
         self.w.held = None;
@@ -607,6 +745,18 @@ fn drain(w: &mut World, t: &mut Tracker, out: &mut Vec<Outcome>, max: usize) {
             return;
         };
         let kind = EventKind::from_u32(raw.kind).expect("the rules send known kinds");
+        if kind == EventKind::BusyAnswer {
+            let answer = answer_of(raw.pending.syns, raw.icmp_type, raw.icmp_code)
+                .expect("the rules send known answers");
+            let isn = match answer {
+                Answer::Unreachable { .. } => raw.pending.isn,
+                _ => raw.pending.isn.wrapping_sub(1),
+            };
+            let i = w
+                .attempt_of(&raw.key, isn)
+                .expect("a busy answer answers an attempt");
+            w.busy.push_back((raw.key, i, raw.ts_ns));
+        }
         t.on_event(&Event { kind, raw }, out);
     }
 }
@@ -651,6 +801,7 @@ fuzz_target!(|data: &[u8]| {
         // entry cleared) is not modelled, see docs/reliability.md, Limits.
         horizon: LATE_WINDOW,
         held: None,
+        busy: VecDeque::new(),
         sweeps: 0,
         iterators: u.arbitrary::<bool>().unwrap_or(true),
         last_sweep: 0,

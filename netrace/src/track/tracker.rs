@@ -61,6 +61,11 @@ pub trait PendingMap {
     }
     /// Removes the entry for `key` and returns it: whoever takes an entry reports it.
     fn take(&mut self, key: &FlowKey) -> Option<PendingSyn>;
+    /// The same, to pair an answer the kernel could not look for (a bucket's lock stayed
+    /// taken): a take of its own so that a model of the map can tell it from the sweep's.
+    fn take_for_answer(&mut self, key: &FlowKey) -> Option<PendingSyn> {
+        self.take(key)
+    }
     /// Puts an entry back unless the key has one again (a new SYN wins).
     fn put_back(&mut self, key: &FlowKey, value: &PendingSyn) -> PutBack;
 }
@@ -246,8 +251,10 @@ pub struct Tracker {
     lost: HashMap<FlowKey, PendingSyn>,
     /// Attempts decided by an event in the last repeat window: ISN and when, so that a
     /// retransmitted SYN of one is recognised as the same attempt.
-    decided: HashMap<FlowKey, (u32, u64)>,
-    decided_order: VecDeque<(u64, FlowKey)>,
+    /// By 4-tuple and ISN: two attempts of one 4-tuple may be decided moments apart (one
+    /// abandoned for a new ISN, its retransmission's entry reported by the kernel too).
+    decided: HashMap<(FlowKey, u32), u64>,
+    decided_order: VecDeque<(u64, FlowKey, u32)>,
     /// SYNs by remote address, remote port and ISN, from SYN events (when the kernel sends
     /// them), for answers that come back to another 4-tuple.
     by_isn: HashMap<IsnKey, FlowKey>,
@@ -361,12 +368,12 @@ impl Tracker {
     }
 
     fn is_decided(&self, key: &FlowKey, isn: u32) -> bool {
-        self.decided.get(key).is_some_and(|(i, _)| *i == isn)
+        self.decided.contains_key(&(*key, isn))
     }
 
     fn remember_decided(&mut self, key: FlowKey, isn: u32, at_ns: u64) {
-        self.decided.insert(key, (isn, at_ns));
-        self.decided_order.push_back((at_ns, key));
+        self.decided.insert((key, isn), at_ns);
+        self.decided_order.push_back((at_ns, key, isn));
     }
 
     /// Connections waiting for an answer at the last sweep (not yet reported).
@@ -430,6 +437,9 @@ impl Tracker {
                 }
                 if !reported {
                     out.push(Self::outcome(OutcomeKind::Abandoned, key, p));
+                    // Reported: user space may hold the entry the new SYN replaced (a
+                    // retransmission's, made while it held this one) and find it gone.
+                    self.remember_decided(key, p.isn, ev.raw.ts_ns);
                 }
             }
             EventKind::Answered | EventKind::Refused | EventKind::Unreachable => {
@@ -601,7 +611,7 @@ impl Tracker {
                     ..OutcomeEvent::default()
                 },
             };
-            let taken = map.take(&key);
+            let taken = map.take_for_answer(&key);
             match taken {
                 Some(p) if acknowledges(&p, ack, answer) => {
                     self.stats.busy_paired += 1;
@@ -741,20 +751,19 @@ impl Tracker {
                 self.lost_memory.remove(&key);
             }
         }
-        while let Some(&(at, key)) = self.decided_order.front() {
+        while let Some(&(at, key, isn)) = self.decided_order.front() {
             if now_ns.saturating_sub(at) < self.repeat_window_ns {
                 break;
             }
             self.decided_order.pop_front();
-            if self.decided.get(&key).is_some_and(|(_, t)| *t == at) {
-                self.decided.remove(&key);
+            if self.decided.get(&(key, isn)) == Some(&at) {
+                self.decided.remove(&(key, isn));
             }
         }
         if prune {
             let decided = &self.decided;
-            self.by_isn.retain(|ik, key| {
-                live.contains(ik) || decided.get(key).is_some_and(|(isn, _)| *isn == ik.3)
-            });
+            self.by_isn
+                .retain(|ik, key| live.contains(ik) || decided.contains_key(&(*key, ik.3)));
         }
     }
 
@@ -828,6 +837,9 @@ impl Tracker {
             PutBack::Done => {}
             PutBack::Taken if unreported => {
                 out.push(Self::outcome(OutcomeKind::Abandoned, key, p));
+                // Reported: the kernel may report it too, if the new SYN replaced a
+                // retransmission's entry of this attempt (`Superseded`, still in the ring).
+                self.remember_decided(key, p.isn, p.last_ns);
             }
             PutBack::Refused if unreported => self.stats.put_back_refused += 1,
             PutBack::Taken | PutBack::Refused => {}
