@@ -159,6 +159,12 @@ fuzz_target!(|data: &[u8]| {
                     },
                     ..Default::default()
                 };
+                // An entry marked lost stands for an attempt reported lost (only the sweep
+                // puts such entries back): an answer to it, now or after the sweep retires
+                // it, is late.
+                if p.state == STATE_LOST {
+                    lost.insert((k, p.isn));
+                }
                 map.0.insert(k, p);
             }
             5 => {

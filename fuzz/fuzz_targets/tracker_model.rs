@@ -293,6 +293,20 @@ impl World {
         (self.now - self.attempts[i].first_syn < self.horizon).then_some(i)
     }
 
+    /// The server's answer to the current attempt on 4-tuple n (a server repeats its answer;
+    /// it does not change its mind): the attempt, its key and ISN, the answer and what it
+    /// acknowledges.
+    fn answer_to(&mut self, n: u8, answer: Answer) -> Option<(usize, FlowKey, u32, Answer, u32)> {
+        let i = self.live(n)?;
+        let isn = self.attempts[i].isn;
+        let answer = *self.attempts[i].answer.get_or_insert(answer);
+        let ack = match answer {
+            Answer::Unreachable { .. } => isn,
+            _ => isn.wrapping_add(1),
+        };
+        Some((i, key(n), isn, answer, ack))
+    }
+
     fn deliver(&mut self, parsed: &Parsed) {
         self.sink.inner.now = self.now;
         pairing::on_packet(&mut self.table, &mut self.sink, None, parsed);
@@ -361,14 +375,8 @@ impl World {
                 self.syn(key(n), i);
             }
             Packet::Answer(n, answer) => {
-                let Some(i) = self.live(n) else { return };
-                let k = key(n);
-                let isn = self.attempts[i].isn;
-                // A server repeats its answer; it does not change its mind.
-                let answer = *self.attempts[i].answer.get_or_insert(answer);
-                let ack = match answer {
-                    Answer::Unreachable { .. } => isn,
-                    _ => isn.wrapping_add(1),
+                let Some((i, k, isn, answer, ack)) = self.answer_to(n, answer) else {
+                    return;
                 };
                 let found = self.table.map.get(&k).filter(|e| e.isn == isn).copied();
                 let a = &mut self.attempts[i];
@@ -429,13 +437,8 @@ impl World {
                 });
             }
             Packet::LockedAnswer(n, answer) => {
-                let Some(i) = self.live(n) else { return };
-                let k = key(n);
-                let isn = self.attempts[i].isn;
-                let answer = *self.attempts[i].answer.get_or_insert(answer);
-                let ack = match answer {
-                    Answer::Unreachable { .. } => isn,
-                    _ => isn.wrapping_add(1),
+                let Some((i, k, _, answer, ack)) = self.answer_to(n, answer) else {
+                    return;
                 };
                 // The client has its answer; the attempt's fate is decided when user space
                 // takes the entry (`RacyMap::take`).
