@@ -211,10 +211,8 @@ pub fn acknowledges(pending: &PendingSyn, ack: u32, answer: Answer) -> bool {
 pub fn busy_event(now: u64, ack: u32, answer: Answer, ifindex: u32) -> (PendingSyn, u8, u8) {
     let mut seen = PendingSyn::first(now, ack, ifindex);
     seen.syns = crate::answer_code(answer);
-    match answer {
-        Answer::Unreachable { icmp_type, code } => (seen, icmp_type, code),
-        _ => (seen, 0, 0),
-    }
+    let (icmp_type, icmp_code) = answer.icmp();
+    (seen, icmp_type, icmp_code)
 }
 
 /// The event kind and counter of an answer that resolved its SYN.
@@ -360,10 +358,7 @@ pub fn on_answer<T: PendingTable + ?Sized, S: EventSink + ?Sized>(
             return;
         }
     }
-    let (icmp_type, icmp_code) = match answer {
-        Answer::Unreachable { icmp_type, code } => (icmp_type, code),
-        _ => (0, 0),
-    };
+    let (icmp_type, icmp_code) = answer.icmp();
     sink.emit(kind, key, &pending, now, icmp_type, icmp_code);
 }
 

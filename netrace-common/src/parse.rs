@@ -105,6 +105,18 @@ pub enum Answer {
     },
 }
 
+impl Answer {
+    /// The ICMP type and code an event carries for this answer: an ICMP error's own, zero for
+    /// the others.
+    #[inline(always)]
+    pub const fn icmp(self) -> (u8, u8) {
+        match self {
+            Answer::Unreachable { icmp_type, code } => (icmp_type, code),
+            _ => (0, 0),
+        }
+    }
+}
+
 /// What a packet means to netrace. Keys are always oriented with the connecting side as source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parsed {

@@ -49,7 +49,6 @@ impl TableV4 {
         })
     }
 
-    /// How many buckets the table has.
     /// The heads' map: a test holds a bucket's lock through a writable mapping of it, as a
     /// CPU held up inside a program would.
     #[doc(hidden)]
@@ -58,6 +57,7 @@ impl TableV4 {
         self.heads.map.fd().as_fd()
     }
 
+    /// How many buckets the table has.
     pub fn buckets(&self) -> usize {
         self.buckets
     }

@@ -249,10 +249,10 @@ pub struct Tracker {
     /// Attempts reported lost whose kernel entry is kept (marked lost) for the late window:
     /// the only connections user space holds, and only the lost ones.
     lost: HashMap<FlowKey, PendingSyn>,
-    /// Attempts decided by an event in the last repeat window: ISN and when, so that a
-    /// retransmitted SYN of one is recognised as the same attempt.
-    /// By 4-tuple and ISN: two attempts of one 4-tuple may be decided moments apart (one
-    /// abandoned for a new ISN, its retransmission's entry reported by the kernel too).
+    /// Attempts decided by an event in the last repeat window, by 4-tuple and ISN, and when,
+    /// so that a retransmitted SYN of one is recognised as the same attempt. Two attempts of
+    /// one 4-tuple may be decided moments apart (one abandoned for a new ISN while a late
+    /// answer decides the one before).
     decided: HashMap<(FlowKey, u32), u64>,
     decided_order: VecDeque<(u64, FlowKey, u32)>,
     /// SYNs by remote address, remote port and ISN, from SYN events (when the kernel sends
@@ -594,10 +594,7 @@ impl Tracker {
     /// translated answer, or a repeat).
     fn pair_busy(&mut self, map: &mut impl PendingMap, out: &mut Vec<Outcome>) {
         for (key, ack, answer, ts, ifindex) in std::mem::take(&mut self.busy) {
-            let (icmp_type, icmp_code) = match answer {
-                Answer::Unreachable { icmp_type, code } => (icmp_type, code),
-                _ => (0, 0),
-            };
+            let (icmp_type, icmp_code) = answer.icmp();
             let event = |kind: EventKind, pending: PendingSyn| Event {
                 kind,
                 raw: OutcomeEvent {
