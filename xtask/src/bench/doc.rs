@@ -89,7 +89,7 @@ pub fn render(r: &Value, rows: &[Row]) -> anyhow::Result<String> {
         s(r, "/command")
     )?;
     writeln!(d, "```sh")?;
-    writeln!(d, "cargo xtask bench           # about 15 minutes; rewrites this file and docs/benchmarks.json")?;
+    writeln!(d, "cargo xtask bench           # about 20 minutes; rewrites this file and docs/benchmarks.json")?;
     writeln!(d, "cargo xtask bench --quick   # a few minutes; writes target/netrace-bench/benchmarks-quick.*")?;
     writeln!(d, "```\n")?;
     if quick {
@@ -348,17 +348,28 @@ const MODES: [(&str, &str); 5] = [
     ("tcpdump", "tcpdump"),
 ];
 
+/// The side-by-side run's epochs (1 in results from before they were introduced).
+fn epochs(t: &Value) -> u64 {
+    t.pointer("/connections/none/tracer/epochs")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+}
+
 fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
     let t = &r["traffic"];
     writeln!(d, "## 2. Throughput and 3. connection rate\n")?;
     writeln!(
         d,
         "Side by side: five pairs of network namespaces (`nrb*`), each joined by a veth pair \
-         (198.19.77.1 ↔ 198.19.77.2 inside each pair), one pair per mode, its tracer watching \
-         the client's veth. Every tracer is started before the first pass (once it is ready) \
-         and stopped with SIGINT after the last, so all five run throughout; the load visits \
-         the pairs in turn, {} s on each, one pass after another, each pass starting one mode \
-         further than the last; {} passes. Client and server are threads of the bench \
+         (198.19.77.1 ↔ 198.19.77.2 inside each pair), each mode's tracer watching the client's \
+         veth of a pair of its own. The passes fall in {} epochs; in each, every mode moves \
+         one pair further, so that each mode spends as many passes on every pair (the pairs \
+         are not alike: with no tracer on any, one pair's connection rate stayed a point or \
+         two below another's over a hundred passes, which a fixed pair per mode would count \
+         as that mode's cost). Every tracer is started at the start of its epoch (once it is \
+         ready) and stopped with SIGINT at its end, so all five run throughout; the load \
+         visits the pairs in turn, {} s on each, one pass after another, each pass starting \
+         one mode further than the last; {} passes. Client and server are threads of the bench \
          process that entered their pair's namespaces. A mode's ratio to no tracer is the \
          median of its per-pass ratios, each slice against the no-tracer slice of the same \
          pass, a second or two apart, so that other work on the machine at the time weighs on \
@@ -395,6 +406,7 @@ fn traffic(d: &mut String, r: &Value) -> anyhow::Result<()> {
          (distribution-free: it assumes nothing of the noise's shape). A target is met when \
          the whole interval meets it, missed when none of it does, and *not resolved* when \
          the passes scatter across it.\n",
+        epochs(t),
         f(t, "/seconds"),
         f(t, "/rounds"),
         f(t, "/settle_seconds"),

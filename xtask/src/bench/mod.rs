@@ -33,7 +33,7 @@ use std::{path::Path, process::Command, time::Instant};
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 
-use tracer::{Bins, Mode, Tracer};
+use tracer::{Bins, Mode, Seen, Tracer};
 
 /// How long and how often; `--quick` keeps the whole run short.
 struct Plan {
@@ -67,7 +67,7 @@ impl Plan {
                 quick,
                 secs: 5.0,
                 slice_secs: 0.5,
-                passes: 90,
+                passes: 150,
                 scale_levels: &[10_000, 100_000, 1_000_000],
                 cpu_secs: 20.0,
             }
@@ -325,9 +325,15 @@ fn traffic(bins: &Bins, plan: &Plan, scratch: &Path) -> anyhow::Result<Value> {
     }))
 }
 
-/// Starts every mode's tracer on its own pair, runs `load` on each pair in turn for
-/// `plan.passes` passes, stops the tracers; returns each mode's runs (and what its tracer
-/// reported).
+/// Runs `load` on each pair in turn for `plan.passes` passes, every mode's tracer watching a
+/// pair of its own; returns each mode's runs (and what its tracers reported, summed).
+///
+/// The passes fall in [`EPOCHS`] epochs, and in epoch `e` mode `i` watches pair `(i + e) mod
+/// 5`: each mode spends as many passes on every pair. Why: the pairs are not alike (an A/A
+/// run, no tracer on any of five pairs, 100 passes: one pair's connection rate 1.2 points
+/// below the first's, 95 % interval -2.3 … -0.1, two others 1.9 and 2.7 below with wider
+/// intervals), and with one pair per mode for the whole run that difference would be read as
+/// the mode's cost. Each epoch starts the tracers anew, a few seconds per epoch.
 fn side_by_side(
     nets: &[net::BenchNet],
     bins: &Bins,
@@ -336,24 +342,70 @@ fn side_by_side(
     what: &str,
     load: impl Fn(&net::BenchNet) -> anyhow::Result<(f64, Value)>,
 ) -> anyhow::Result<Vec<Series>> {
-    let mut tracers = Vec::with_capacity(nets.len());
-    for (net, mode) in nets.iter().zip(Mode::ALL) {
-        tracers.push(Tracer::start(mode, net, bins, scratch)?);
-    }
+    let n = nets.len();
     let mut series: Vec<Series> = Mode::ALL.iter().map(|_| Series::default()).collect();
-    let mut failed = None;
-    'passes: for pass in 0..plan.passes {
-        for (i, mode) in rotated(pass) {
-            match load(&nets[i]) {
-                Ok((v, extra)) => {
-                    series[i].values.push(v);
-                    series[i].extra.push(extra);
-                }
+    let mut seen: Vec<Seen> = Mode::ALL.iter().map(|_| Seen::default()).collect();
+    let epochs = EPOCHS.min(plan.passes).max(1);
+    let mut pass = 0;
+    for epoch in 0..epochs {
+        let passes = plan.passes * (epoch + 1) / epochs - plan.passes * epoch / epochs;
+        let pair = |i: usize| &nets[(i + epoch) % n];
+        let mut tracers = Vec::with_capacity(n);
+        let mut failed = None;
+        for (i, mode) in Mode::ALL.into_iter().enumerate() {
+            match Tracer::start(mode, pair(i), bins, scratch) {
+                Ok(t) => tracers.push(t),
                 Err(e) => {
-                    failed = Some(e.context(format!("{what}, pass {}, {}", pass + 1, mode.name())));
-                    break 'passes;
+                    failed = Some(e);
+                    break;
                 }
             }
+        }
+        if failed.is_none() {
+            failed = passes_on(&mut series, &pair, plan, what, pass, passes, &load).err();
+        }
+        pass += passes;
+        // Every tracer started is stopped, also after a failed pass.
+        for (i, t) in tracers.into_iter().enumerate() {
+            match t.stop() {
+                Ok(s) => seen[i].add(&s),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+    }
+    for (s, seen) in series.iter_mut().zip(seen) {
+        s.tracer = json!({
+            "seen": seen.count, "matched": seen.matched, "dropped": seen.dropped,
+            "lost": seen.lost, "tracer_rss_bytes": seen.rss_bytes,
+            "tracer_cpu_s": seen.cpu_s, "tracer_wall_s": seen.wall_s,
+            "load1_after": doc::load1(), "epochs": epochs,
+        });
+    }
+    Ok(series)
+}
+
+/// Epochs of a side-by-side run: one per pair, so that every mode meets every pair.
+const EPOCHS: usize = Mode::ALL.len();
+
+/// Passes `first ..` `first + count` of one epoch, mode `i` on `pair(i)`.
+fn passes_on<'a>(
+    series: &mut [Series],
+    pair: &impl Fn(usize) -> &'a net::BenchNet,
+    plan: &Plan,
+    what: &str,
+    first: usize,
+    count: usize,
+    load: &impl Fn(&net::BenchNet) -> anyhow::Result<(f64, Value)>,
+) -> anyhow::Result<()> {
+    for pass in first..first + count {
+        for (i, mode) in rotated(pass) {
+            let (v, extra) = load(pair(i))
+                .with_context(|| format!("{what}, pass {}, {}", pass + 1, mode.name()))?;
+            series[i].values.push(v);
+            series[i].extra.push(extra);
         }
         if (pass + 1) % 10 == 0 || pass + 1 == plan.passes {
             let last = |i: usize| series[i].values.last().copied().unwrap_or(f64::NAN);
@@ -370,24 +422,7 @@ fn side_by_side(
             );
         }
     }
-    // Every tracer is stopped, also after a failed pass.
-    for (i, t) in tracers.into_iter().enumerate() {
-        match t.stop() {
-            Ok(seen) => {
-                series[i].tracer = json!({
-                    "seen": seen.count, "matched": seen.matched, "dropped": seen.dropped,
-                    "lost": seen.lost, "tracer_rss_bytes": seen.rss_bytes,
-                    "tracer_cpu_s": seen.cpu_s, "tracer_wall_s": seen.wall_s,
-                    "load1_after": doc::load1(),
-                });
-            }
-            Err(e) => failed = failed.or(Some(e)),
-        }
-    }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(series),
-    }
+    Ok(())
 }
 
 /// The modes with their index, starting one further each pass, so that no mode always runs

@@ -87,6 +87,21 @@ pub struct Seen {
     pub lost: u64,
 }
 
+impl Seen {
+    /// Adds what another run of the same mode reported: counts and times add up, the
+    /// resident memory is the largest.
+    pub fn add(&mut self, other: &Seen) {
+        self.count += other.count;
+        self.dropped += other.dropped;
+        self.matched += other.matched;
+        self.rss_bytes = self.rss_bytes.max(other.rss_bytes);
+        self.cpu_s += other.cpu_s;
+        self.wall_s += other.wall_s;
+        self.sched_s += other.sched_s;
+        self.lost += other.lost;
+    }
+}
+
 pub struct Tracer {
     mode: Mode,
     child: Option<Child>,
